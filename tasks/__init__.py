@@ -1,0 +1,1 @@
+"""Layer-sensitive mixed-precision quantization pipeline: one module per stage (see DESIGN.md)."""

@@ -1,0 +1,57 @@
+"""`python -m tasks <stage> ...`: run one stage from the command line (also the containers' entry point).
+
+Each stage module defines `configure_parser(parser)` and `run_cli(args) -> int`; this file only
+dispatches. A PipelineError becomes one line on stderr and exit status 2: no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tasks.errors import PipelineError
+
+# stage name -> (module, one-line help). Modules are imported only when their stage runs.
+STAGES = {
+    "calibrate": ("tasks.calibration", "tokenize calibration and evaluation sets"),
+    "profile": ("tasks.profiling.cli", "score every layer and module (kurtosis, sensitivity, errors, LIM, ZD)"),
+    "allocate": ("tasks.allocation.cli", "turn a scores table and a budget into a bit map"),
+    "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
+    "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
+    "register": ("tasks.registry.cli", "record a variant in MLflow and register its model version"),
+    "promote": ("tasks.promotion", "move the champion alias to the best registered version"),
+    "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
+    "pipeline": ("tasks.pipeline", "run the whole pipeline in-process, without Airflow"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    stage = next((a for a in argv if a in STAGES), None)
+    for name, (module, help_text) in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == stage:
+            importlib.import_module(module).configure_parser(stage_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return importlib.import_module(STAGES[args.stage][0]).run_cli(args) or 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Artifact I/O: atomic writes, content hashes and the manifest that makes a stage a cache hit.
+
+Every stage output is a directory `<root>/<stage>/<key>/` holding its files and a `manifest.json`
+(inputs, params, library versions, content hashes). The key is a hash of the stage's inputs and params,
+so a stage whose directory already has a complete manifest does no work. A directory is built under a
+temporary name and renamed into place, so a crash never leaves a half-written output that looks done.
+With `s3://bucket/prefix` roots, outputs are built locally and uploaded (manifest last) with boto3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "manifest.json"
+
+
+def stable_hash(obj, length: int = 16) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names or ("torch", "transformers", "hqq", "numpy", "scipy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def local_root(root: str | Path) -> Path:
+    """Where outputs are built: the root itself, or a local mirror for an s3:// root."""
+    root = str(root)
+    if root.startswith("s3://"):
+        mirror = os.environ.get("QUANT_S3_CACHE", str(Path.home() / ".cache" / "quantpipe" / "s3"))
+        return Path(mirror) / root[len("s3://") :].replace("/", "_")
+    return Path(root)
+
+
+class StageOutput:
+    """The output directory of one stage invocation, keyed by its inputs."""
+
+    def __init__(self, root: str | Path, stage: str, inputs: dict):
+        self.root = str(root)
+        self.stage = stage
+        self.inputs = inputs
+        self.key = stable_hash(inputs)
+        self.path = local_root(root) / stage / self.key
+
+    @property
+    def uri(self) -> str:
+        if self.root.startswith("s3://"):
+            return f"{self.root.rstrip('/')}/{self.stage}/{self.key}"
+        return str(self.path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def is_complete(self) -> bool:
+        if self.manifest_path.exists():
+            return True
+        if self.root.startswith("s3://"):
+            return _s3_download(self.uri, self.path)
+        return False
+
+    def manifest(self) -> dict:
+        self.is_complete()
+        return read_json(self.manifest_path)
+
+    @contextmanager
+    def build(self) -> Iterator[Path]:
+        """Yield a temporary directory; on success it gets a manifest and is renamed into place."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.key}.", suffix=".partial"))
+        try:
+            yield tmp
+            files = {
+                str(p.relative_to(tmp)): file_sha256(p)
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file() and p.name != MANIFEST
+            }
+            extra = {}
+            if (tmp / MANIFEST).exists():  # a stage may pre-fill outputs/metrics
+                extra = read_json(tmp / MANIFEST)
+            manifest = {
+                "stage": self.stage,
+                "key": self.key,
+                "inputs": self.inputs,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "libraries": library_versions(),
+                "files": files,
+                **extra,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            if self.path.exists():  # a stale, manifest-less leftover from a crash
+                shutil.rmtree(self.path)
+            os.replace(tmp, self.path)
+            if self.root.startswith("s3://"):
+                _s3_upload(self.path, self.uri)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    return bucket, prefix.rstrip("/")
+
+
+def _s3_upload(local: Path, uri: str) -> None:
+    client = _s3_client()
+    bucket, prefix = _split_s3(uri)
+    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    for p in files + [local / MANIFEST]:  # manifest last: its presence means complete
+        client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local)}")
+
+
+def _s3_download(uri: str, local: Path) -> bool:
+    client = _s3_client()
+    bucket, prefix = _split_s3(uri)
+    try:
+        client.head_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    except Exception:
+        return False
+    tmp = Path(tempfile.mkdtemp(dir=local.parent if local.parent.exists() else None))
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            dest = tmp / obj["Key"][len(prefix) + 1 :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(dest))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, local)
+    return True

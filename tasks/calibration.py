@@ -1,0 +1,156 @@
+"""Calibration stage: text -> tokenized calibration windows and evaluation token streams.
+
+Outputs, in one artifact directory:
+  calibration.safetensors  input_ids int64 [samples, seq_len]: random windows (seeded) of the calibration text
+  wikitext2.safetensors    input_ids int64 [1, T]: the WikiText-2 test text, CRLF normalized
+  c4.safetensors           input_ids int64 [1, T]: the first 1100 C4 validation documents joined by "\n\n"
+The evaluation streams are stored whole; evaluation takes a documented prefix of them by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import StageOutput, file_sha256, write_json_atomic
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (SPEC section 7)
+EVAL_SETS = ("wikitext2", "c4")
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    calibration_text: str = str(DATA_DIR / "wikitext-2-valid-tokenized.txt")
+    wikitext2_text: str = str(DATA_DIR / "wikitext-2-raw-test.txt")
+    c4_parquet: str = str(DATA_DIR / "c4-validation-2k.parquet")
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 42
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    if not text.strip():
+        raise PipelineError(f"text file {path} is empty")
+    return text
+
+
+def read_c4(path: str | Path, documents: int = C4_DOCUMENTS) -> str:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"C4 parquet not found: {path}")
+    table = pq.read_table(path, columns=["text"])
+    docs = [t for t in table.column("text").to_pylist()[:documents] if t and t.strip()]
+    if not docs:
+        raise PipelineError(f"C4 parquet {path} has no non-empty documents")
+    return "\n\n".join(docs)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids
+    return ids.to(torch.int64)
+
+
+def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens (GPTQ-style calibration), reproducible by seed."""
+    total = ids.shape[-1]
+    if total <= seq_len:
+        raise PipelineError(f"calibration text has {total} tokens, fewer than one window of {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seq_len, (samples,), generator=gen)
+    flat = ids.reshape(-1)
+    return torch.stack([flat[s : s + seq_len] for s in starts.tolist()])
+
+
+def save_ids(path: Path, ids: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": ids.contiguous()}, str(path))
+
+
+def load_ids(path: str | Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"token file not found: {path}")
+    return load_file(str(path))["input_ids"]
+
+
+def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_root: str | Path, model_revision: str = "") -> str:
+    """Tokenize with the model's tokenizer; return the artifact directory (cached by inputs)."""
+    from tasks.model_io import load_tokenizer
+
+    if params.samples < 1 or params.seq_len < 8:
+        raise PipelineError(f"calibration needs samples >= 1 and seq_len >= 8 (got {params.samples}, {params.seq_len})")
+    sources = {
+        "calibration": params.calibration_text,
+        "wikitext2": params.wikitext2_text,
+        "c4": params.c4_parquet,
+    }
+    for name, src in sources.items():
+        if not Path(src).is_file():
+            raise PipelineError(f"{name} source not found: {src}")
+    inputs = {
+        "params": asdict(params),
+        "source_sha256": {name: file_sha256(src) for name, src in sources.items()},
+        "tokenizer": model_revision or str(model_path),
+    }
+    out = StageOutput(artifact_root, "calibration", inputs)
+    if out.is_complete():
+        log.info("calibration: cache hit %s", out.uri)
+        return out.uri
+    tokenizer = load_tokenizer(model_path)
+    texts = {
+        "calibration": read_text(params.calibration_text),
+        "wikitext2": read_text(params.wikitext2_text),
+        "c4": read_c4(params.c4_parquet),
+    }
+    with out.build() as tmp:
+        calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed)
+        save_ids(tmp / "calibration.safetensors", calib)
+        counts = {"calibration": list(calib.shape)}
+        for name in EVAL_SETS:
+            ids = tokenize(tokenizer, texts[name])
+            if ids.shape[-1] < 2:
+                raise PipelineError(f"evaluation text {name} has fewer than 2 tokens")
+            save_ids(tmp / f"{name}.safetensors", ids)
+            counts[name] = int(ids.shape[-1])
+        write_json_atomic(tmp / "manifest.json", {"outputs": counts})
+        log.info("calibration: %s windows of %s tokens; evaluation tokens %s", *counts["calibration"], {k: counts[k] for k in EVAL_SETS})
+    return out.uri
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--model", default="embedded", help="'embedded', a checkpoint directory or a hub id")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--samples", type=int, default=CalibrationParams.samples)
+    parser.add_argument("--seq-len", type=int, default=CalibrationParams.seq_len)
+    parser.add_argument("--seed", type=int, default=CalibrationParams.seed)
+    parser.add_argument("--calibration-text", default=CalibrationParams.calibration_text)
+    parser.add_argument("--wikitext2-text", default=CalibrationParams.wikitext2_text)
+    parser.add_argument("--c4-parquet", default=CalibrationParams.c4_parquet)
+    parser.add_argument("--artifacts", default=None, help="artifact root (default: $QUANT_HOME/artifacts)")
+
+
+def run_cli(args) -> int:
+    from tasks.model_io import resolve_model
+    from tasks.settings import Settings
+
+    settings = Settings.from_env()
+    model = resolve_model(args.model, args.revision, settings.cache_dir)
+    params = CalibrationParams(args.calibration_text, args.wikitext2_text, args.c4_parquet, args.samples, args.seq_len, args.seed)
+    print(run_calibration(model.path, params, args.artifacts or settings.artifact_root, model.revision))
+    return 0

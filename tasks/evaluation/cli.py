@@ -1,0 +1,24 @@
+"""`python -m tasks evaluate --model-dir DIR --backend NAME --calibration DIR [--eval-tokens N]`."""
+
+from __future__ import annotations
+
+import json
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--model-dir", required=True, help="quantized model directory, or the checkpoint with --backend none")
+    parser.add_argument("--backend", default="hqq", help="backend that saved it ('none' for the unquantized checkpoint)")
+    parser.add_argument("--calibration", required=True, help="calibration artifact directory (holds the evaluation tokens)")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="tokens per evaluation stream; 0 = full set")
+    parser.add_argument("--protocols", default="paper,gptq")
+    parser.add_argument("--artifacts", default=None)
+
+
+def run_cli(args) -> int:
+    from tasks.evaluation.stage import EvalParams, run_evaluation
+    from tasks.settings import Settings
+
+    params = EvalParams(eval_tokens=args.eval_tokens, protocols=tuple(p for p in args.protocols.split(",") if p))
+    metrics = run_evaluation(args.model_dir, args.backend, args.calibration, params, args.artifacts or Settings.from_env().artifact_root, model_key=str(args.model_dir))
+    print(json.dumps(metrics, indent=2))
+    return 0

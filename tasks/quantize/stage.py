@@ -1,0 +1,49 @@
+"""Quantization stage: (model, bit map, calibration) -> saved quantized model, cached by its inputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tasks.artifacts import StageOutput, file_sha256, write_json_atomic
+from tasks.bitmap import BitMap
+from tasks.quantize.registry import get_backend
+
+log = logging.getLogger(__name__)
+
+
+def run_quantize(
+    model_path: str | Path,
+    model_revision: str,
+    bitmap_path: str | Path,
+    backend: str,
+    artifact_root: str | Path,
+    calibration_path: str | Path | None = None,
+    options: dict | None = None,
+) -> str:
+    """Return the artifact directory of the quantized model (built once per distinct input)."""
+    options = options or {}
+    impl = get_backend(backend)
+    bitmap = BitMap.load(bitmap_path)
+    impl.check(bitmap)
+    inputs = {
+        "model_revision": model_revision,
+        "bitmap_sha256": file_sha256(bitmap_path),
+        "backend": backend,
+        "options": options,
+        "calibration": file_sha256(calibration_path) if calibration_path and impl.capabilities.needs_calibration else None,
+    }
+    out = StageOutput(artifact_root, f"quantized/{backend}", inputs)
+    if out.is_complete():
+        log.info("quantize %s/%s: cache hit %s", backend, bitmap.method, out.uri)
+        return out.uri
+    calibration = None
+    if impl.capabilities.needs_calibration:
+        from tasks.calibration import load_ids
+
+        calibration = load_ids(calibration_path)
+    log.info("quantize %s/%s at %.3f bpp: %s", backend, bitmap.method, bitmap.nominal_bpp, bitmap.rung_counts())
+    with out.build() as tmp:
+        facts = impl.quantize(Path(model_path), bitmap, calibration, tmp, options)
+        write_json_atomic(tmp / "manifest.json", {"backend": backend, "method": bitmap.method, "facts": facts})
+    return out.uri
