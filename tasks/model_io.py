@@ -45,7 +45,9 @@ class ResolvedModel:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("QUANT_CACHE_DIR", Path.home() / ".cache" / "quantpipe"))
+    from tasks.settings import Settings
+
+    return Settings.from_env().cache_dir
 
 
 def resolve_model(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> ResolvedModel:

@@ -47,6 +47,10 @@ class PipelineConfig:
     match_boost_memory: bool = True
     include_baseline: bool = True
     calibration_samples: int = 32
+    # Text sources (None = the files shipped in data/): calibration text, WikiText-2 test text, C4 parquet.
+    calibration_text: str | None = None
+    wikitext2_text: str | None = None
+    c4_parquet: str | None = None
     calibration_seq_len: int = 512
     eval_tokens: int = 2048
     protocols: list[str] = field(default_factory=lambda: ["paper", "gptq"])
@@ -123,7 +127,12 @@ def prepare(config: dict) -> dict:
     model = resolve_model(cfg.model, cfg.revision, settings.cache_dir)
     calibration = run_calibration(
         model.path,
-        CalibrationParams(samples=cfg.calibration_samples, seq_len=cfg.calibration_seq_len, seed=cfg.seed),
+        CalibrationParams(
+            samples=cfg.calibration_samples,
+            seq_len=cfg.calibration_seq_len,
+            seed=cfg.seed,
+            **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
+        ),
         settings.artifact_root,
         model.revision,
     )
@@ -404,6 +413,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--config", default=None, help="JSON file or inline JSON with PipelineConfig fields")
     parser.add_argument("--model", default=None)
     parser.add_argument("--eval-tokens", type=int, default=None)
+    parser.add_argument("--check", action="store_true", help="validate the config and resolve the model, then stop")
 
 
 def run_cli(args) -> int:
@@ -420,6 +430,13 @@ def run_cli(args) -> int:
         config["model"] = args.model
     if args.eval_tokens is not None:
         config["eval_tokens"] = args.eval_tokens
+    if args.check:
+        from tasks.model_io import resolve_model
+
+        cfg = PipelineConfig.from_dict(config)
+        model = resolve_model(cfg.model, cfg.revision, Settings.from_env().cache_dir)
+        print(f"ok: {model.name} ({model.revision}) at {model.path}")
+        return 0
     result = run_inprocess(config)
     print(result["table"])
     print(f"\nreports: {result['reports']}")

@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated state directory per test, and a tiny real Llama checkpoint that uses
+SmolLM2's real tokenizer (so every stage runs for real, in seconds)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """QUANT_HOME, artifacts and MLflow store under tmp_path; the model cache stays shared."""
+    home = tmp_path / "state"
+    monkeypatch.setenv("QUANT_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.delenv("QUANT_ARTIFACT_ROOT", raising=False)
+    monkeypatch.setenv("QUANT_CACHE_DIR", os.environ.get("QUANT_CACHE_DIR", str(REPO / ".state" / "cache")))
+    home.mkdir(parents=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The real embedded SmolLM2 checkpoint (converted once into the shared cache)."""
+    from tasks.model_io import resolve_model
+
+    cache = os.environ.get("QUANT_CACHE_DIR", str(REPO / ".state" / "cache"))
+    return resolve_model("embedded", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_model):
+    """A 2-layer Llama with grouped-query attention, random weights, SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model.path / name, path / name)
+    return path

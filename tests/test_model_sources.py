@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tasks.errors import PipelineError
+from tasks.model_io import resolve_model
+
+
+def test_local_checkpoint_revision_tracks_content(tiny_model_dir, state):
+    a = resolve_model(str(tiny_model_dir))
+    assert a.path == tiny_model_dir and a.revision.startswith("sha256:")
+    assert resolve_model(str(tiny_model_dir)).revision == a.revision
+
+
+def test_embedded_model_is_a_plain_safetensors_checkpoint(embedded_model):
+    assert (embedded_model.path / "model.safetensors").exists()
+    config = json.loads((embedded_model.path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert config["num_key_value_heads"] == 3
+    assert "quantization_config" not in config
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("/nonexistent/checkpoint", "not a checkpoint directory"),
+        ("nobody-here/no-such-model-xyz", "could not be fetched|not found"),
+        ("plainword", "neither a local directory nor a hub id"),
+        ("", "no model given"),
+    ],
+)
+def test_bad_model_sources_are_one_line_errors(source, message, state):
+    with pytest.raises(PipelineError, match=message):
+        resolve_model(source)
+
+
+def test_unsupported_architecture(tmp_path, state):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(PipelineError, match="unsupported architecture 'bert'"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model": "nobody-here/no-such-model-xyz"}, "could not be fetched|not found"),
+        ({"uniform_budgets": ["b5g64"]}, "not a rung of the ladder"),
+        ({"methods": ["magic"]}, "unknown method"),
+        ({"budgets": ["-3"]}, "outside the ladder"),
+        ({"colour": "blue"}, "unknown pipeline option"),
+    ],
+)
+def test_cli_bad_input_gives_one_line_and_no_traceback(config, message, state):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks", "pipeline", "--check", "--config", json.dumps(config)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
