@@ -20,10 +20,10 @@ STAGES = {
     "allocate": ("tasks.allocation.cli", "turn a scores table and a budget into a bit map"),
     "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
     "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
-    "register": ("tasks.registry.cli", "record a variant in MLflow and register its model version"),
     "promote": ("tasks.promotion", "move the champion alias to the best registered version"),
     "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
     "pipeline": ("tasks.pipeline", "run the whole pipeline in-process, without Airflow"),
+    "step": ("tasks.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
 }
 
 

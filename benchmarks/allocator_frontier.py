@@ -1,0 +1,121 @@
+"""Perplexity at equal memory: every allocator on SmolLM2 with HQQ, in one process, on the same tokens.
+
+Runs uniform at 3.13/3.25/3.51/4.13/4.25, SB30 and KB21 at the 3-bit rungs, LIM, ZD and MXQ at the
+memory SB30 reached, and the `optimal` allocator at exactly the nominal bpp SB30 and KB21 reached and at
+each uniform rung; prints WikiText-2 and C4 perplexity and nominal bpp for each, then the verdicts of
+issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
+
+    python benchmarks/allocator_frontier.py [--eval-tokens 4096] [--protocol paper] [--samples 32]
+Stage outputs are cached under $QUANT_HOME/artifacts, so a rerun only evaluates what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks import pipeline  # noqa: E402
+from tasks.bitmap import uniform_bitmap  # noqa: E402
+from tasks.ladder import parse_rung  # noqa: E402
+
+UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
+BOOST_RUNGS = ["b3g128", "b3g64"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--protocol", default="paper", choices=["paper", "gptq"])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--methods", default="sensiboost,kurtboost,lim,zd,mxq,optimal")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tasks.allocation import run_allocation
+    from tasks.model_io import linear_param_counts, read_config
+
+    config = {
+        "model": args.model, "uniform_budgets": [], "methods": ["sensiboost"], "budgets": [],
+        "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
+    }
+    started = time.time()
+    prep = pipeline.prepare(config)
+    scores = pipeline.profile(prep)
+    params = linear_param_counts(read_config(prep["model"]["path"]))
+    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
+    out.mkdir(exist_ok=True)
+    methods = args.methods.split(",")
+
+    plans = []  # (name, bitmap path)
+    for rung in UNIFORM:
+        path = out / f"uniform-{rung}.json"
+        uniform_bitmap(params, parse_rung(rung)).save(path)
+        plans.append((f"uniform {parse_rung(rung).label}", path))
+    reached = {}
+    for rung in BOOST_RUNGS:
+        label = parse_rung(rung).label
+        for method, options, short in (("sensiboost", {"boost_stop": 3, "top_m": 0}, "SB30"), ("kurtboost", {"boost_stop": 2, "top_m": 1}, "KB21")):
+            if method not in methods:
+                continue
+            path = out / f"{short}-{rung}.json"
+            bm = run_allocation(scores, method, parse_rung(rung).bpp, options, path)
+            reached[(short, label)] = bm.nominal_bpp
+            plans.append((f"{short} {label}", path))
+        target = reached.get(("SB30", label), parse_rung(rung).bpp)
+        for method in ("lim", "zd", "mxq"):
+            if method in methods:
+                path = out / f"{method}-{target:.4f}.json"
+                run_allocation(scores, method, target, {}, path)
+                plans.append((f"{method} @SB30 {label}", path))
+    if "optimal" in methods:
+        targets = {f"@{k[0]} {k[1]}": v for k, v in reached.items()}
+        targets.update({f"@uniform {parse_rung(r).label}": parse_rung(r).bpp for r in UNIFORM})
+        for name, bpp in targets.items():
+            path = out / f"optimal-{bpp:.4f}.json"
+            run_allocation(scores, "optimal", bpp, {}, path)
+            plans.append((f"optimal {name}", path))
+
+    rows = []
+    base = pipeline.allocate({**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
+    baseline = pipeline.evaluate(pipeline.quantize(base))["metrics"]
+    rows.append(("unquantized", None, baseline))
+    for name, path in plans:
+        from tasks.bitmap import BitMap
+
+        bm = BitMap.load(path)
+        variant = {**base, "backend": "hqq", "method": bm.method, "bitmap": str(path), "nominal_bpp": bm.nominal_bpp, "extra_pct": bm.extra_pct}
+        metrics = pipeline.evaluate(pipeline.quantize(variant))["metrics"]
+        rows.append((name, bm.nominal_bpp, metrics))
+        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, bm.nominal_bpp, metrics["ppl_wikitext2" if args.protocol == "paper" else "ppl_wikitext2_gptq"], metrics["ppl_c4" if args.protocol == "paper" else "ppl_c4_gptq"])
+
+    key = "" if args.protocol == "paper" else "_gptq"
+    print(f"\nSmolLM2 + HQQ, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")
+    print(f"| {'variant':<24} | {'bpp':>6} | {'wiki2 ppl':>9} | {'c4 ppl':>8} |")
+    print(f"|{'-' * 26}|{'-' * 7}:|{'-' * 10}:|{'-' * 9}:|")
+    for name, bpp, m in rows:
+        print(f"| {name:<24} | {bpp if bpp is None else f'{bpp:.4f}'!s:>6} | {m['ppl_wikitext2' + key]:>9.3f} | {m['ppl_c4' + key]:>8.3f} |")
+
+    ppl = {name: (bpp, m["ppl_wikitext2" + key]) for name, bpp, m in rows}
+    print("\nverdicts (optimal must have lower WikiText-2 perplexity at the same or lower bpp):")
+    wins = 0
+    checks = []
+    for (short, label), bpp in reached.items():
+        checks.append((f"optimal @{short} {label}", f"{short} {label}"))
+    for r in UNIFORM:
+        checks.append((f"optimal @uniform {parse_rung(r).label}", f"uniform {parse_rung(r).label}"))
+    for ours, theirs in checks:
+        if ours in ppl and theirs in ppl:
+            ok = ppl[ours][1] < ppl[theirs][1] and ppl[ours][0] <= ppl[theirs][0] + 1e-9
+            wins += ok
+            print(f"  {'WIN ' if ok else 'LOSS'} {ours:<24} {ppl[ours][1]:8.3f} @ {ppl[ours][0]:.4f}  vs  {theirs:<12} {ppl[theirs][1]:8.3f} @ {ppl[theirs][0]:.4f}")
+    print(f"  {wins}/{len(checks)} wins")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The comparison table of a pipeline run: one row per variant, baseline first, with deltas.
+
+Deltas are relative perplexity changes in percent: against the unquantized baseline, and against the
+uniform variant of the same backend and budget (the comparison the SensiBoost/KurtBoost papers make:
+e.g. SB30 vs HQQ b3g128 on Llama-3-8B, WikiText-2 9.31 -> 8.43 = -9.4%).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import PipelineError
+
+BASELINE = "unquantized"
+UNIFORM = "uniform"
+REQUIRED = ("variant", "method")
+NUMERIC = (
+    "budget", "nominal_bpp", "extra_pct", "ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq",
+    "saved_bytes", "tokens_per_s", "quant_seconds",
+)
+PPL = ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq")
+
+# (column, title, format); a column with no value in any row is left out.
+DISPLAY = (
+    ("variant", "variant", "{}"),
+    ("backend", "backend", "{}"),
+    ("method", "method", "{}"),
+    ("budget", "budget", "{:g}"),
+    ("nominal_bpp", "bpp", "{:.3f}"),
+    ("extra_pct", "extra %", "{:+.2f}"),
+    ("ppl_wikitext2", "wiki2 ppl", "{:.2f}"),
+    ("d_base_ppl_wikitext2", "wiki2 Δ base %", "{:+.1f}"),
+    ("d_uniform_ppl_wikitext2", "wiki2 Δ uniform %", "{:+.1f}"),
+    ("ppl_c4", "c4 ppl", "{:.2f}"),
+    ("d_base_ppl_c4", "c4 Δ base %", "{:+.1f}"),
+    ("d_uniform_ppl_c4", "c4 Δ uniform %", "{:+.1f}"),
+    ("ppl_wikitext2_gptq", "wiki2 ppl (GPTQ)", "{:.2f}"),
+    ("ppl_c4_gptq", "c4 ppl (GPTQ)", "{:.2f}"),
+    ("saved_mib", "saved MiB", "{:.1f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("quant_seconds", "quant s", "{:.1f}"),
+)
+TEXT_COLUMNS = {"variant", "backend", "method"}
+
+NOTES = (
+    "ppl: paper protocol (sliding window 1024, stride 512); (GPTQ): non-overlapping 2048-token windows. "
+    "Δ base: perplexity change vs the unquantized baseline; Δ uniform: vs the uniform variant with the same "
+    "backend and budget. Lower is better; the best quantized value of each perplexity is in bold."
+)
+
+
+def check_results(df: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise PipelineError(f"results table lacks column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise PipelineError("results table has no rows")
+
+
+def is_baseline(df: pd.DataFrame) -> pd.Series:
+    return df["method"].astype(str).str.lower().eq(BASELINE)
+
+
+def _pct(value: float, ref: float) -> float:
+    if not (math.isfinite(value) and math.isfinite(ref)) or ref == 0:
+        return math.nan
+    return 100.0 * (value - ref) / ref
+
+
+def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Sorted copy of the results with numeric columns coerced and the delta columns added.
+
+    Order: the baseline first, then by budget, backend, nominal bpp and method, so each budget's uniform
+    and mixed variants sit together.
+    """
+    check_results(results)
+    df = results.copy().reset_index(drop=True)
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
+    for col in ("backend",):
+        if col not in df.columns:
+            df[col] = ""
+    df["saved_mib"] = df["saved_bytes"] / 2**20
+    base = is_baseline(df)
+    base_row = df[base].iloc[0] if base.any() else None
+    uniform = df[df["method"].astype(str).str.lower().eq(UNIFORM)]
+    for col in PPL:
+        ref = float(base_row[col]) if base_row is not None else math.nan
+        df[f"d_base_{col}"] = [math.nan if b else _pct(v, ref) for v, b in zip(df[col], base)]
+        d_uniform = []
+        for _, row in df.iterrows():
+            match = uniform[(uniform["backend"] == row["backend"]) & np.isclose(uniform["budget"], row["budget"], atol=5e-3)]
+            if str(row["method"]).lower() in (UNIFORM, BASELINE) or match.empty:
+                d_uniform.append(math.nan)
+            else:
+                d_uniform.append(_pct(row[col], float(match.iloc[0][col])))
+        df[f"d_uniform_{col}"] = d_uniform
+    df["_base"] = ~base
+    df = df.sort_values(["_base", "budget", "backend", "nominal_bpp", "method"], na_position="last", kind="stable")
+    return df.drop(columns="_base").reset_index(drop=True)
+
+
+def _columns(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return [c for c in DISPLAY if c[0] in frame.columns and frame[c[0]].replace("", np.nan).notna().any()]
+
+
+def _cells(frame: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, formatted cells and which cells to emphasise (the best quantized perplexity per column)."""
+    cols = _columns(frame)
+    quantized = ~is_baseline(frame)
+    best = {c: frame.loc[quantized, c].min() for c in PPL if c in frame.columns and frame.loc[quantized, c].notna().any()}
+    cells, bold = [], []
+    for i, row in frame.iterrows():
+        out, em = [], []
+        for key, _, fmt in cols:
+            value = row[key]
+            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+                out.append("-")
+            else:
+                try:
+                    out.append(fmt.format(value))
+                except (ValueError, TypeError):
+                    out.append(str(value))
+            em.append(bool(key in best and quantized[i] and value == best[key]))
+        cells.append(out)
+        bold.append(em)
+    return [title for _, title, _ in cols], cells, bold
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    head, cells, bold = _cells(frame)
+    keys = [k for k, _, _ in _columns(frame)]
+    rows = [[f"**{c}**" if b else c for c, b in zip(r, e)] for r, e in zip(cells, bold)]
+    align = ["---" if k in TEXT_COLUMNS else "---:" for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.baseline td { background: #f7f7e8; }
+td.best { font-weight: bold; background: #e6f4e6; }
+p.notes { font-size: 0.85em; color: #555; max-width: 60em; }
+img { max-width: 100%; margin: 1em 0; border: 1px solid #eee; }
+"""
+
+
+def to_html(frame: pd.DataFrame, title: str = "Quantization comparison", figures: list[str] = ()) -> str:
+    """A standalone HTML page: the table, its notes, and the figures (relative paths) below it."""
+    head, cells, bold = _cells(frame)
+    keys = [k for k, _, _ in _columns(frame)]
+    base = is_baseline(frame).tolist()
+    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<table>",
+           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for row, em, b in zip(cells, bold, base):
+        tds = []
+        for key, cell, e in zip(keys, row, em):
+            cls = " ".join(filter(None, ["" if key in TEXT_COLUMNS else "num", "best" if e else ""]))
+            tds.append(f"<td class='{cls}'>{html.escape(cell)}</td>" if cls else f"<td>{html.escape(cell)}</td>")
+        out.append(f"<tr{' class=baseline' if b else ''}>" + "".join(tds) + "</tr>")
+    out += ["</tbody></table>", f"<p class='notes'>{html.escape(NOTES)}</p>"]
+    for fig in figures:
+        out.append(f"<figure><img src='{html.escape(fig)}' alt='{html.escape(fig)}'></figure>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,232 @@
+"""The production-shaped registry: mlflow/serve.sh with S3 artifacts (moto's S3 server), used through HTTP.
+
+Starts moto_server and the MLflow server on free loopback ports in their own process groups, logs a
+parent and child runs by the conventions (mlflow/CONVENTIONS.md), reads them back through the server,
+checks the artifact landed in the bucket, registers versions, promotes one, and screenshots the UI's
+runs-comparison page in headless Chromium. Set MLFLOW_SCREENSHOT_OUT=path to keep a copy of the PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE = REPO / "mlflow" / "serve.sh"
+BUCKET = "mlflow-artifacts"
+CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic", "--virtual-time-budget=15000",
+]
+
+
+def _tool(name: str) -> str | None:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Signal the whole process group (the MLflow server forks uvicorn workers), then make sure."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    pytest.importorskip("mlflow")
+    boto3 = pytest.importorskip("boto3")
+    moto = _tool("moto_server")
+    mlflow_bin = _tool("mlflow")
+    if not moto:
+        pytest.skip("moto_server not found (pip install 'moto[server]')")
+    if not mlflow_bin:
+        pytest.skip("the mlflow executable is not found")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    s3_port, mlflow_port = _free_port(), _free_port()
+    s3_url, uri = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{mlflow_port}"
+    env = {**os.environ, **CREDS, "MLFLOW_S3_ENDPOINT_URL": s3_url}
+    started = []
+    try:
+        moto_log = root / "moto.log"
+        with open(moto_log, "w") as fh:
+            started.append(subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(s3_port)], stdout=fh,
+                                            stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        _wait_http(f"{s3_url}/", started[-1], moto_log, 30)
+        s3 = boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
+                          region_name=CREDS["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket=BUCKET)
+
+        server_env = {
+            **env,
+            "MLFLOW_SERVER_PORT": str(mlflow_port),
+            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'store' / 'mlflow.db'}",
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/artifacts",
+            "MLFLOW_CMD": mlflow_bin,
+            "QUANT_HOME": str(root),
+        }
+        server_log = root / "mlflow.log"
+        with open(server_log, "w") as fh:
+            started.append(subprocess.Popen(["bash", str(SERVE)], stdout=fh, stderr=subprocess.STDOUT,
+                                            env=server_env, start_new_session=True))
+        _wait_http(f"{uri}/health", started[-1], server_log, 180)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast if the server dies
+            yield {"uri": uri, "s3": s3, "root": root}
+    finally:
+        for proc in reversed(started):
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def logged(servers):
+    """A pipeline run logged through the server: a parent and three variants, two registered."""
+    from mlflow import MlflowClient
+
+    uri = servers["uri"]
+    client = MlflowClient(uri, uri)
+    exp_id = client.create_experiment("quant/Tiny-Llama")
+    parent = client.create_run(exp_id, run_name="pipeline 2026-11-22T00:00:00Z", tags={"pipeline_run": "true"})
+    variants = {
+        "none/unquantized/16": dict(method="unquantized", budget="16", ppl_wikitext2=28.15, saved_bytes=540_000_000),
+        "hqq/uniform/4.25": dict(method="uniform", budget="4.25", ppl_wikitext2=34.72, saved_bytes=150_000_000),
+        "hqq/sensiboost/4.25": dict(method="sensiboost", budget="4.25", ppl_wikitext2=31.90, saved_bytes=160_000_000),
+    }
+    runs = {}
+    for name, v in variants.items():
+        run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent.info.run_id})
+        rid = run.info.run_id
+        for key, value in {"backend": name.split("/")[0], "method": v["method"], "budget": v["budget"],
+                           "base_model": "Tiny-Llama", "base_revision": "sha256:0"}.items():
+            client.log_param(rid, key, value)
+        client.log_metric(rid, "ppl_wikitext2", v["ppl_wikitext2"])
+        client.log_metric(rid, "saved_bytes", v["saved_bytes"])
+        client.log_dict(rid, {"method": v["method"], "budget": float(v["budget"]), "modules": {}}, "bitmap.json")
+        client.log_dict(rid, {"stage": "quantize"}, "manifest.json")
+        client.set_terminated(rid)
+        runs[name] = run
+    client.set_terminated(parent.info.run_id)
+
+    model = "Tiny-Llama-quant"
+    client.create_registered_model(model)
+    versions = {}
+    for name in ("hqq/uniform/4.25", "hqq/sensiboost/4.25"):  # the baseline is a run, not a version
+        run, v = runs[name], variants[name]
+        tags = {"method": v["method"], "backend": "hqq", "budget": v["budget"], "ppl_wikitext2": str(v["ppl_wikitext2"]),
+                "saved_bytes": str(v["saved_bytes"]), "run_id": run.info.run_id, "variant": name}
+        mv = client.create_model_version(model, source=run.info.artifact_uri, run_id=run.info.run_id, tags=tags)
+        versions[name] = str(mv.version)
+    return {"client": client, "exp_id": exp_id, "parent": parent, "runs": runs, "model": model, "versions": versions}
+
+
+def test_runs_metrics_and_artifacts_round_trip_through_the_server_into_s3(servers, logged, tmp_path):
+    client, runs = logged["client"], logged["runs"]
+    child = runs["hqq/sensiboost/4.25"]
+    back = client.get_run(child.info.run_id)
+    assert back.data.metrics["ppl_wikitext2"] == pytest.approx(31.90)
+    assert back.data.params["method"] == "sensiboost"
+    assert back.data.tags["mlflow.parentRunId"] == logged["parent"].info.run_id
+    assert client.get_run(logged["parent"].info.run_id).data.tags["pipeline_run"] == "true"
+    assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the client never talks to S3
+
+    local = client.download_artifacts(child.info.run_id, "bitmap.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["method"] == "sensiboost"
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"bitmap.json", "manifest.json"}
+
+    keys = [o["Key"] for o in servers["s3"].list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    key = next((k for k in keys if child.info.run_id in k and k.endswith("/bitmap.json")), None)
+    assert key and key.startswith("artifacts/"), keys
+    body = servers["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert json.loads(body)["method"] == "sensiboost"
+
+
+def test_register_and_promote_through_the_server(servers, logged):
+    from tasks.promotion import run_promotion
+
+    client, model, versions = logged["client"], logged["model"], logged["versions"]
+    first = run_promotion(servers["uri"], model, max_saved_bytes=200_000_000)
+    assert first["action"] == "promote" and first["champion"] == versions["hqq/sensiboost/4.25"]
+    assert str(client.get_model_version_by_alias(model, "champion").version) == versions["hqq/sensiboost/4.25"]
+    assert "champion_reason" in client.get_model_version(model, first["champion"]).tags
+    # Under a tighter cap the champion is no longer eligible: the uniform version takes over.
+    second = run_promotion(servers["uri"], model, max_saved_bytes=155_000_000)
+    assert (second["action"], second["champion"]) == ("promote", versions["hqq/uniform/4.25"])
+    assert run_promotion(servers["uri"], model, max_saved_bytes=155_000_000)["action"] == "keep"
+    assert len(client.search_model_versions(f"name='{model}'")) == 2
+
+
+def compare_url(uri: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """MLflow 3's runs-comparison page (a route of the single-page app, hence after '#')."""
+    query = f"runs={json.dumps(run_ids)}&experiments={json.dumps(experiment_ids)}"
+    return f"{uri}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}"
+
+
+def _chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_ui_compare_page_shows_the_runs(servers, logged, tmp_path):
+    runs = logged["runs"]
+    ids = [r.info.run_id for r in runs.values()]
+    url = compare_url(servers["uri"], ids, [logged["exp_id"]])
+
+    dom = _chromium("--dump-dom", url, profile=tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert f"Comparing {len(ids)} Runs" in dom.stdout, dom.stdout[-2000:]
+    for name in runs:
+        assert name in dom.stdout  # every run's name is rendered in the comparison table
+
+    png = tmp_path / "mlflow-compare.png"
+    shot = _chromium("--window-size=1400,1800", f"--screenshot={png}", url, profile=tmp_path / "profile-shot")
+    assert shot.returncode == 0 and png.exists() and png.stat().st_size > 20_000, shot.stderr[-2000:]
+    print(f"screenshot: {png}")
+    if os.environ.get("MLFLOW_SCREENSHOT_OUT"):
+        out = Path(os.environ["MLFLOW_SCREENSHOT_OUT"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, out)
+        print(f"screenshot copied to: {out}")

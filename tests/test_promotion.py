@@ -1,0 +1,178 @@
+"""Promotion: the pure rule, then the rule applied to a real (SQLite) MLflow registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.errors import PipelineError
+from tasks.promotion import Candidate, decide
+
+C = Candidate
+
+
+# --- the pure rule -------------------------------------------------------------------------------
+
+def test_no_champion_promotes_the_best():
+    d = decide([C(1, 30.0, 100), C(2, 28.0, 120), C(3, 29.0, 90)], None)
+    assert (d.action, d.champion, d.previous) == ("promote", 2, None)
+
+
+def test_memory_cap_excludes_bigger_versions():
+    d = decide([C(1, 30.0, 100), C(2, 28.0, 120), C(3, 29.0, 90)], None, max_saved_bytes=110)
+    assert d.champion == 3 and d.eligible == 2
+
+
+def test_small_improvement_keeps_the_champion():
+    d = decide([C(1, 30.0, 100), C(2, 29.8, 100)], 1, min_improvement_pct=1.0)
+    assert d.action == "keep" and d.champion == 1 and d.best == 2
+    assert d.improvement_pct == pytest.approx(100 * 0.2 / 30)
+
+
+def test_large_improvement_replaces_the_champion():
+    d = decide([C(1, 30.0, 100), C(2, 29.0, 100)], 1, min_improvement_pct=1.0)
+    assert (d.action, d.champion, d.previous) == ("promote", 2, 1)
+    assert d.improvement_pct == pytest.approx(100 / 30)
+
+
+def test_equal_value_never_churns_even_at_zero_threshold():
+    d = decide([C(1, 30.0, 100), C(2, 30.0, 90)], 1, min_improvement_pct=0.0)
+    assert d.action == "keep" and d.champion == 1
+
+
+def test_champion_over_a_new_cap_is_replaced():
+    d = decide([C(1, 28.0, 200), C(2, 29.5, 100)], 1, max_saved_bytes=150)
+    assert (d.action, d.champion) == ("promote", 2)
+    assert "no longer eligible" in d.reason
+
+
+def test_versions_without_the_metric_are_ignored():
+    d = decide([C(1, None, 10), C(2, float("nan"), 10), C(3, 40.0, 10)], None)
+    assert d.champion == 3 and d.eligible == 1
+
+
+def test_no_eligible_version_is_a_one_line_error():
+    with pytest.raises(PipelineError) as err:
+        decide([C(1, 30.0, 200)], None, max_saved_bytes=100, metric="ppl_wikitext2")
+    assert "\n" not in str(err.value) and "ppl_wikitext2" in str(err.value)
+
+
+def test_higher_is_better_for_scores():
+    d = decide([C(1, 0.50, 1), C(2, 0.60, 1)], 1, lower_is_better=False, min_improvement_pct=5.0)
+    assert (d.action, d.champion) == ("promote", 2)
+    assert d.improvement_pct == pytest.approx(20.0)
+
+
+def test_ties_prefer_fewer_bytes_then_the_older_version():
+    assert decide([C(1, 30.0, 100), C(2, 30.0, 90)], None).champion == 2
+    assert decide([C(3, 30.0, 90), C(2, 30.0, 90)], None).champion == 2
+
+
+# --- against a real registry ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    exp = client.create_experiment("quant/Tiny", artifact_location=str(root / "artifacts"))
+    return uri, client, exp
+
+
+def _add_version(client, exp, model, ppl, saved, method="sensiboost"):
+    run = client.create_run(exp, run_name=f"hqq/{method}/4.25", tags={"mlflow.parentRunId": "x"})
+    rid = run.info.run_id
+    client.log_metric(rid, "ppl_wikitext2", ppl)
+    client.log_metric(rid, "saved_bytes", saved)
+    client.set_terminated(rid)
+    tags = {"method": method, "backend": "hqq", "ppl_wikitext2": str(ppl), "saved_bytes": str(int(saved)), "run_id": rid}
+    return str(client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=rid, tags=tags).version)
+
+
+class _WriteCounter:
+    """Counts every registry write promotion could make."""
+
+    NAMES = ("set_model_version_tag", "set_registered_model_tag", "set_registered_model_alias",
+             "delete_model_version_tag", "delete_registered_model_tag", "delete_registered_model_alias",
+             "delete_model_version", "delete_registered_model", "delete_run")
+
+    def __init__(self, monkeypatch):
+        from mlflow import MlflowClient
+
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(MlflowClient, name)
+
+            def wrapper(client, *a, _name=name, _orig=original, **k):
+                self.calls.append(_name)
+                return _orig(client, *a, **k)
+
+            monkeypatch.setattr(MlflowClient, name, wrapper)
+
+
+def test_promotion_moves_the_alias_records_why_and_is_idempotent(store, monkeypatch):
+    from tasks.promotion import run_promotion
+
+    uri, client, exp = store
+    model = "Tiny-quant"
+    client.create_registered_model(model)
+    v1 = _add_version(client, exp, model, 30.0, 1000)
+    v2 = _add_version(client, exp, model, 28.0, 3000)  # best but too big for the cap below
+    v3 = _add_version(client, exp, model, 29.0, 1500)
+
+    first = run_promotion(uri, model, max_saved_bytes=2000)
+    assert first["action"] == "promote" and first["champion"] == v3 and first["changed"]
+    assert str(client.get_model_version_by_alias(model, "champion").version) == v3
+    tags = client.get_model_version(model, v3).tags
+    assert tags["champion_reason"] == first["reason"] and "saved_bytes <= 2000" in tags["champion_rule"]
+    assert tags["promoted_at"] and tags["previous_champion"] == ""
+    assert client.get_registered_model(model).tags["champion_version"] == v3
+
+    writes = _WriteCounter(monkeypatch)
+    second = run_promotion(uri, model, max_saved_bytes=2000)
+    assert second["action"] == "keep" and not second["changed"] and second["champion"] == v3
+    assert writes.calls == []  # nothing written when nothing changed
+    assert client.get_model_version(model, v3).tags == tags
+
+    # A slightly better version: kept out by the 1% threshold. A clearly better one: promoted.
+    v4 = _add_version(client, exp, model, 28.9, 1200)
+    assert run_promotion(uri, model, max_saved_bytes=2000)["action"] == "keep"
+    assert writes.calls == []
+    v5 = _add_version(client, exp, model, 27.0, 1800)
+    third = run_promotion(uri, model, max_saved_bytes=2000)
+    assert (third["action"], third["champion"], third["previous_champion"]) == ("promote", v5, v3)
+    assert not [c for c in writes.calls if c.startswith("delete")]
+    assert str(client.get_model_version_by_alias(model, "champion").version) == v5
+    assert client.get_model_version(model, v5).tags["previous_champion"] == v3
+    old = client.get_model_version(model, v3).tags
+    assert old["superseded_by"] == v5 and old["champion_reason"] == tags["champion_reason"]  # history kept
+    assert len(client.search_model_versions(f"name='{model}'")) == 5  # nothing deleted
+    assert {v1, v2, v4}.isdisjoint({third["champion"]})
+
+
+def test_no_eligible_version_and_unknown_model_are_errors(store):
+    from tasks.promotion import run_promotion
+
+    uri, client, exp = store
+    client.create_registered_model("Small-quant")
+    _add_version(client, exp, "Small-quant", 30.0, 5000)
+    with pytest.raises(PipelineError, match="no eligible version"):
+        run_promotion(uri, "Small-quant", max_saved_bytes=100)
+    with pytest.raises(PipelineError, match="does not exist"):
+        run_promotion(uri, "Nope-quant")
+
+
+def test_cli_prints_one_line(store, capsys):
+    from tasks.__main__ import main
+
+    uri, client, exp = store
+    client.create_registered_model("Cli-quant")
+    v = _add_version(client, exp, "Cli-quant", 31.5, 700)
+    assert main(["promote", "--tracking-uri", uri, "--model", "Cli-quant", "--max-bytes", "1000"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"promote: Cli-quant@champion = v{v}") and "\n" not in out
+    assert main(["promote", "--tracking-uri", uri, "--model", "Cli-quant", "--max-bytes", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no eligible version") and "\n" not in err
