@@ -1,0 +1,317 @@
+"""The container images: every Dockerfile is well formed, the image table is consistent with the code,
+and every family's pin set resolves on PyPI (`-m network`).
+
+There is no Docker engine here, so a Dockerfile is checked by parsing it: a small parser below (the
+Dockerfile grammar: parser directives, comments, line continuations, JSON and shell forms), cross-checked
+with the PyPI package dockerfile-parse when it is installed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONTAINERS = REPO / "containers"
+IMAGES = json.loads((CONTAINERS / "images.json").read_text())
+FAMILIES = IMAGES["families"]
+STAGE_FAMILIES = sorted(name for name, fam in FAMILIES.items() if fam["role"] == "stage")
+DOCKERFILES = sorted(CONTAINERS.glob("*/Dockerfile"))
+
+INSTRUCTIONS = {
+    "FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
+    "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
+}  # fmt: skip
+CUDA_BASE = re.compile(r"^(nvidia/cuda:\d+\.\d+(\.\d+)?-.*(runtime|devel|base)-ubuntu\d+\.\d+|pytorch/pytorch:.*cuda.*)$")
+ENTRYPOINT = ["python", "-m", "tasks"]
+
+# Pins every stage image shares, and the one library each family exists for (DEPENDENCIES.md).
+BASE_PINS = {"torch": "2.13.0", "transformers": "5.17.0", "numpy": "2.2.6", "lm-eval": "0.4.13"}
+FAMILY_PINS = {
+    "core": {"mlflow": "3.17.2", "hqq": "0.2.8.post1", "scipy": "1.17.1", "pandas": "3.1.1"},
+    "hqq": {"hqq": "0.2.8.post1"},
+    "gptq": {"gptqmodel": "7.6.0"},
+    "llmcompressor": {"llmcompressor": "0.14.0.1"},
+    "bnb": {"bitsandbytes": "0.50.2"},
+    "airflow": {"apache-airflow": "3.3.2", "apache-airflow-providers-cncf-kubernetes": "10.25.0"},
+    "mlflow-server": {"mlflow": "3.17.2"},
+}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str, int]]:
+    """(INSTRUCTION, arguments, line number) per instruction, continuations joined, comments dropped."""
+    lines = text.splitlines()
+    escape = "\\"
+    start = 0
+    for start, line in enumerate(lines):  # parser directives: only at the very top, `# key=value`
+        match = re.match(r"^#\s*([a-zA-Z]+)\s*=\s*(\S+)\s*$", line)
+        if not match:
+            break
+        if match.group(1).lower() == "escape":
+            escape = match.group(2)
+    out, buf, first = [], "", 0
+    for number, raw in enumerate(lines[start:], start + 1):
+        stripped = raw.strip()
+        if not buf and (not stripped or stripped.startswith("#")):
+            continue
+        if buf and stripped.startswith("#"):  # comment lines inside a continuation are removed
+            continue
+        if not buf:
+            first = number
+        if stripped.endswith(escape):
+            buf += stripped[: -len(escape)] + " "
+            continue
+        buf += stripped
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip(), first))
+        buf = ""
+    if buf:
+        raise AssertionError(f"line {first}: the file ends inside a line continuation")
+    return out
+
+
+def exec_form(args: str) -> list[str] | None:
+    """The JSON (exec) form of CMD/ENTRYPOINT/RUN, or None for the shell form."""
+    if not args.startswith("["):
+        return None
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def dockerignore_allows(patterns: list[str], path: str) -> bool:
+    """Whether a context path survives a .dockerignore (last matching pattern wins, `!` re-includes)."""
+    allowed = True
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes) or fnmatch.fnmatchcase(path, pattern):
+            allowed = negate
+    return allowed
+
+
+def read_requirements(path: Path, seen: set | None = None) -> dict[str, str]:
+    """name -> exact version, following `-r` includes; anything but `name==version` is an error."""
+    seen = seen or set()
+    pins: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("-r "):
+            include = (path.parent / line[3:].strip()).resolve()
+            assert include not in seen, f"{path}:{number}: include cycle"
+            seen.add(include)
+            pins.update(read_requirements(include, seen))
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[a-z0-9,_-]+\])?==([0-9][0-9A-Za-z.+-]*)", line)
+        assert match, f"{path}:{number}: not an exact pin: {line!r}"
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        assert name not in pins or pins[name] == match.group(3), f"{path}:{number}: {name} pinned twice"
+        pins[name] = match.group(3)
+    return pins
+
+
+def test_parser_sees_real_structure():
+    text = '# syntax=docker/dockerfile:1\n# a comment\nFROM x:1 AS b\nRUN a \\\n  # inner comment\n  && b\nENTRYPOINT ["python", "-m", "tasks"]\n'
+    parsed = parse_dockerfile(text)
+    assert [p[0] for p in parsed] == ["FROM", "RUN", "ENTRYPOINT"]
+    assert parsed[1][1].split() == ["a", "&&", "b"] and parsed[1][2] == 4
+    assert exec_form(parsed[2][1]) == ENTRYPOINT
+    with pytest.raises(AssertionError, match="continuation"):
+        parse_dockerfile("FROM x\nRUN a \\\n")
+    assert dockerignore_allows(["*", "!tasks/"], "tasks") and not dockerignore_allows(["*", "!tasks/"], ".venv")
+    assert not dockerignore_allows(["*", "!tasks/", "**/__pycache__"], "tasks/__pycache__")
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def test_image_table_lists_every_dockerfile():
+    listed = {(CONTAINERS.parent / fam["dockerfile"]).resolve() for fam in FAMILIES.values()}
+    assert listed == {p.resolve() for p in DOCKERFILES}
+    for name, fam in FAMILIES.items():
+        assert (REPO / fam["requirements"]).is_file(), name
+        assert Path(fam["requirements"]).parent == Path(fam["dockerfile"]).parent, f"{name}: pins live beside the Dockerfile"
+        assert fam["role"] in ("stage", "service"), name
+        assert re.fullmatch(r"[a-z0-9]+([._-][a-z0-9]+)*", fam["image"]), fam["image"]
+    assert len({fam["image"] for fam in FAMILIES.values()}) == len(FAMILIES), "image names must be unique"
+    assert set(STAGE_FAMILIES) == {"core", "hqq", "gptq", "llmcompressor", "bnb"}
+
+
+def test_image_table_matches_the_cli_and_the_backends():
+    from tasks.__main__ import STAGES
+    from tasks.quantize.registry import BACKENDS
+    from tasks.step_cli import STEPS
+
+    assert set(IMAGES["stages"]) == set(STAGES), "every `python -m tasks <stage>` needs an image, and only those"
+    assert set(IMAGES["backends"]) == set(BACKENDS), "every registered backend needs an image"
+    assert set(IMAGES["steps"]) == set(STEPS), "every `python -m tasks step NAME` needs an image"
+    for stage, entry in [*IMAGES["stages"].items(), *IMAGES["steps"].items()]:
+        assert FAMILIES[entry["family"]]["role"] == "stage", stage
+        assert isinstance(entry["gpu"], bool), stage
+    for backend, family in IMAGES["backends"].items():
+        assert FAMILIES[family]["role"] == "stage", backend
+    assert set(IMAGES["backend_stages"]) <= set(IMAGES["stages"]) & set(IMAGES["steps"])
+    for table in ("stages", "steps"):
+        assert IMAGES[table]["quantize"]["gpu"] and IMAGES[table]["profile"]["gpu"] and IMAGES[table]["evaluate"]["gpu"]
+        assert not IMAGES[table]["allocate"]["gpu"]
+    assert FAMILY_PINS["core"]["mlflow"], "record/finish/promote talk to MLflow: they run in core"
+    assert all(IMAGES["steps"][s]["family"] == "core" for s in ("prepare", "record", "finish"))
+
+
+def test_readme_names_every_image():
+    readme = (CONTAINERS / "README.md").read_text()
+    for name, fam in FAMILIES.items():
+        assert fam["image"] in readme and fam["dockerfile"] in readme, name
+
+
+# ------------------------------------------------------------------------------------------ Dockerfiles
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfile_is_well_formed(dockerfile: Path):
+    parsed = parse_dockerfile(dockerfile.read_text())
+    assert parsed and parsed[0][0] == "FROM", f"{dockerfile}: the first instruction must be FROM"
+    for word, args, line in parsed:
+        assert word in INSTRUCTIONS, f"{dockerfile}:{line}: unknown instruction {word}"
+        assert args, f"{dockerfile}:{line}: {word} without arguments"
+        if word in ("CMD", "ENTRYPOINT", "SHELL") or (word == "RUN" and args.startswith("[")):
+            assert word not in ("ENTRYPOINT", "SHELL") or exec_form(args) is not None, f"{dockerfile}:{line}: use the exec form"
+            if args.startswith("["):
+                exec_form(args)
+        if word == "ENV":
+            tokens = shlex.split(args)
+            assert tokens and all("=" in t for t in tokens), f"{dockerfile}:{line}: ENV wants key=value pairs"
+        if word == "USER":
+            assert args.split(":")[0] not in ("root", "0"), f"{dockerfile}:{line}: images run as non-root"
+
+    declared = {re.split(r"[= ]", a, maxsplit=1)[0] for w, a, _ in parsed if w == "ARG"}
+    for word, args, line in parsed:
+        if word == "RUN":
+            for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", args):
+                env = {t.split("=")[0] for w, a, _ in parsed if w == "ENV" for t in shlex.split(a)}
+                assert var in declared | env, f"{dockerfile}:{line}: ${var} is neither an ARG nor an ENV"
+
+    entrypoints = [exec_form(a) for w, a, _ in parsed if w == "ENTRYPOINT"]
+    family = next(n for n, f in FAMILIES.items() if (REPO / f["dockerfile"]).resolve() == dockerfile.resolve())
+    if FAMILIES[family]["role"] == "stage":
+        base = [t for t in parsed[0][1].split() if not t.startswith("--")][0]  # FROM [--platform=..] image [AS n]
+        assert CUDA_BASE.match(base), f"{dockerfile}: a stage image is CUDA-based, got {base}"
+        assert entrypoints and entrypoints[-1] == ENTRYPOINT, f"{dockerfile}: ENTRYPOINT must be exactly {ENTRYPOINT}"
+        requirements = FAMILIES[family]["requirements"]
+        runs = " ".join(a for w, a, _ in parsed if w == "RUN")
+        assert f"-r {requirements}" in runs and "--extra-index-url" in runs, f"{dockerfile}: installs {requirements} with the CUDA index"
+        assert any(w == "COPY" and a.split()[0] == "tasks/" for w, a, _ in parsed), f"{dockerfile}: copies tasks/"
+        assert any(w == "USER" for w, _, _ in parsed), f"{dockerfile}: drops root"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_copy_sources_exist_in_the_context(dockerfile: Path):
+    """The build context is the repository root; its Dockerfile.dockerignore must let every source in."""
+    ignore = dockerfile.with_name("Dockerfile.dockerignore")
+    assert ignore.is_file(), f"{ignore} missing: the context would carry .venv/ and .state/"
+    patterns = [l.strip() for l in ignore.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert patterns[0] == "*", f"{ignore}: start from excluding everything"
+    copies = 0
+    for word, args, line in parse_dockerfile(dockerfile.read_text()):
+        if word not in ("COPY", "ADD"):
+            continue
+        tokens = [t for t in (exec_form(args) or shlex.split(args)) if not t.startswith("--")]
+        assert not any(t.startswith("--from") for t in shlex.split(args)), "no multi-stage copies expected"
+        for source in tokens[:-1]:
+            copies += 1
+            assert not source.startswith(("/", "..", "http")), f"{dockerfile}:{line}: {source} is outside the context"
+            assert (REPO / source).exists(), f"{dockerfile}:{line}: COPY source {source} does not exist"
+            assert dockerignore_allows(patterns, source.rstrip("/")), f"{dockerfile}:{line}: {source} is excluded by {ignore.name}"
+    assert copies
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_dockerfile_parse_agrees(dockerfile: Path):
+    """Cross-check with an independent parser (PyPI dockerfile-parse) where it is installed."""
+    dfp = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse not installed")
+    parser = dfp.DockerfileParser(fileobj=__import__("io").BytesIO(dockerfile.read_bytes()))
+    theirs = [i["instruction"] for i in parser.structure if i["instruction"] != "COMMENT"]
+    assert theirs == [p[0] for p in parse_dockerfile(dockerfile.read_text())]
+
+
+# ------------------------------------------------------------------------------------------ pins
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_requirements_are_exact_pins(family: str):
+    pins = read_requirements(REPO / FAMILIES[family]["requirements"])
+    expected = {**(BASE_PINS if FAMILIES[family]["role"] == "stage" else {}), **FAMILY_PINS[family]}
+    for name, version in expected.items():
+        assert pins.get(name) == version, f"{family}: {name} should be pinned to {version}, got {pins.get(name)}"
+
+
+def test_stage_pins_match_the_project_environment():
+    """The images pin what the project's own tests run with (where a package is installed here)."""
+    pins = {}
+    for family in STAGE_FAMILIES:
+        pins.update(read_requirements(REPO / FAMILIES[family]["requirements"]))
+    drift = {}
+    for name, version in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if installed.split("+")[0] != version:
+            drift[name] = (version, installed)
+    assert not drift, f"container pins differ from this environment (pin, installed): {drift}"
+
+
+def test_pins_agree_with_the_project_lock():
+    """Where a package is in the project's lock file (requirements/lock.txt), the images pin the same version."""
+    lock_file = REPO / "requirements" / "lock.txt"
+    if not lock_file.is_file():
+        pytest.skip("no requirements/lock.txt")
+    lock = {}
+    for line in lock_file.read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^]]*\])?==(\S+)", line.split("#")[0].strip())
+        if match:
+            lock[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(3).split("+")[0]
+    drift = {}
+    for family, fam in FAMILIES.items():
+        for name, version in read_requirements(REPO / fam["requirements"]).items():
+            if name in lock and lock[name] != version:
+                drift[f"{family}:{name}"] = (version, lock[name])
+    assert not drift, f"container pins differ from requirements/lock.txt (pin, lock): {drift}"
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pin_set_resolves(family: str, tmp_path: Path):
+    """pip resolves the family's whole pin set against PyPI (dry run: metadata only, nothing installed).
+
+    torch==2.13.0 resolves here to the CPU wheel that lies on this machine (2.13.0+cpu satisfies the pin);
+    the images get the CUDA build of the same version from PyPI or the PyTorch CUDA index. The CUDA wheel
+    and its nvidia-* dependencies are gigabytes that a resolution check does not need.
+    """
+    report = tmp_path / "report.json"
+    requirements = REPO / FAMILIES[family]["requirements"]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+           "--report", str(report), "-r", str(requirements)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{family} does not resolve:\n{result.stderr[-3000:]}"
+    resolved = {
+        re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    for name, version in read_requirements(requirements).items():
+        assert resolved.get(name, "").split("+")[0] == version, f"{family}: {name} resolved to {resolved.get(name)}"
