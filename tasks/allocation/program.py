@@ -1,0 +1,93 @@
+"""A scores table plus a cost matrix as a knapsack over rungs: the shared set-up of MXQ and `optimal`.
+
+Built once per (table, cost, candidate rungs); `allocate(budget)` solves for one budget in bits per
+parameter and returns the bit map, so a frontier over many budgets reuses everything but the cap.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tasks.allocation.knapsack import UNITS_PER_BIT, ChoiceKnapsack, capacity_units, size_matrix
+from tasks.allocation.scores import Scores
+from tasks.bitmap import BitMap
+from tasks.errors import PipelineError
+from tasks.ladder import Rung
+
+log = logging.getLogger(__name__)
+
+
+class RungProgram:
+    def __init__(self, scores: Scores, costs: np.ndarray, rungs: tuple[Rung, ...], method: str, time_limit: float | None = 60.0, mip_gap: float = 0.0):
+        self.scores, self.rungs, self.method = scores, tuple(rungs), method
+        sizes = size_matrix([scores.params[k] for k in scores.keys], self.rungs)
+        self.knapsack = ChoiceKnapsack(costs, sizes, time_limit=time_limit, mip_rel_gap=mip_gap)
+
+    def _bpp(self, units: int) -> float:
+        return units / UNITS_PER_BIT / self.scores.total_params
+
+    @property
+    def min_bpp(self) -> float:
+        """The cheapest allocation: every module at its smallest candidate rung."""
+        return self._bpp(self.knapsack.min_units)
+
+    @property
+    def saturation_bpp(self) -> float:
+        """Above this budget the unconstrained optimum fits and more memory buys nothing."""
+        return self._bpp(self.knapsack.free_units)
+
+    def check(self, budget: float, tolerance: float = 0.0) -> int:
+        cap = capacity_units(budget, self.scores.total_params, tolerance)
+        if cap < self.knapsack.min_units:
+            slack = f" with tolerance {tolerance:g}" if tolerance else ""
+            raise PipelineError(
+                f"budget {budget:g} bpp{slack} is infeasible for {self.method}: the cheapest allocation over rungs "
+                f"{','.join(r.name for r in self.rungs)} needs {self.min_bpp:.4f} bpp"
+            )
+        return cap
+
+    def allocate(self, budget: float, tolerance: float = 0.0, options: dict | None = None) -> BitMap:
+        cap = self.check(budget, tolerance)
+        choice, facts = self.knapsack.solve(cap)
+        return self._bitmap(choice, budget, tolerance, facts, options)
+
+    def allocate_many(self, budgets: list[float], options: dict | None = None) -> list[BitMap]:
+        """One bit map per budget (in the order given). Solved from the smallest budget up, so that a
+        solve stopped by the time limit never returns worse than a smaller budget's allocation, which
+        also fits: the frontier's objective is non-increasing in the budget."""
+        caps = [self.check(b) for b in budgets]
+        results: dict[int, BitMap] = {}
+        best = None
+        for i in sorted(range(len(budgets)), key=lambda i: caps[i]):
+            choice, facts = self.knapsack.solve(caps[i])
+            if best is not None and self.knapsack.cost(best[0]) < self.knapsack.cost(choice):
+                choice, facts = best[0], {**best[1], "status": f"{facts['status']}; kept a smaller budget's allocation"}
+            best = (choice, facts)
+            results[i] = self._bitmap(choice, budgets[i], 0.0, facts, options)
+        return [results[i] for i in range(len(budgets))]
+
+    def _bitmap(self, choice, budget: float, tolerance: float, facts: dict, options: dict | None) -> BitMap:
+        modules = {k: self.rungs[j] for k, j in zip(self.scores.keys, choice)}
+        options = {
+            **(options or {}),
+            "rungs": [r.name for r in self.rungs],
+            "objective": self.knapsack.cost(choice),
+            "solver": facts,
+        }
+        if tolerance:
+            options["tolerance"] = tolerance
+        bitmap = BitMap(method=self.method, modules=modules, params=dict(self.scores.params), budget=budget, options=options)
+        log.info("%s: budget %.4f bpp -> %.4f bpp, objective %.6g", self.method, budget, bitmap.nominal_bpp, options["objective"])
+        return bitmap
+
+
+def candidate_rungs(scores: Scores, rungs: tuple[Rung, ...] | None) -> tuple[Rung, ...]:
+    """The candidates asked for (default: every rung the table has), all of which the table must hold."""
+    if rungs is None:
+        return scores.rungs
+    absent = [r.name for r in rungs if r not in scores.rungs]
+    if absent:
+        raise PipelineError(f"scores table {scores.source} has no rows for candidate rung(s) {', '.join(absent)}")
+    return rungs

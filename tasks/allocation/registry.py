@@ -1,0 +1,69 @@
+"""Allocation methods by name, and the stage function: scores table + method + budget -> bit-map JSON."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Callable
+
+from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allocate_uniform
+from tasks.allocation.layerwise import allocate_lim, allocate_zd
+from tasks.allocation.mxq import allocate_mxq
+from tasks.allocation.optimal import allocate_optimal
+from tasks.allocation.scores import Scores, read_scores
+from tasks.bitmap import BitMap
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# name -> allocator(scores, budget, **options) -> BitMap
+ALLOCATORS: dict[str, Callable[..., BitMap]] = {
+    "uniform": allocate_uniform,
+    "sensiboost": allocate_sensiboost,
+    "kurtboost": allocate_kurtboost,
+    "lim": allocate_lim,
+    "zd": allocate_zd,
+    "mxq": allocate_mxq,
+    "optimal": allocate_optimal,
+}
+
+
+def method_name(method: str) -> str:
+    """Canonical name; the authors' spellings ('sensi-boost', 'kurt_boost') are accepted too."""
+    name = str(method).strip().lower().replace("-", "").replace("_", "")
+    if name not in ALLOCATORS:
+        raise PipelineError(f"unknown allocation method {method!r}: one of {', '.join(ALLOCATORS)}")
+    return name
+
+
+def method_options(method: str) -> tuple[str, ...]:
+    params = list(inspect.signature(ALLOCATORS[method_name(method)]).parameters)
+    return tuple(params[2:])  # after (scores, budget)
+
+
+def allocate(scores: Scores, method: str, budget, options: dict | None = None) -> BitMap:
+    """Run one allocator, rejecting options it does not take with a one-line error."""
+    name = method_name(method)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(method_options(name)))
+    if unknown:
+        raise PipelineError(
+            f"method '{name}' does not take option(s) {', '.join(unknown)} (it takes: {', '.join(method_options(name)) or 'none'})"
+        )
+    bitmap = ALLOCATORS[name](scores, budget, **options)
+    if scores.model:
+        bitmap.options.setdefault("model", scores.model)
+    return bitmap
+
+
+def run_allocation(scores_path: str | Path, method: str, budget, options: dict | None = None, out_path: str | Path | None = None) -> BitMap:
+    """The allocation stage: read the table, allocate, write the bit map atomically (if out_path)."""
+    options = dict(options or {})
+    model = options.pop("model", None)
+    scores = read_scores(scores_path, model=model)
+    bitmap = allocate(scores, method, budget, options)
+    if out_path is not None:
+        bitmap.save(out_path)
+        log.info("bit map written to %s", out_path)
+    return bitmap

@@ -1,0 +1,363 @@
+"""Allocation methods on tiny synthetic tables: outlier rule, LIM/ZD, MXQ and `optimal` against brute
+force, the frontier, the error cases and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.__main__ import main
+from tasks.allocation import ALLOCATORS, allocate, allocate_mxq, allocate_optimal, find_outliers, frontier, read_scores, run_allocation, scores_from_frame
+from tasks.allocation import knapsack
+from tasks.allocation.knapsack import capacity_units, rung_units, size_matrix
+from tasks.allocation.layerwise import default_rungs, layers_to_lower
+from tasks.allocation.optimal import sensitivity_weights
+from tasks.bitmap import BitMap
+from tasks.errors import PipelineError
+from tasks.ladder import LADDER, MODULES, Rung
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lm-quant-toolkit"
+B4G64 = Rung(4, 64)
+
+
+def make_table(n_layers=4, modules=MODULES, seed=0, params=None, columns=("fnorm", "out_err", "sensitivity", "kurtosis", "lim", "zd")) -> pd.DataFrame:
+    """A scores table in the profiler's format with random but plausible numbers (errors fall with bpp)."""
+    rng = np.random.default_rng(seed)
+    params = params or {m: (64 if "mlp" in m else 32) * 1024 for m in modules}
+    lim, zd = rng.uniform(0.05, 0.9, n_layers), rng.uniform(0.1, 0.3, n_layers)
+    rows = []
+    for layer in range(n_layers):
+        part_s = {}
+        for module in modules:
+            part = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv", "mlp.gate_proj": "gu", "mlp.up_proj": "gu"}.get(module, module)
+            s = part_s.setdefault(part, rng.uniform(1e-6, 1e-4))
+            scale, kurt = rng.uniform(0.5, 2.0), rng.uniform(3, 30)
+            for rung in LADDER:
+                err = scale * 2.0 ** (-2 * rung.bpp) * rng.uniform(0.9, 1.1)
+                row = {"layer": layer, "module": module, "nbit1": rung.bits, "gsize1": rung.group_size, "nbit2": 8, "gsize2": 128,
+                       "params": params[module], "fnorm": np.sqrt(err) * 100, "out_err": err, "sensitivity": s, "kurtosis": kurt,
+                       "lim": lim[layer], "zd": zd[layer]}
+                rows.append({k: v for k, v in row.items() if k not in {"fnorm", "out_err", "sensitivity", "kurtosis", "lim", "zd"} or k in columns})
+    return pd.DataFrame(rows)
+
+
+def brute_force(costs: np.ndarray, sizes: np.ndarray, cap: int) -> float:
+    best = np.inf
+    for choice in itertools.product(range(costs.shape[1]), repeat=costs.shape[0]):
+        idx = (np.arange(len(choice)), np.array(choice))
+        if sizes[idx].sum() <= cap:
+            best = min(best, costs[idx].sum())
+    return best
+
+
+def units_of(bitmap: BitMap) -> int:
+    return sum(rung_units(bitmap.modules[k]) * n for k, n in bitmap.params.items())
+
+
+# --- SensiBoost / KurtBoost outlier rule ---------------------------------------------------------
+
+
+def test_find_outliers_ratio_difference_and_top_m():
+    values = np.linspace(1.0, 2.0, 20)
+    values[10] *= 100  # a spike: ratio 100 into layer 10 (z > 3); the way back down is not extreme in ratio terms
+    assert find_outliers(values, "ratio") == [10]
+    kurt = 3.0 + np.linspace(0, 0.1, 40)
+    kurt[10:] += 20  # two steps; the larger one comes first
+    kurt[30:] += 50
+    assert find_outliers(kurt, "difference") == [30, 10]
+    assert find_outliers(kurt, "difference", top_m=1) == [30]
+    assert find_outliers(np.linspace(1, 2, 20), "ratio") == []
+    assert find_outliers(np.array([1.0, 5.0]), "ratio") == []  # one jump: no spread to measure
+    with pytest.raises(PipelineError, match="positive"):
+        find_outliers(np.array([1.0, 0.0, 2.0]), "ratio")
+
+
+def test_per_module_scores_come_from_the_b4g64_rows():
+    frame = make_table(n_layers=20, seed=9)
+    frame["sensitivity"] = 1.0 + 0.01 * frame["layer"]
+    b4g64 = (frame["nbit1"] == 4) & (frame["gsize1"] == 64)
+    frame.loc[b4g64 & (frame["layer"] == 7), "sensitivity"] = 50.0  # a spike only on the b4g64 rows
+    frame.loc[~b4g64 & (frame["layer"] == 12), "sensitivity"] = 50.0  # and one only elsewhere
+    outliers = allocate(scores_from_frame(frame), "sensiboost", "b3g64", {"top_m": 1}).options["outliers"]
+    assert set(map(tuple, outliers.values())) == {(7,)}
+
+
+def test_boost_clamps_at_top_rung_and_reports_extra():
+    s = scores_from_frame(make_table(n_layers=12, seed=1))
+    bitmap = allocate(s, "sensiboost", "b4g32", {"boost_stop": 7, "top_m": 0})
+    assert set(bitmap.modules.values()) <= {Rung(4, 32), Rung(8, 32)}
+    assert bitmap.budget == Rung(4, 32).bpp
+    assert bitmap.extra_pct == pytest.approx(100 * (bitmap.nominal_bpp - bitmap.budget) / bitmap.budget)
+
+
+def test_uniform():
+    s = scores_from_frame(make_table(n_layers=2))
+    bitmap = allocate(s, "uniform", "3.25")
+    assert set(bitmap.modules.values()) == {Rung(3, 64)} and len(bitmap.modules) == 14
+
+
+# --- LIM / ZD ------------------------------------------------------------------------------------
+
+
+def test_layers_to_lower_is_smallest_k_within_budget():
+    low, high = Rung(3, 64), Rung(4, 64)
+    order, sizes = [0, 1, 2, 3], {i: 100 for i in range(4)}
+    one_down = (low.bpp + 3 * high.bpp) / 4
+    assert layers_to_lower(order, sizes, low, high, one_down) == 1
+    assert layers_to_lower(order, sizes, low, high, one_down - 1e-6) == 2
+    assert layers_to_lower(order, sizes, low, high, high.bpp) == 0
+    assert layers_to_lower(order, sizes, low, high, low.bpp) == 4
+    assert layers_to_lower(order, {0: 300, 1: 100, 2: 100, 3: 100}, low, high, one_down) == 1  # big layer 0 first
+    with pytest.raises(PipelineError, match="infeasible"):
+        layers_to_lower(order, sizes, low, high, low.bpp - 0.01)
+
+
+def test_default_low_high_rungs():
+    assert default_rungs(3.5) == (Rung(3, 64), Rung(4, 64))
+    assert default_rungs(4.25) == (Rung(4, 128), Rung(8, 128))  # b4g64 costs 4.2539 > 4.25
+    assert default_rungs(Rung(4, 64).bpp) == (Rung(4, 64), Rung(8, 64))
+    with pytest.raises(PipelineError, match="below the cheapest rung"):
+        default_rungs(2.0)
+
+
+def layer_table(lim, zd):
+    frame = make_table(n_layers=len(lim), seed=2)
+    frame["lim"] = frame["layer"].map(dict(enumerate(lim)))
+    frame["zd"] = frame["layer"].map(dict(enumerate(zd)))
+    return scores_from_frame(frame)
+
+
+def lowered(bitmap: BitMap) -> list[int]:
+    return sorted({int(k.split(".")[0]) for k, r in bitmap.modules.items() if r == Rung(3, 64)})
+
+
+def test_lim_moves_least_important_layers_down():
+    s = layer_table(lim=[0.5, 0.1, 0.9, 0.3], zd=[0.2, 0.4, 0.1, 0.3])
+    one_down = (Rung(3, 64).bpp + 3 * Rung(4, 64).bpp) / 4
+    rungs = {"low": "b3g64", "high": "b4g64"}
+    bitmap = allocate(s, "lim", one_down, rungs)
+    assert lowered(bitmap) == [1] and bitmap.options["k"] == 1
+    assert lowered(allocate(s, "lim", one_down - 1e-6, rungs)) == [1, 3]
+    assert bitmap.nominal_bpp <= one_down + 1e-12
+    # every linear of a layer follows its layer
+    assert all(bitmap.modules[f"1.{m}"] == Rung(3, 64) for m in MODULES)
+
+
+def test_zd_direction():
+    s = layer_table(lim=[0.5, 0.1, 0.9, 0.3], zd=[0.2, 0.4, 0.1, 0.3])
+    one_down = (Rung(3, 64).bpp + 3 * Rung(4, 64).bpp) / 4
+    rungs = {"low": "b3g64", "high": "b4g64"}
+    assert lowered(allocate(s, "zd", one_down, rungs)) == [1]  # most large weights = least important
+    assert lowered(allocate(s, "zd", one_down, {**rungs, "zd_direction": "more-large-is-important"})) == [2]
+    with pytest.raises(PipelineError, match="zd_direction"):
+        allocate(s, "zd", one_down, {"zd_direction": "sideways"})
+
+
+def test_lim_explicit_rungs_and_infeasible():
+    s = layer_table(lim=[0.5, 0.1, 0.9, 0.3], zd=[0.2, 0.4, 0.1, 0.3])
+    bitmap = allocate(s, "lim", 3.0, {"low": "b2g64", "high": "b4g64"})
+    assert set(bitmap.modules.values()) <= {Rung(2, 64), Rung(4, 64)} and bitmap.nominal_bpp <= 3.0
+    with pytest.raises(PipelineError, match="infeasible"):
+        allocate(s, "lim", 3.0, {"low": "b3g64", "high": "b4g64"})
+    assert allocate(s, "lim", 3.0, {"low": "b2g64"}).options["high"] == "b3g64"  # next width, same group
+    assert allocate(s, "lim", 3.0, {"high": "b4g32"}).options["low"] == "b2g32"  # highest fitting rung
+
+
+# --- MXQ -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mxq_matches_brute_force(seed):
+    s = scores_from_frame(make_table(n_layers=1, modules=MODULES[:3], seed=seed))
+    costs = s.rung_matrix("fnorm")
+    sizes = size_matrix([s.params[k] for k in s.keys], s.rungs)
+    for budget in (2.2, 2.9, 3.3, 4.0, 5.1, 7.9):
+        for tol in (0.0, 0.05):
+            bitmap = allocate_mxq(s, budget, tolerance=tol)
+            cap = capacity_units(budget, s.total_params, tol)
+            assert units_of(bitmap) <= cap
+            assert bitmap.options["objective"] == pytest.approx(brute_force(costs, sizes, cap), rel=1e-12)
+
+
+def test_mxq_infeasible_budget():
+    s = scores_from_frame(make_table(n_layers=1, modules=MODULES[:3]))
+    with pytest.raises(PipelineError, match=r"needs 2\.1270 bpp"):
+        allocate_mxq(s, 2.0)
+    allocate_mxq(s, 2.0, tolerance=0.07)  # 2.14 bpp of room: feasible
+
+
+def random_knapsack(seed: int, n: int = 6, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = np.sort(rng.integers(10, 100, size=(n, k)), axis=1) * rng.integers(1, 4, size=(n, 1))
+    costs = np.sort(rng.uniform(0, 10, size=(n, k)), axis=1)[:, ::-1] * rng.uniform(0.5, 2, size=(n, 1))
+    return costs, sizes
+
+
+def brute_force_choice(costs: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
+    grid = np.array(list(itertools.product(range(costs.shape[1]), repeat=costs.shape[0])))
+    rows = np.arange(costs.shape[0])
+    total_size, total_cost = sizes[rows, grid].sum(axis=1), costs[rows, grid].sum(axis=1)
+    total_cost[total_size > cap] = np.inf
+    return grid[np.argmin(total_cost)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_knapsack_core_phase_is_exact(seed, monkeypatch):
+    """From a poor incumbent the reduced-cost core solve must still find the exact optimum, and the
+    Lagrangian rule must never drop a candidate of an optimal solution."""
+    costs, sizes = random_knapsack(seed)
+    solver = knapsack.ChoiceKnapsack(costs, sizes)
+    # a poor first-phase incumbent (every module at its smallest candidate) leaves all the work to the core
+    monkeypatch.setattr(solver, "_incumbent", lambda cap, deadline: (sizes.argmin(axis=1), "optimal"))
+    for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+        cap = int(sizes.min(axis=1).sum() + frac * (sizes.max(axis=1).sum() - sizes.min(axis=1).sum()))
+        best = brute_force_choice(costs, sizes, cap)
+        opt = solver.cost(best)
+        choice, facts = solver.solve(cap)
+        assert solver.units(choice) <= cap and facts["status"] == "optimal"
+        assert solver.cost(choice) == pytest.approx(opt, rel=1e-12)
+        lower, reduced = knapsack.lagrangian_bound(costs, sizes, solver.mask, cap)
+        assert lower <= opt + 1e-9
+        assert (lower + reduced[np.arange(len(best)), best] <= opt + 1e-9).all()
+
+
+# --- optimal -------------------------------------------------------------------------------------
+
+
+def test_sensitivity_weights_reproduce_the_measured_score_at_b4g64():
+    s = scores_from_frame(make_table(n_layers=2, seed=3))
+    ref = s.rung_matrix("out_err", (B4G64,))[:, 0]
+    sens = s.module_values("sensitivity")
+    w = sensitivity_weights(s.keys, sens, ref)
+    qkv = [s.keys.index(f"1.self_attn.{m}") for m in ("q_proj", "k_proj", "v_proj")]
+    assert (w[qkv] * ref[qkv]).sum() == pytest.approx(sens[qkv[0]])  # the part's estimate at b4g64 is S
+    o = s.keys.index("1.self_attn.o_proj")
+    assert w[o] * ref[o] == pytest.approx(sens[o])
+    gqa = sens.copy()
+    gqa[o] = sens[qkv[0]]  # o_proj carrying attn_in's score joins that part
+    w2 = sensitivity_weights(s.keys, gqa, ref)
+    assert (w2[qkv + [o]] * ref[qkv + [o]]).sum() == pytest.approx(sens[qkv[0]])
+
+
+@pytest.mark.parametrize("weighting", ["sensitivity", "uniform"])
+def test_optimal_matches_brute_force(weighting):
+    s = scores_from_frame(make_table(n_layers=1, modules=MODULES[:4], seed=4))
+    rungs = ("b2g64", "b3g128", "b3g64", "b4g128", "b4g64", "b8g128")
+    cand = tuple(Rung(int(r[1]), int(r[3:])) for r in rungs)
+    err = s.rung_matrix("out_err", cand)
+    if weighting == "sensitivity":
+        err = sensitivity_weights(s.keys, s.module_values("sensitivity"), s.rung_matrix("out_err", (B4G64,))[:, 0])[:, None] * err
+    sizes = size_matrix([s.params[k] for k in s.keys], cand)
+    for budget in (2.3, 3.0, 3.6, 4.2, 6.0):
+        bitmap = allocate_optimal(s, budget, weighting=weighting, rungs=",".join(rungs))
+        assert set(bitmap.modules.values()) <= set(cand)
+        cap = capacity_units(budget, s.total_params)
+        assert units_of(bitmap) <= cap and bitmap.nominal_bpp <= budget
+        assert bitmap.options["objective"] == pytest.approx(brute_force(err, sizes, cap), rel=1e-9)
+        assert bitmap.options["solver"]["status"] == "optimal"
+
+
+def test_frontier_is_monotone_and_within_budget():
+    s = scores_from_frame(make_table(n_layers=3, seed=5))
+    budgets = [2.2, 2.6, 3.0, 3.3, 3.7, 4.4, 6.0, 9.0]
+    maps = frontier(s, budgets)
+    objectives = [m.options["objective"] for m in maps]
+    assert all(a >= b for a, b in zip(objectives, objectives[1:]))
+    for budget, bitmap in zip(budgets, maps):
+        assert units_of(bitmap) <= capacity_units(budget, s.total_params)
+    assert frontier(s, [3.0, 2.6])[1].modules == maps[1].modules  # order of the list does not matter
+    single = allocate_optimal(s, 3.3)
+    assert single.options["objective"] == pytest.approx(objectives[3], rel=1e-12)
+    with pytest.raises(PipelineError, match=r"needs 2\.1270 bpp"):
+        frontier(s, [3.0, 2.1])
+
+
+def test_optimal_on_published_table_never_exceeds_budget(caplog):
+    s = read_scores(FIXTURES / "fnorm-Llama-2-7b-hf.csv")
+    with caplog.at_level(logging.WARNING):
+        maps = frontier(s, [2.5, 3.25, 4.25])
+    assert "fnorm**2" in caplog.text  # no out_err in the authors' table: the documented fallback
+    for budget, bitmap in zip([2.5, 3.25, 4.25], maps):
+        assert units_of(bitmap) <= capacity_units(budget, s.total_params)
+        assert budget - 0.001 < bitmap.nominal_bpp <= budget
+        assert bitmap.options["error"] == "fnorm^2" and bitmap.options["weighting"] == "sensitivity"
+
+
+def test_optimal_rung_restriction_and_minimum():
+    s = scores_from_frame(make_table(n_layers=2, seed=6))
+    bitmap = allocate_optimal(s, 3.7, rungs="b3g64,b4g64")
+    assert set(bitmap.modules.values()) <= {Rung(3, 64), Rung(4, 64)}
+    with pytest.raises(PipelineError, match=r"needs 3\.2539 bpp"):
+        allocate_optimal(s, 3.2, rungs="b3g64,b4g64")
+
+
+# --- errors and I/O ------------------------------------------------------------------------------
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(PipelineError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_error_cases(tmp_path):
+    authors = read_scores(FIXTURES / "fnorm-Llama-2-7b-hf.csv")  # reads unchanged, NA cost_sensi included
+    assert "unknown allocation method" in one_line_error(allocate, authors, "magic", 4.25)
+    assert "not a rung" in one_line_error(allocate, authors, "sensiboost", 3.9)
+    assert "not a rung" in one_line_error(allocate, authors, "kurtboost", 4.0)
+    assert "lacks column(s) lim" in one_line_error(allocate, authors, "lim", 3.5)
+    assert "lacks column(s) zd" in one_line_error(allocate, authors, "zd", 3.5)
+    no_scores = scores_from_frame(make_table(n_layers=3, columns=("lim",)))
+    assert "lacks column(s) sensitivity" in one_line_error(allocate, no_scores, "sensiboost", 4.25)
+    assert "lacks column(s) kurtosis" in one_line_error(allocate, no_scores, "kurtboost", 4.25)
+    assert "lacks column(s) fnorm" in one_line_error(allocate, no_scores, "mxq", 4.25)
+    assert "out_err" in one_line_error(allocate, no_scores, "optimal", 4.25)
+    assert "does not take option(s) boost_stop" in one_line_error(allocate, authors, "mxq", 4.25, {"boost_stop": 2})
+    assert "infeasible" in one_line_error(allocate, authors, "mxq", 2.0)
+    assert "not found" in one_line_error(run_allocation, tmp_path / "nope.csv", "uniform", 4.25)
+    assert "lacks column(s) params" in one_line_error(scores_from_frame, make_table(n_layers=1).drop(columns="params"))
+
+
+def test_multi_model_table(tmp_path):
+    a, b = make_table(n_layers=2, seed=7), make_table(n_layers=3, seed=8)
+    combined = pd.concat([a.assign(model="small"), b.assign(model="big")])
+    path = tmp_path / "scores.csv"
+    combined.to_csv(path, index=False)
+    assert "several models" in one_line_error(run_allocation, path, "uniform", 4.25)
+    assert "not in scores table" in one_line_error(run_allocation, path, "uniform", 4.25, {"model": "huge"})
+    bitmap = run_allocation(path, "uniform", 4.25, {"model": "big"})
+    assert len(bitmap.modules) == 21 and bitmap.options["model"] == "big"
+
+
+def test_run_allocation_writes_bitmap(tmp_path):
+    out = tmp_path / "maps" / "bitmap.json"
+    bitmap = run_allocation(FIXTURES / "fnorm-Meta-Llama-3-8B.csv", "sensi-boost", "b3g128", {"boost_stop": 3, "top_m": 0}, out)
+    loaded = BitMap.load(out)
+    assert loaded.modules == bitmap.modules and loaded.params == bitmap.params
+    data = json.loads(out.read_text())
+    assert data["method"] == "sensiboost" and data["extra_pct"] == pytest.approx(1.81, abs=0.005)
+    assert data["modules"]["0.self_attn.q_proj"] == {"bits": 3, "group_size": 128}
+    assert set(ALLOCATORS) == {"uniform", "sensiboost", "kurtboost", "lim", "zd", "mxq", "optimal"}
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "kb21.json"
+    argv = ["allocate", "--scores", str(FIXTURES / "fnorm-Llama-2-7b-hf.csv"), "--method", "kurtboost",
+            "--budget", "4.25", "--boost-stop", "2", "--top-m", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "kurtboost" in printed[0] and "extra=+2.85%" in printed[0] and "b8g128=7" in printed[0]
+    assert BitMap.load(out).rung_counts() == {"b4g64": 217, "b8g128": 7}
+    assert main(["allocate", "--scores", str(tmp_path / "missing.csv"), "--method", "mxq", "--budget", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: scores file not found")
+    assert main(["allocate", "--scores", str(FIXTURES / "fnorm-Llama-2-7b-hf.csv"), "--method", "sensiboost", "--budget", "3.9", "--out", str(out)]) == 2
+    assert "not a rung" in capsys.readouterr().err
