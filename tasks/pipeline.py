@@ -54,6 +54,10 @@ class PipelineConfig:
     calibration_seq_len: int = 512
     eval_tokens: int = 2048
     protocols: list[str] = field(default_factory=lambda: ["paper", "gptq"])
+    # Downstream scores through lm-eval (the local task in data/lm_eval/ works offline; hub task names
+    # such as "arc_easy" need a network). Empty = perplexity only.
+    lm_eval_tasks: list[str] = field(default_factory=lambda: ["quant_facts"])
+    lm_eval_limit: int | None = None
     promote_max_bytes: int | None = None
     promote_min_improvement_pct: float = 1.0
     seed: int = 42
@@ -227,15 +231,19 @@ def allocate(prep: dict, scores: str | None) -> list[dict]:
         v["calibration"] = prep["calibration"]
         v["parent_run_id"] = prep["parent_run_id"]
         v["scores"] = scores
-        v["eval"] = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols)}
+        v["eval"] = {
+            "eval_tokens": cfg.eval_tokens,
+            "protocols": list(cfg.protocols),
+            "lm_eval_tasks": list(cfg.lm_eval_tasks),
+            "lm_eval_limit": cfg.lm_eval_limit,
+        }
+        # model_hash names the quantized weights (one registered version each); config_hash also
+        # covers calibration and evaluation settings (one MLflow run each).
+        v["model_hash"] = stable_hash(
+            {"model": model["revision"], "backend": v["backend"], "bitmap": v["bitmap"] and file_sha256(v["bitmap"])}
+        )
         v["config_hash"] = stable_hash(
-            {
-                "model": model["revision"],
-                "backend": v["backend"],
-                "bitmap": v["bitmap"] and file_sha256(v["bitmap"]),
-                "calibration": Path(prep["calibration"]).name,
-                "eval": v["eval"],
-            }
+            {"model_hash": v["model_hash"], "calibration": Path(prep["calibration"]).name, "eval": v["eval"]}
         )
     log.info("allocate: %d variants", len(variants))
     return variants
@@ -263,8 +271,17 @@ def evaluate(variant: dict) -> dict:
     from tasks.evaluation.stage import EvalParams, run_evaluation
 
     settings = Settings.from_env()
-    params = EvalParams(eval_tokens=variant["eval"]["eval_tokens"], protocols=tuple(variant["eval"]["protocols"]))
-    metrics = run_evaluation(variant["model_dir"], variant["backend"], variant["calibration"], params, settings.artifact_root, variant["model_key"])
+    ev = variant["eval"]
+    params = EvalParams(
+        eval_tokens=ev["eval_tokens"],
+        protocols=tuple(ev["protocols"]),
+        lm_eval_tasks=tuple(ev.get("lm_eval_tasks", ())),
+        lm_eval_limit=ev.get("lm_eval_limit"),
+    )
+    metrics = run_evaluation(
+        variant["model_dir"], variant["backend"], variant["calibration"], params, settings.artifact_root,
+        variant["model_key"], tokenizer_dir=variant["model"]["path"],
+    )
     if variant.get("nominal_bpp") is not None:
         metrics["nominal_bpp"] = variant["nominal_bpp"]
     if variant.get("extra_pct") is not None:
@@ -320,6 +337,7 @@ def record(variant: dict) -> dict:
                 "saved_bytes": m.get("saved_bytes"),
                 "variant": f"{variant['backend']}/{variant['method']}/{variant['budget_label']}",
                 "config_hash": variant["config_hash"],
+                "model_hash": variant["model_hash"],
                 "base_revision": model["revision"],
             },
         )
@@ -340,6 +358,7 @@ def results_rows(variants: list[dict]) -> list[dict]:
                 "nominal_bpp": m.get("nominal_bpp"),
                 "extra_pct": m.get("extra_pct"),
                 **{k: m.get(k) for k in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "peak_mem_bytes", "tokens_per_s", "quant_seconds")},
+                **{k: val for k, val in m.items() if k.startswith("lmeval_")},
                 "run_id": v.get("run_id"),
                 "version": v.get("version"),
             }

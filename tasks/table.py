@@ -27,7 +27,9 @@ def _cell(value, fmt: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     rows = [{**r, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None} for r in rows]
-    cols = [c for c in COLUMNS if any(r.get(c[0]) not in (None, "") for r in rows)]
+    downstream = sorted({k for r in rows for k in r if k.startswith("lmeval_") and k.endswith("_acc")})
+    extra = [(k, k[len("lmeval_"):].replace("_", " "), "{:.3f}") for k in downstream]
+    cols = [c for c in COLUMNS[:-1] + tuple(extra) + COLUMNS[-1:] if any(r.get(c[0]) not in (None, "") for r in rows)]
     cells = [[_cell(r.get(key), fmt) for key, _, fmt in cols] for r in rows]
     heads = [title for _, title, _ in cols]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]

@@ -30,6 +30,8 @@ class EvalParams:
     protocols: tuple[str, ...] = ("paper", "gptq")
     datasets: tuple[str, ...] = EVAL_SETS
     threads: int = 0  # 0 = torch's default
+    lm_eval_tasks: tuple[str, ...] = ()  # downstream tasks through lm-eval (data/lm_eval/ or lm-eval's registry)
+    lm_eval_limit: int | None = None  # documents per task, for quick runs
 
 
 def metric_name(dataset: str, protocol: str) -> str:
@@ -65,7 +67,15 @@ def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams) 
     return metrics
 
 
-def run_evaluation(model_dir: str | Path, backend: str, calibration_dir: str | Path, params: EvalParams, artifact_root: str | Path, model_key: str) -> dict:
+def run_evaluation(
+    model_dir: str | Path,
+    backend: str,
+    calibration_dir: str | Path,
+    params: EvalParams,
+    artifact_root: str | Path,
+    model_key: str,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
     """Metrics dict: perplexities, saved_bytes, peak_mem_bytes, tokens_per_s, load_seconds."""
     unknown = [p for p in params.protocols if p not in PROTOCOLS]
     if unknown:
@@ -92,6 +102,12 @@ def run_evaluation(model_dir: str | Path, backend: str, calibration_dir: str | P
         model = load_for_eval(model_dir, backend)
         load_seconds = time.perf_counter() - started
         metrics = evaluate_model(model, streams, params)
+    if params.lm_eval_tasks:
+        from tasks.downstream import metric_names, run_downstream
+        from tasks.model_io import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+        metrics.update(metric_names(run_downstream(model, tokenizer, params.lm_eval_tasks, limit=params.lm_eval_limit)))
     metrics.update(
         saved_bytes=directory_bytes(model_dir),
         peak_mem_bytes=memory.delta_bytes,

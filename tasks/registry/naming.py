@@ -7,7 +7,7 @@ import re
 CHAMPION = "champion"
 VERSION_TAGS = (
     "method", "backend", "budget", "nominal_bpp", "extra_pct", "ppl_wikitext2", "ppl_c4",
-    "saved_bytes", "run_id", "variant", "config_hash", "base_revision",
+    "saved_bytes", "run_id", "variant", "config_hash", "model_hash", "base_revision",
 )
 
 

@@ -20,7 +20,8 @@ def _fmt(value) -> str:
 
 
 def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict) -> tuple[str, bool]:
-    """Return (version number, created). `tags` must include config_hash."""
+    """Return (version number, created). `tags` must include model_hash: the identity of the quantized
+    weights, so re-evaluating the same model (other eval settings) adds runs but never a version."""
     from mlflow.exceptions import MlflowException
 
     client = client_for(tracking_uri)
@@ -33,9 +34,9 @@ def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict
             tags={"base_model": base_model},
             description=f"Quantized variants of {base_model}; the `champion` alias marks the promoted one.",
         )
-    config_hash = tags["config_hash"]
-    for mv in client.search_model_versions(f"name = '{name}' and tag.config_hash = '{config_hash}'"):
-        log.info("registry: %s version %s already holds %s", name, mv.version, config_hash)
+    model_hash = tags["model_hash"]
+    for mv in client.search_model_versions(f"name = '{name}' and tag.model_hash = '{model_hash}'"):
+        log.info("registry: %s version %s already holds %s", name, mv.version, model_hash)
         return mv.version, False
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/model"
