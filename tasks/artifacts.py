@@ -174,3 +174,25 @@ def _s3_download(uri: str, local: Path) -> bool:
     local.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, local)
     return True
+
+
+def ensure_local(path: str | Path) -> Path:
+    """A stage output path, fetched from the S3 artifact root first if this machine lacks it.
+
+    Steps pass local paths under the S3 mirror; a step running on another machine (a task pod) finds
+    the path missing and downloads the stage directory that contains it.
+    """
+    path = Path(path)
+    root = os.environ.get("QUANT_ARTIFACT_ROOT", "")
+    if path.exists() or not root.startswith("s3://"):
+        return path
+    mirror = local_root(root)
+    try:
+        rel = path.relative_to(mirror)
+    except ValueError:
+        return path
+    for i in range(len(rel.parts), 0, -1):
+        stage_dir = Path(*rel.parts[:i])
+        if _s3_download(f"{root.rstrip('/')}/{stage_dir.as_posix()}", mirror / stage_dir):
+            break
+    return path

@@ -111,7 +111,7 @@ def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_
     out = StageOutput(artifact_root, "calibration", inputs)
     if out.is_complete():
         log.info("calibration: cache hit %s", out.uri)
-        return out.uri
+        return str(out.path)
     tokenizer = load_tokenizer(model_path)
     texts = {
         "calibration": read_text(params.calibration_text),
@@ -130,7 +130,7 @@ def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_
             counts[name] = int(ids.shape[-1])
         write_json_atomic(tmp / "manifest.json", {"outputs": counts})
         log.info("calibration: %s windows of %s tokens; evaluation tokens %s", *counts["calibration"], {k: counts[k] for k in EVAL_SETS})
-    return out.uri
+    return str(out.path)
 
 
 def configure_parser(parser) -> None:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from tasks.artifacts import StageOutput, file_sha256, stable_hash
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
 from tasks.errors import PipelineError
 from tasks.ladder import LADDER, Rung, parse_rung
 from tasks.settings import Settings
@@ -158,7 +158,7 @@ def profile(prep: dict) -> str | None:
     from tasks.profiling import run_profiling
 
     settings = Settings.from_env()
-    calib = Path(prep["calibration"]) / "calibration.safetensors"
+    calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     out = StageOutput(settings.artifact_root, "profiling", {"model": prep["model"]["revision"], "calibration": file_sha256(calib)})
     if not out.is_complete():
         with out.build() as tmp:
@@ -177,12 +177,14 @@ def allocate(prep: dict, scores: str | None) -> list[dict]:
     settings = Settings.from_env()
     model = prep["model"]
     params = linear_param_counts(read_config(model["path"]))
-    root = StageOutput(settings.artifact_root, "allocation", {"model": model["revision"], "scores": scores and file_sha256(scores)}).path
-    root.mkdir(parents=True, exist_ok=True)
+    table = None
+    if scores:
+        from tasks.allocation import read_scores
+
+        table = read_scores(ensure_local(scores))
     plans: list[tuple[str, str, object, dict]] = []  # (method, label, budget, options)
     for budget in cfg.uniform_budgets:
         plans.append(("uniform", "uniform", parse_rung(budget), {}))
-    reached: dict[str, float] = {}  # rung label -> bpp the first boost method reached there
     ordered = sorted((m for m in cfg.methods if m != "uniform"), key=lambda m: m not in BOOST_METHODS)
     for method in ordered:
         options = {**DEFAULT_OPTIONS.get(method, {}), **cfg.method_options.get(method, {})}
@@ -191,27 +193,40 @@ def allocate(prep: dict, scores: str | None) -> list[dict]:
             if method in BOOST_METHODS and not isinstance(budget, Rung):
                 raise PipelineError(f"{method} needs a ladder rung as budget, got {raw!r}")
             plans.append((method, method_label(method, options), budget, options))
-    variants: list[dict] = []
-    if cfg.include_baseline:
-        variants.append(
-            {"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None}
-        )
+
+    # Allocation is cheap and deterministic: compute every bit map, then store them as one stage output.
+    reached: dict[str, float] = {}  # rung label -> bpp the first boost method reached there
+    planned: list[tuple[str, str, str, object, float, dict, object]] = []
     for method, label, budget, options in plans:
         if method in EXACT_BUDGET_METHODS and isinstance(budget, Rung) and cfg.match_boost_memory and budget.label in reached:
             target = reached[budget.label]
         else:
             target = budget.bpp if isinstance(budget, Rung) else budget
-        name = f"{label}-{budget_label(budget)}"
-        path = root / f"{name}.json"
         if method == "uniform":
             bitmap = uniform_bitmap(params, budget)
-            bitmap.save(path)
         else:
-            from tasks.allocation import run_allocation
+            from tasks.allocation import allocate as allocate_bitmap
 
-            bitmap = run_allocation(scores, method, target, options, path)
+            bitmap = allocate_bitmap(table, method, target, options)
         if method in BOOST_METHODS and budget.label not in reached:
             reached[budget.label] = bitmap.nominal_bpp
+        planned.append((f"{label}-{budget_label(budget)}", method, label, budget, target, options, bitmap))
+    out = StageOutput(
+        settings.artifact_root,
+        "allocation",
+        {"model": model["revision"], "scores": scores and file_sha256(ensure_local(scores)), "bitmaps": {n: stable_hash(b.to_json()) for n, *_, b in planned}},
+    )
+    if not out.is_complete():
+        with out.build() as tmp:
+            for name, *_, bitmap in planned:
+                bitmap.save(tmp / f"{name}.json")
+
+    variants: list[dict] = []
+    if cfg.include_baseline:
+        variants.append(
+            {"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None}
+        )
+    for name, method, label, budget, target, options, bitmap in planned:
         for backend in cfg.backends:
             variants.append(
                 {
@@ -221,7 +236,7 @@ def allocate(prep: dict, scores: str | None) -> list[dict]:
                     "budget_label": budget_label(budget),
                     "budget": round(float(target), 6),
                     "options": options,
-                    "bitmap": str(path),
+                    "bitmap": str(out.path / f"{name}.json"),
                     "nominal_bpp": bitmap.nominal_bpp,
                     "extra_pct": bitmap.extra_pct,
                 }

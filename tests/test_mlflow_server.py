@@ -112,86 +112,94 @@ def servers(tmp_path_factory):
         _wait_http(f"{uri}/health", started[-1], server_log, 180)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast if the server dies
-            yield {"uri": uri, "s3": s3, "root": root}
+            yield {"uri": uri, "s3": s3, "root": root, "s3_url": s3_url}
     finally:
         for proc in reversed(started):
             _stop(proc)
 
 
 @pytest.fixture(scope="module")
-def logged(servers):
-    """A pipeline run logged through the server: a parent and three variants, two registered."""
+def logged(servers, tiny_model_dir, tmp_path_factory):
+    """A reduced pipeline run against the server, with the pipeline's artifact store in S3 too."""
     from mlflow import MlflowClient
 
-    uri = servers["uri"]
-    client = MlflowClient(uri, uri)
-    exp_id = client.create_experiment("quant/Tiny-Llama")
-    parent = client.create_run(exp_id, run_name="pipeline 2026-11-22T00:00:00Z", tags={"pipeline_run": "true"})
-    variants = {
-        "none/unquantized/16": dict(method="unquantized", budget="16", ppl_wikitext2=28.15, saved_bytes=540_000_000),
-        "hqq/uniform/4.25": dict(method="uniform", budget="4.25", ppl_wikitext2=34.72, saved_bytes=150_000_000),
-        "hqq/sensiboost/4.25": dict(method="sensiboost", budget="4.25", ppl_wikitext2=31.90, saved_bytes=160_000_000),
-    }
-    runs = {}
-    for name, v in variants.items():
-        run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent.info.run_id})
-        rid = run.info.run_id
-        for key, value in {"backend": name.split("/")[0], "method": v["method"], "budget": v["budget"],
-                           "base_model": "Tiny-Llama", "base_revision": "sha256:0"}.items():
-            client.log_param(rid, key, value)
-        client.log_metric(rid, "ppl_wikitext2", v["ppl_wikitext2"])
-        client.log_metric(rid, "saved_bytes", v["saved_bytes"])
-        client.log_dict(rid, {"method": v["method"], "budget": float(v["budget"]), "modules": {}}, "bitmap.json")
-        client.log_dict(rid, {"stage": "quantize"}, "manifest.json")
-        client.set_terminated(rid)
-        runs[name] = run
-    client.set_terminated(parent.info.run_id)
+    from tasks.pipeline import run_inprocess
 
-    model = "Tiny-Llama-quant"
-    client.create_registered_model(model)
-    versions = {}
-    for name in ("hqq/uniform/4.25", "hqq/sensiboost/4.25"):  # the baseline is a run, not a version
-        run, v = runs[name], variants[name]
-        tags = {"method": v["method"], "backend": "hqq", "budget": v["budget"], "ppl_wikitext2": str(v["ppl_wikitext2"]),
-                "saved_bytes": str(v["saved_bytes"]), "run_id": run.info.run_id, "variant": name}
-        mv = client.create_model_version(model, source=run.info.artifact_uri, run_id=run.info.run_id, tags=tags)
-        versions[name] = str(mv.version)
-    return {"client": client, "exp_id": exp_id, "parent": parent, "runs": runs, "model": model, "versions": versions}
+    uri, home = servers["uri"], tmp_path_factory.mktemp("pipeline-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            **CREDS,
+            "MLFLOW_TRACKING_URI": uri,
+            "QUANT_HOME": str(home),
+            "QUANT_ARTIFACT_ROOT": f"s3://{BUCKET}/pipeline",
+            "AWS_ENDPOINT_URL_S3": servers["s3_url"],
+            "QUANT_S3_CACHE": str(home / "s3-mirror"),
+        }.items():
+            mp.setenv(key, value)
+        result = run_inprocess(
+            {
+                "model": str(tiny_model_dir),
+                "uniform_budgets": ["b4g64", "b3g128"],
+                "methods": [],
+                "budgets": [],
+                "calibration_samples": 4,
+                "calibration_seq_len": 128,
+                "eval_tokens": 1024,
+                "protocols": ["paper"],
+                "lm_eval_tasks": [],
+            }
+        )
+    client = MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name(f"quant/{tiny_model_dir.name}")
+    runs = {r.data.tags.get("variant", "parent"): r for r in client.search_runs([exp.experiment_id])}
+    model = f"{tiny_model_dir.name}-quant"
+    versions = {v.tags["variant"]: str(v.version) for v in client.search_model_versions(f"name='{model}'")}
+    return {"client": client, "exp_id": exp.experiment_id, "parent": runs.pop("parent"), "runs": runs,
+            "model": model, "versions": versions, "result": result}
 
 
 def test_runs_metrics_and_artifacts_round_trip_through_the_server_into_s3(servers, logged, tmp_path):
     client, runs = logged["client"], logged["runs"]
-    child = runs["hqq/sensiboost/4.25"]
+    assert set(runs) == {"none/unquantized/fp32", "hqq/uniform/4.25", "hqq/uniform/3.13"}
+    child = runs["hqq/uniform/3.13"]
     back = client.get_run(child.info.run_id)
-    assert back.data.metrics["ppl_wikitext2"] == pytest.approx(31.90)
-    assert back.data.params["method"] == "sensiboost"
+    assert back.data.metrics["ppl_wikitext2"] > 1 and back.data.metrics["nominal_bpp"] == pytest.approx(3.127, abs=1e-3)
+    assert back.data.params["method"] == "uniform" and back.data.params["budget"] == "3.13"
     assert back.data.tags["mlflow.parentRunId"] == logged["parent"].info.run_id
     assert client.get_run(logged["parent"].info.run_id).data.tags["pipeline_run"] == "true"
     assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the client never talks to S3
 
-    local = client.download_artifacts(child.info.run_id, "bitmap.json", str(tmp_path))
-    assert json.loads(Path(local).read_text())["method"] == "sensiboost"
-    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"bitmap.json", "manifest.json"}
+    names = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"uniform-3.13.json", "manifest.json", "model"} <= names
+    local = client.download_artifacts(child.info.run_id, "uniform-3.13.json", str(tmp_path))
+    bitmap = json.loads(Path(local).read_text())
+    assert bitmap["method"] == "uniform" and bitmap["modules"]["0.mlp.down_proj"] == {"bits": 3, "group_size": 128}
 
     keys = [o["Key"] for o in servers["s3"].list_objects_v2(Bucket=BUCKET).get("Contents", [])]
-    key = next((k for k in keys if child.info.run_id in k and k.endswith("/bitmap.json")), None)
+    key = next((k for k in keys if child.info.run_id in k and k.endswith("/uniform-3.13.json")), None)
     assert key and key.startswith("artifacts/"), keys
-    body = servers["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    assert json.loads(body)["method"] == "sensiboost"
+    assert json.loads(servers["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())["modules"] == bitmap["modules"]
+    # The pipeline's own artifact store lives in the same S3: every stage output with its manifest.
+    stages = {k.split("/")[1] for k in keys if k.startswith("pipeline/") and k.endswith("manifest.json")}
+    assert {"calibration", "quantized", "evaluation"} <= stages, stages
 
 
 def test_register_and_promote_through_the_server(servers, logged):
     from tasks.promotion import run_promotion
 
     client, model, versions = logged["client"], logged["model"], logged["versions"]
-    first = run_promotion(servers["uri"], model, max_saved_bytes=200_000_000)
-    assert first["action"] == "promote" and first["champion"] == versions["hqq/sensiboost/4.25"]
-    assert str(client.get_model_version_by_alias(model, "champion").version) == versions["hqq/sensiboost/4.25"]
-    assert "champion_reason" in client.get_model_version(model, first["champion"]).tags
-    # Under a tighter cap the champion is no longer eligible: the uniform version takes over.
-    second = run_promotion(servers["uri"], model, max_saved_bytes=155_000_000)
-    assert (second["action"], second["champion"]) == ("promote", versions["hqq/uniform/4.25"])
-    assert run_promotion(servers["uri"], model, max_saved_bytes=155_000_000)["action"] == "keep"
+    assert set(versions) == {"hqq/uniform/4.25", "hqq/uniform/3.13"}
+    size = {name: float(client.get_model_version(model, v).tags["saved_bytes"]) for name, v in versions.items()}
+    ppl = {name: float(client.get_model_version(model, v).tags["ppl_wikitext2"]) for name, v in versions.items()}
+    best = min(ppl, key=ppl.get)
+    # The pipeline's own promotion step already chose by the rule (no cap).
+    assert str(client.get_model_version_by_alias(model, "champion").version) == versions[best]
+    # Under a cap that only the 3-bit model fits, the champion moves there, and a rerun changes nothing.
+    cap = int((size["hqq/uniform/4.25"] + size["hqq/uniform/3.13"]) / 2)
+    moved = run_promotion(servers["uri"], model, max_saved_bytes=cap)
+    assert moved["champion"] == versions["hqq/uniform/3.13"]
+    assert "champion_reason" in client.get_model_version(model, moved["champion"]).tags
+    assert run_promotion(servers["uri"], model, max_saved_bytes=cap)["action"] == "keep"
     assert len(client.search_model_versions(f"name='{model}'")) == 2
 
 

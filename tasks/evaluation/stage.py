@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import StageOutput, file_sha256, read_json, write_json_atomic
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
 from tasks.calibration import EVAL_SETS, load_ids
 from tasks.errors import PipelineError
 from tasks.evaluation.memory import PeakRSS, directory_bytes
@@ -82,7 +82,8 @@ def run_evaluation(
         raise PipelineError(f"unknown evaluation protocol(s) {unknown}: one of {', '.join(PROTOCOLS)}")
     if params.eval_tokens < 0:
         raise PipelineError(f"eval_tokens must be >= 0 (0 = full set), got {params.eval_tokens}")
-    calibration_dir = Path(calibration_dir)
+    calibration_dir = ensure_local(calibration_dir)
+    model_dir = ensure_local(model_dir)
     token_files = {d: calibration_dir / f"{d}.safetensors" for d in params.datasets}
     inputs = {
         "model": model_key,

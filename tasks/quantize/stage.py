@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks.artifacts import StageOutput, file_sha256, write_json_atomic
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, write_json_atomic
 from tasks.bitmap import BitMap
 from tasks.quantize.registry import get_backend
 
@@ -24,7 +24,7 @@ def run_quantize(
     """Return the artifact directory of the quantized model (built once per distinct input)."""
     options = options or {}
     impl = get_backend(backend)
-    bitmap = BitMap.load(bitmap_path)
+    bitmap = BitMap.load(ensure_local(bitmap_path))
     impl.check(bitmap)
     inputs = {
         "model_revision": model_revision,
@@ -36,14 +36,14 @@ def run_quantize(
     out = StageOutput(artifact_root, f"quantized/{backend}", inputs)
     if out.is_complete():
         log.info("quantize %s/%s: cache hit %s", backend, bitmap.method, out.uri)
-        return out.uri
+        return str(out.path)
     calibration = None
     if impl.capabilities.needs_calibration:
         from tasks.calibration import load_ids
 
-        calibration = load_ids(calibration_path)
+        calibration = load_ids(ensure_local(calibration_path))
     log.info("quantize %s/%s at %.3f bpp: %s", backend, bitmap.method, bitmap.nominal_bpp, bitmap.rung_counts())
     with out.build() as tmp:
         facts = impl.quantize(Path(model_path), bitmap, calibration, tmp, options)
         write_json_atomic(tmp / "manifest.json", {"backend": backend, "method": bitmap.method, "facts": facts})
-    return out.uri
+    return str(out.path)

@@ -1,0 +1,198 @@
+"""Profiling overhead on a real model: time and peak memory of the profiling stage, relative to a forward pass.
+
+Prints (issue acceptance; target at most 1.5 for both):
+    time ratio   = profiling wall time / wall time of one plain forward pass over the same tokens
+    memory ratio = profiling peak memory / float32 model size (4 bytes x all parameters)
+
+Definitions:
+- calibration: the first samples x seq_len tokens of WikiText-2 validation
+  (shared/data/wikitext-2-valid-tokenized.txt) tokenized with the model's tokenizer;
+- forward: `model(input_ids=batch, use_cache=False)` in float32 under no_grad over every mini-batch of
+  the same batch size as profiling (logits for every position, as a plain forward computes them); the
+  time excludes loading the model;
+- profiling: `run_profiling(...)` end to end (its own reading of the checkpoint, all scores, writing);
+- each runs in a fresh subprocess with the same torch thread count; peak memory = the process's peak
+  resident set (VmHWM, reset after the imports) minus its resident set after importing torch and
+  transformers and the architecture's modeling module (about 200 MiB of code for both), i.e. what the
+  stage itself adds; mapped checkpoint pages that it touches count as resident.
+
+    python benchmarks/profile_overhead.py                       # SmolLM2, 32 x 512 tokens
+    python benchmarks/profile_overhead.py --samples 8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT = Path(os.environ.get("QUANT_SHARED", REPO.parent / "shared")) / "data" / "wikitext-2-valid-tokenized.txt"
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> dict:
+    """Runs in a fresh interpreter: one measurement, printed as JSON on the last line."""
+    import importlib
+
+    import torch
+
+    import tasks.profiling  # noqa: F401
+    from tasks.model_io import read_config
+
+    # Code, not data: the architecture's transformers module costs about 200 MiB of imports (both stages
+    # need it), so it is imported before the baseline is taken.
+    model_type = read_config(args.model_path)["model_type"]
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    torch.set_num_threads(args.threads)
+    reset = _reset_peak()
+    base = _rss_kib("VmRSS")
+    from safetensors.torch import load_file
+
+    ids = load_file(args.calibration)["input_ids"]
+    start = time.perf_counter()
+    if args.worker == "forward":
+        from tasks.model_io import load_model
+
+        model = load_model(args.model_path)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for b in range(0, ids.shape[0], args.batch_size):
+                model(input_ids=ids[b : b + args.batch_size], use_cache=False)
+        extra = {}
+    else:
+        from tasks.profiling import run_profiling
+
+        run_profiling(args.model_path, args.calibration, args.out, batch_size=args.batch_size)
+        extra = {"phase_seconds": json.loads((Path(args.out) / "profiling.json").read_text())["phase_seconds"]}
+    seconds = time.perf_counter() - start
+    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "peak_mib": (peak - base) / 1024, "base_mib": base / 1024, "hwm_reset": reset, **extra}
+
+
+def _run_worker(kind: str, args, calibration: Path, model_path: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model-path", str(model_path),
+           "--calibration", str(calibration), "--out", str(out), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{kind} worker failed with status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _param_count(model_path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                n = 1
+                for d in handle.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def _calibration(model_path: Path, text: Path, samples: int, seq_len: int, dest: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    need = samples * seq_len
+    ids: list[int] = []
+    with open(text, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                ids += tokenizer(line, add_special_tokens=False)["input_ids"]
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        raise SystemExit(f"{text} has only {len(ids)} tokens, {need} needed")
+    save_file({"input_ids": torch.tensor(ids[:need], dtype=torch.long).reshape(samples, seq_len)}, str(dest))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a checkpoint directory or hub id")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in both measurements (default 2)")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="calibration text file")
+    parser.add_argument("--cache-dir", default=None, help="model cache directory")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--worker", choices=["forward", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    from tasks.model_io import resolve_model
+
+    model = resolve_model(args.model, cache_dir=args.cache_dir)
+    params = _param_count(model.path)
+    fp32_mib = params * 4 / 2**20
+    with tempfile.TemporaryDirectory(prefix="profile-overhead-") as tmp:
+        calibration = Path(tmp) / "calibration.safetensors"
+        _calibration(model.path, args.text, args.samples, args.seq_len, calibration)
+        forward = _run_worker("forward", args, calibration, model.path, Path(tmp) / "unused")
+        profile = _run_worker("profile", args, calibration, model.path, Path(tmp) / "profile")
+
+    result = {
+        "model": model.name,
+        "tokens": f"{args.samples} x {args.seq_len}",
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "params": params,
+        "fp32_model_mib": round(fp32_mib, 1),
+        "forward_s": round(forward["seconds"], 2),
+        "profiling_s": round(profile["seconds"], 2),
+        "time_ratio": round(profile["seconds"] / forward["seconds"], 3),
+        "forward_peak_mib": round(forward["peak_mib"], 1),
+        "profiling_peak_mib": round(profile["peak_mib"], 1),
+        "memory_ratio": round(profile["peak_mib"] / fp32_mib, 3),
+        "profiling_phase_s": profile["phase_seconds"],
+    }
+    print(f"model {result['model']} ({params / 1e6:.1f}M params, float32 {fp32_mib:.0f} MiB), "
+          f"{result['tokens']} tokens, batch {args.batch_size}, {args.threads} thread(s)")  # fmt: skip
+    print(f"forward pass     {forward['seconds']:8.1f} s   peak +{forward['peak_mib']:7.0f} MiB")
+    print(f"profiling        {profile['seconds']:8.1f} s   peak +{profile['peak_mib']:7.0f} MiB")
+    print("  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in profile["phase_seconds"].items()))
+    print(f"time ratio   (profiling / forward)          {result['time_ratio']:.2f}   target <= 1.5")
+    print(f"memory ratio (profiling peak / fp32 model)  {result['memory_ratio']:.2f}   target <= 1.5")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Profiling stage: model + calibration set -> scores table (SPEC sections 3 and 5).
+
+`run_profiling` streams the checkpoint one decoder layer at a time (driver.py); the numerics live in
+small pure modules: weights.py (kurtosis, ZD, Frobenius error), activations.py (LIM sums, Gram
+matrices, output errors), hqq_fast.py (HQQ quantize-dequantize); table.py writes the long-format CSV.
+"""
+
+from tasks.profiling.driver import load_calibration, run_profiling
+from tasks.profiling.table import COLUMNS, SCORES_CSV
+
+__all__ = ["COLUMNS", "SCORES_CSV", "load_calibration", "run_profiling"]

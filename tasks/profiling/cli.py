@@ -1,0 +1,34 @@
+"""`python -m tasks profile --model PATH_OR_embedded --calibration FILE --out DIR`: write the scores table."""
+
+from __future__ import annotations
+
+import argparse
+
+from tasks.ladder import LADDER, parse_rung
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="'embedded', a local checkpoint directory or a hub id")
+    parser.add_argument("--calibration", required=True, help="calibration.safetensors (key input_ids) or its directory")
+    parser.add_argument("--out", required=True, help="output directory (scores.csv, scores.parquet, profiling.json)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per mini-batch (default 8)")
+    parser.add_argument("--normalize", action="store_true", help="SensiBoost parts relative to |WX|^2 (paper Eq. 10)")
+    parser.add_argument("--rungs", nargs="+", default=None, metavar="RUNG", help="ladder rungs to score (default: all 12)")
+    parser.add_argument("--revision", default=None, help="hub revision, for hub ids")
+    parser.add_argument("--cache-dir", default=None, help="model cache directory (default $QUANT_CACHE_DIR)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from tasks.model_io import resolve_model
+    from tasks.profiling.driver import run_profiling
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rungs = tuple(parse_rung(r) for r in args.rungs) if args.rungs else LADDER
+    model = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir)
+    csv = run_profiling(model.path, args.calibration, args.out, batch_size=args.batch_size, normalize=args.normalize, rungs=rungs)
+    print(csv)
+    return 0

@@ -1,0 +1,310 @@
+"""The profiling stage: one streaming, layer-by-layer pass over a checkpoint that yields the scores table.
+
+Only one decoder layer's weights and one mini-batch of its activations are held beyond the calibration
+hidden states [samples, seq_len, hidden]. For each layer i (input: the full-precision output of layer
+i-1, SPEC section 3):
+
+1. weights only: Pearson kurtosis per matrix, ZD of the layer (SPEC section 5);
+2. one full-precision pass of the calibration batches through the layer (transformers' own decoder-layer
+   class), with hooks keeping the linears' inputs; from it LIM, the input Gram matrices H of the four
+   distinct linear inputs, and the SensiBoost parts that need the nonlinear blocks: attn_in (q, k, v at
+   HQQ b4g64, attention block output with o_proj in full precision) and mlp_gate (gate, up at b4g64,
+   MLP output with down_proj in full precision);
+3. per module and ladder rung: HQQ quantize-dequantize, Frobenius error, and the output MSE
+   trace(dW H dW^T) / (tokens * out_features); the attn_out and mlp_down parts are this same quantity at
+   b4g64 (exact, see activations.py), so neither quantized linear is ever run on the data.
+
+Everything is float32 on CPU and deterministic for a given torch build and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tasks.errors import PipelineError
+from tasks.ladder import LADDER, MODULES, Rung
+from tasks.profiling import hqq_fast
+from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
+from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
+from tasks.profiling.table import PARTS, score_row, write_scores
+from tasks.profiling.weights import kurtosis, zd_fraction
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_RUNG = Rung(4, 64)  # SensiBoost measures every part at HQQ b4g64
+CALIBRATION_FILE = "calibration.safetensors"
+SUMMARY_FILE = "profiling.json"
+ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_GATE = ("mlp.gate_proj", "mlp.up_proj")
+# Which captured input feeds each linear (q, k, v share one; gate, up share one).
+INPUT_OF = {
+    "self_attn.q_proj": "attn",
+    "self_attn.k_proj": "attn",
+    "self_attn.v_proj": "attn",
+    "self_attn.o_proj": "ctx",
+    "mlp.gate_proj": "mlp",
+    "mlp.up_proj": "mlp",
+    "mlp.down_proj": "act",
+}
+
+
+def load_calibration(calibration) -> torch.Tensor:
+    """input_ids int64 [samples, seq_len] from a tensor, a calibration.safetensors file or its directory."""
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+    else:
+        from safetensors.torch import load_file
+
+        path = Path(calibration)
+        if path.is_dir():
+            path = path / CALIBRATION_FILE
+        if not path.is_file():
+            raise PipelineError(f"calibration file not found: {path}")
+        tensors = load_file(str(path))
+        if "input_ids" not in tensors:
+            raise PipelineError(f"calibration file {path} has no 'input_ids' tensor (it has: {', '.join(tensors)})")
+        ids = tensors["input_ids"]
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise PipelineError(f"calibration input_ids must be a non-empty [samples, seq_len] tensor, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise PipelineError(f"calibration input_ids must be integers, got {ids.dtype}")
+    if int(ids.min()) < 0:
+        raise PipelineError("calibration input_ids has negative token ids")
+    return ids.long()
+
+
+class _Capture:
+    """Hooks on the full-precision layer keeping, for the current batch, the inputs of q/o/gate/down and
+    the outputs of o_proj (attention block output) and down_proj (MLP output)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.store: dict[str, torch.Tensor] = {}
+        get = layer.get_submodule
+        self._handles = [
+            get("self_attn.q_proj").register_forward_pre_hook(self._keep_input("attn")),
+            get("self_attn.o_proj").register_forward_hook(self._keep_both("ctx", "attn_out")),
+            get("mlp.gate_proj").register_forward_pre_hook(self._keep_input("mlp")),
+            get("mlp.down_proj").register_forward_hook(self._keep_both("act", "mlp_out")),
+        ]
+
+    def _keep_input(self, name):
+        def hook(module, args):
+            self.store[name] = args[0]
+
+        return hook
+
+    def _keep_both(self, name_in, name_out):
+        def hook(module, args, output):
+            self.store[name_in] = args[0]
+            self.store[name_out] = output
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.store.clear()
+
+
+@contextmanager
+def _phase(seconds: dict, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] += time.perf_counter() - start
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def module_parts(v_shape: torch.Size, o_shape: torch.Size) -> dict[str, str]:
+    """Which SensiBoost part scores each linear. With grouped-query attention (v_proj narrower than
+    o_proj) the authors measure no attn_out part, and o_proj takes the attn_in score (SPEC section 3)."""
+    parts = {m: "attn_in" for m in ATTN_IN}
+    parts.update({m: "mlp_gate" for m in MLP_GATE})
+    parts["self_attn.o_proj"] = "attn_out" if tuple(v_shape) == tuple(o_shape) else "attn_in"
+    parts["mlp.down_proj"] = "mlp_down"
+    return parts
+
+
+def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: torch.Tensor, batch_size: int,
+                      grams: dict[str, Gram], normalize: bool, seconds: dict) -> dict[str, float]:  # fmt: skip
+    """Run every mini-batch through the full-precision layer (advancing `hidden` in place) and through
+    the b4g64 attention and MLP blocks; accumulate the Gram matrices and the sums LIM and the
+    attn_in / mlp_gate parts need."""
+    samples, seq_len = hidden.shape[:2]
+    sums: dict[str, float] = defaultdict(float)
+    position_ids = torch.arange(seq_len).unsqueeze(0)
+    position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
+    capture = _Capture(layer)
+    try:
+        for start in range(0, samples, batch_size):
+            h = hidden[start : start + batch_size]
+            mask = factory.mask(index, h, position_ids)
+            kwargs = dict(attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            with _phase(seconds, "forward"):
+                out = _first(layer(h, **kwargs))
+            got = capture.store
+            with _phase(seconds, "gram"):
+                sums["cos"] += cosine_sum(h, out)
+                for key, gram in grams.items():
+                    gram.update(got[key])
+            with _phase(seconds, "sensitivity"):
+                attn_q = _first(qlayer.self_attn(hidden_states=got["attn"], **kwargs))
+                sums["attn_in"] += squared_error(attn_q, got["attn_out"])
+                del attn_q
+                mlp_q = qlayer.mlp(got["mlp"])
+                sums["mlp_gate"] += squared_error(mlp_q, got["mlp_out"])
+                del mlp_q
+                if normalize:
+                    sums["attn_in_ref"] += squared_norm(got["attn_out"])
+                    sums["mlp_gate_ref"] += squared_norm(got["mlp_out"])
+            got.clear()
+            hidden[start : start + batch_size] = out
+            del out
+    finally:
+        capture.remove()
+    return sums
+
+
+def _parts(sums: dict[str, float], forms: dict[str, QuadraticForm], weights: dict, sens_q: dict, tokens: int,
+           normalize: bool) -> dict[str, float]:  # fmt: skip
+    """The four SensiBoost parts: plain MSE over tokens and output features, or relative to |WX|^2."""
+    o, down = "self_attn.o_proj", "mlp.down_proj"
+    raw = {
+        "attn_in": sums["attn_in"],
+        "attn_out": forms["ctx"].total(weights[o] - sens_q[o]),  # = sum_t ||dW_o x_t||^2, exactly
+        "mlp_gate": sums["mlp_gate"],
+        "mlp_down": forms["act"].total(weights[down] - sens_q[down]),
+    }
+    if normalize:  # the paper's Eq. 10
+        ref = {
+            "attn_in": sums["attn_in_ref"],
+            "attn_out": forms["ctx"].total(weights[o]),
+            "mlp_gate": sums["mlp_gate_ref"],
+            "mlp_down": forms["act"].total(weights[down]),
+        }
+        return {p: raw[p] / ref[p] if ref[p] > 0 else math.nan for p in PARTS}
+    width = weights[o].shape[0]  # the hidden size: both blocks' output width
+    return {p: raw[p] / (tokens * width) for p in PARTS}
+
+
+def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, torch.Tensor]) -> torch.Tensor:
+    """W - dequant(HQQ_rung(W)) for every rung, stacked along the rows: [len(rungs) * out, in]."""
+    out = w.shape[0]
+    stack = torch.empty(len(rungs) * out, w.shape[1])
+    for k, rung in enumerate(rungs):
+        deq = known[rung] if rung in known else hqq_fast.quant_dequant(w, rung)
+        torch.sub(w, deq, out=stack[k * out : (k + 1) * out])
+    return stack
+
+
+def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
+                  batch_size: int, rungs: tuple[Rung, ...], normalize: bool, seconds: dict) -> list[dict]:  # fmt: skip
+    """Score decoder layer `index` and advance `hidden` in place to its full-precision output.
+
+    Returns the layer's rows of the scores table (one per module and rung).
+    """
+    weights = {m: state[f"{m}.weight"] for m in MODULES}
+    tokens = hidden.shape[0] * hidden.shape[1]
+    with _phase(seconds, "weights"):
+        kurt = {m: kurtosis(w) for m, w in weights.items()}
+        zd = zd_fraction(weights.values())
+    with _phase(seconds, "hqq"):
+        sens_q = {m: hqq_fast.quant_dequant(w, SENSITIVITY_RUNG) for m, w in weights.items()}
+
+    layer = factory.build(index, state).requires_grad_(False)
+    qlayer = factory.build(index, {**state, **{f"{m}.weight": sens_q[m] for m in ATTN_IN + MLP_GATE}})
+    grams = {key: Gram(weights[m].shape[1]) for m, key in INPUT_OF.items()}
+    sums = _calibration_pass(index, layer, qlayer.requires_grad_(False), factory, hidden, batch_size, grams, normalize, seconds)
+    del layer, qlayer
+
+    with _phase(seconds, "out_err"):
+        forms = {key: QuadraticForm(gram.matrix(torch.float64)) for key, gram in grams.items()}
+        parts = _parts(sums, forms, weights, sens_q, tokens, normalize)
+    part_of = module_parts(weights["self_attn.v_proj"].shape, weights["self_attn.o_proj"].shape)
+    lim = -sums["cos"] / tokens
+
+    rows = []
+    for m in MODULES:
+        w = weights[m]
+        with _phase(seconds, "hqq"):
+            errors = _rung_errors(w, rungs, {SENSITIVITY_RUNG: sens_q[m]})
+        with _phase(seconds, "out_err"):  # all rungs in one pass of block products
+            out_err = forms[INPUT_OF[m]].row_sums(errors).view(len(rungs), -1).sum(dim=1) / (tokens * w.shape[0])
+            fnorm = [torch.linalg.vector_norm(e, dtype=torch.float64).item() for e in errors.view(len(rungs), -1)]
+        for rung, f, e in zip(rungs, fnorm, out_err.tolist()):
+            rows.append(
+                score_row(index, m, rung, params=w.numel(), fnorm=f, kurtosis=kurt[m], sensitivity=parts[part_of[m]],
+                          lim=lim, zd=zd, out_err=e, parts=parts)  # fmt: skip
+            )
+        del errors
+    return rows
+
+
+def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
+                  rungs: tuple[Rung, ...] = LADDER) -> Path:  # fmt: skip
+    """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
+    directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
+
+    batch_size: calibration samples per mini-batch (memory vs. matrix-product efficiency).
+    normalize: SensiBoost parts relative to |WX|^2 (the paper's Eq. 10) instead of the plain MSE that
+        the authors' code uses and that reproduces their allocations.
+    rungs: ladder rungs to score (fnorm, out_err); the default is the 12-rung ladder.
+    """
+    if batch_size < 1:
+        raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
+    rungs = tuple(rungs)
+    if not rungs or any(r not in LADDER for r in rungs):
+        raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
+    started = time.perf_counter()
+    ids = load_calibration(calibration)
+    checkpoint = Checkpoint(model_path)
+    config = load_config(model_path)
+    factory = LayerFactory(config)
+    layers = config.num_hidden_layers
+    seconds: dict[str, float] = defaultdict(float)
+    log.info("profiling %s: %d layers, %d x %d calibration tokens", model_path, layers, *ids.shape)
+
+    with torch.no_grad():
+        with _phase(seconds, "embed"):
+            hidden = checkpoint.embed(ids)
+        rows: list[dict] = []
+        for index in range(layers):
+            t0 = time.perf_counter()
+            with _phase(seconds, "read"):
+                state = checkpoint.layer_state(index)
+            rows += profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
+                                  normalize=normalize, seconds=seconds)  # fmt: skip
+            del state
+            log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
+    del hidden
+
+    csv = write_scores(rows, out_dir)
+    total = time.perf_counter() - started
+    summary = {
+        "model": str(model_path),
+        "samples": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "layers": layers,
+        "batch_size": batch_size,
+        "normalize": normalize,
+        "sensitivity_rung": SENSITIVITY_RUNG.name,
+        "rungs": [r.name for r in rungs],
+        "seconds": round(total, 3),
+        "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+    }
+    from tasks.artifacts import write_json_atomic
+
+    write_json_atomic(Path(out_dir) / SUMMARY_FILE, summary)
+    log.info("profiling done in %.1fs: %s", total, csv)
+    return csv

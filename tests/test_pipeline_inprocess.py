@@ -1,0 +1,41 @@
+"""Every allocator through the in-process pipeline on a tiny real checkpoint: profiling, allocation,
+HQQ quantization, evaluation and MLflow, with the same steps the DAG runs."""
+
+import json
+
+import pytest
+
+from tasks.pipeline import METHODS, run_inprocess
+
+
+def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
+    from mlflow import MlflowClient
+
+    result = run_inprocess(
+        {
+            "model": str(tiny_model_dir),
+            "uniform_budgets": ["b3g64"],
+            "methods": [m for m in METHODS if m != "uniform"],
+            "budgets": ["b3g64"],
+            "calibration_samples": 4,
+            "calibration_seq_len": 128,
+            "eval_tokens": 1024,
+            "protocols": ["paper"],
+            "lm_eval_tasks": [],
+        }
+    )
+    rows = json.loads((state / "reports" / "latest" / "results.json").read_text())
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"unquantized", "uniform", *[m for m in METHODS if m != "uniform"]}
+    sb = by_method["sensiboost"]["nominal_bpp"]
+    for method in ("lim", "zd", "mxq", "optimal"):  # budget-exact, at the memory SB30 reached
+        assert by_method[method]["nominal_bpp"] <= sb + 1e-9, method
+    for row in rows:
+        assert row["ppl_wikitext2"] > 1
+    assert "| variant" in result["table"]
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{tiny_model_dir.name}-quant'")
+    # Allocations that coincide (tiny model: few outliers) share one version: one per distinct model.
+    assert 1 <= len(versions) <= len(rows) - 1
+    assert len({v.tags["model_hash"] for v in versions}) == len(versions)
+    assert client.get_model_version_by_alias(f"{tiny_model_dir.name}-quant", "champion")
