@@ -41,6 +41,9 @@ def ensure_experiment(client, base_model: str, artifact_location: str | None = N
 
 def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, params: dict, artifact_location: str | None = None) -> str:
     client = client_for(tracking_uri)
+    # A local artifact directory only goes with a local store; a tracking server decides for itself.
+    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
+        artifact_location = None
     exp_id = ensure_experiment(client, base_model, artifact_location)
     run = client.create_run(
         exp_id,
