@@ -391,6 +391,10 @@ def docker_operator_class():
         from airflow.providers.docker.operators.docker import DockerOperator
 
         class QuantDockerOperator(DockerOperator):
+            # `python -m tasks step` writes its XCom as JSON; json.load reads the bytes the provider
+            # hands to its pickling library, so results arrive as data, not as a pickle error.
+            pickling_library = json
+
             def execute(self, context):
                 secrets = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
                 self._private_environment = {**secrets, **self._private_environment}

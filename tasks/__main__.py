@@ -23,6 +23,8 @@ STAGES = {
     "promote": ("tasks.promotion", "move the champion alias to the best registered version"),
     "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
     "pipeline": ("tasks.pipeline", "run the whole pipeline in-process, without Airflow"),
+    "downstream": ("tasks.downstream", "lm-eval task scores of a model variant"),
+    "zoo": ("tasks.zoo", "validate, plan or run the model zoo (dags/zoo.yaml)"),
     "step": ("tasks.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
 }
 

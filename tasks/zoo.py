@@ -1,0 +1,317 @@
+"""The model zoo: a YAML list of pipeline configurations, each run once per checkpoint revision.
+
+The `model_zoo` DAG (dags/model_zoo.py) runs daily: it plans (resolves every entry's checkpoint
+revision and computes key = hash(entry config + revision)), skips the entries whose key already has a
+completion marker, runs the pipeline in-process for the rest and writes a marker after each success.
+So a zoo run quantizes only what is new: a new entry, a changed entry, or a new checkpoint revision.
+The key covers the entry's full normalized config (PipelineConfig defaults filled in): a new default
+in PipelineConfig reruns every entry once, which is what changed results call for.
+
+Zoo file (dags/zoo.yaml, or the file named by $QUANT_ZOO_FILE):
+
+    defaults:            # optional: PipelineConfig fields shared by every entry
+      eval_tokens: 2048
+    entries:
+      - name: smollm2-135m      # unique; names the entry in logs and errors
+        model: embedded         # 'embedded', a local checkpoint directory or a hub id
+        revision: null          # hub branch, tag or commit (null: the default branch)
+        watch: true             # checkpoint_watch announces new revisions of this model
+        uniform_budgets: [b4g64]
+        ...                     # any other PipelineConfig field (tasks/pipeline.py)
+
+Completion markers are artifacts `StageOutput(root, "zoo-runs", {"config": ..., "revision": ...})`
+whose manifest records the entry, the MLflow parent run id, the reports directory and the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tasks.artifacts import StageOutput, write_json_atomic
+from tasks.errors import PipelineError
+from tasks.settings import REPO_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+ZOO_ENV = "QUANT_ZOO_FILE"
+DEFAULT_ZOO = REPO_ROOT / "dags" / "zoo.yaml"
+MARKER_STAGE = "zoo-runs"
+ENTRY_ONLY = ("name", "watch")  # entry fields that are not PipelineConfig fields
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    config: dict = field(default_factory=dict)  # PipelineConfig fields, defaults merged in
+    watch: bool = False
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model", "embedded"))
+
+    @property
+    def revision(self) -> str | None:
+        return self.config.get("revision")
+
+
+def zoo_path(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get(ZOO_ENV) or DEFAULT_ZOO)
+
+
+def load_zoo(path: str | Path | None = None, *, validate: bool = True) -> list[ZooEntry]:
+    """The zoo's entries; with `validate`, each checked by PipelineConfig.from_dict (imports torch).
+
+    Any problem is one PipelineError line naming the file and the entry.
+    """
+    import yaml
+
+    path = zoo_path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PipelineError(f"cannot read the zoo file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PipelineError(f"zoo file {path} is not valid YAML: {first}") from None
+    data = data or {}
+    if not isinstance(data, dict) or not isinstance(data.get("entries", []), list):
+        raise PipelineError(f"zoo file {path}: expected a mapping with an 'entries' list")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise PipelineError(f"zoo file {path}: 'defaults' must be a mapping")
+    unknown = sorted(set(data) - {"defaults", "entries"})
+    if unknown:
+        raise PipelineError(f"zoo file {path}: unknown top-level key(s) {', '.join(unknown)}")
+    entries: list[ZooEntry] = []
+    for i, raw in enumerate(data.get("entries") or []):
+        entries.append(_entry(raw, defaults, i, path, validate))
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PipelineError(f"zoo file {path}: duplicate entry name(s) {', '.join(dupes)}")
+    return entries
+
+
+def _entry(raw, defaults: dict, index: int, path: Path, validate: bool) -> ZooEntry:
+    if not isinstance(raw, dict):
+        raise PipelineError(f"zoo file {path}: entry #{index + 1} is not a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise PipelineError(f"zoo file {path}: entry #{index + 1} has no name")
+    watch = raw.get("watch", False)
+    if not isinstance(watch, bool):
+        raise PipelineError(f"zoo entry {name!r}: watch must be true or false, got {watch!r}")
+    config = {**defaults, **{k: v for k, v in raw.items() if k not in ENTRY_ONLY}}
+    if not config.get("model"):
+        raise PipelineError(f"zoo entry {name!r}: no model given")
+    if validate:
+        from tasks.pipeline import PipelineConfig
+
+        try:
+            config = asdict(PipelineConfig.from_dict(config))
+        except PipelineError as exc:
+            raise PipelineError(f"zoo entry {name!r}: {exc}") from None
+        except TypeError as exc:  # a field of the wrong type, e.g. budgets: 4.25 instead of a list
+            raise PipelineError(f"zoo entry {name!r}: {exc}") from None
+    return ZooEntry(name=name.strip(), config=config, watch=watch)
+
+
+def find_entry(entries: list[ZooEntry], model: str, name: str | None = None) -> ZooEntry | None:
+    """The entry called `name`, else the first whose model is `model` (paths compared resolved)."""
+    if name:
+        for entry in entries:
+            if entry.name == name:
+                return entry
+    for entry in entries:
+        if _same_model(entry.model, model):
+            return entry
+    return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    if is_hub_id(a) or is_hub_id(b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+# ---- revisions -----------------------------------------------------------------------------------
+
+
+def is_hub_id(source: str) -> bool:
+    """True when resolve_model would treat `source` as a hub id (same dispatch order)."""
+    source = (source or "").strip()
+    return not (
+        source == "embedded" or source.endswith(".gguf") or Path(source).exists() or source.startswith((".", "/", "~"))
+    )
+
+
+def lookup_revision(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
+    """The checkpoint's content identity, as resolve_model reports it, fetched as cheaply as possible.
+
+    Hub ids: the commit sha from the hub API (HfApi().model_info), without downloading weights; if the
+    hub cannot be reached, resolve_model (a cached snapshot works offline). Embedded and local
+    checkpoints: resolve_model's content hash (file digests are cached by size and mtime).
+    """
+    from tasks.model_io import resolve_model
+
+    if is_hub_id(source):
+        sha = _hub_sha(source, revision)
+        if sha:
+            return sha
+    return resolve_model(source, revision, cache_dir).revision
+
+
+def _hub_sha(repo_id: str, revision: str | None) -> str | None:
+    try:
+        from httpx import HTTPError as TransportError  # huggingface_hub 1.x talks through httpx
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        return None
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise PipelineError(f"model {repo_id!r} revision {revision or 'main'!r} not found on the hub: {type(exc).__name__}") from None
+    except (OSError, HfHubHTTPError, TransportError) as exc:  # offline, rate limited, proxy: use the cache
+        log.info("hub lookup of %s failed (%s); resolving through the model cache", repo_id, type(exc).__name__)
+        return None
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+
+def marker_inputs(config: dict, revision: str) -> dict:
+    """What makes an entry's run distinct: its normalized config (without the requested revision,
+    which only selects) and the resolved checkpoint revision. The entry's name is not part of it."""
+    return {"config": {k: v for k, v in sorted(config.items()) if k != "revision"}, "revision": revision}
+
+
+def marker(config: dict, revision: str, artifact_root: str | Path | None = None) -> StageOutput:
+    root = artifact_root or Settings.from_env().artifact_root
+    return StageOutput(root, MARKER_STAGE, marker_inputs(config, revision))
+
+
+def plan_zoo(
+    entries: list[ZooEntry],
+    artifact_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    lookup=lookup_revision,
+) -> list[dict]:
+    """One item per entry, with a status: "pending" (to run), "done" (its marker exists), "duplicate"
+    (same work as an earlier entry) or "error" (revision lookup failed: the entry's run fails, the
+    others go on, and the next run tries again).
+
+    Items are JSON-able: name, model, status, and for resolved entries revision, key and config (hub
+    ids pinned to the resolved commit, so the run quantizes exactly the checkpoint that was keyed).
+    """
+    settings = Settings.from_env()
+    root = artifact_root or settings.artifact_root
+    cache = cache_dir or settings.cache_dir
+    items: list[dict] = []
+    seen: dict[str, str] = {}
+    for entry in entries:
+        try:
+            revision = lookup(entry.model, entry.revision, cache)
+        except PipelineError as exc:
+            log.error("zoo: %s: %s", entry.name, exc)
+            items.append({"name": entry.name, "model": entry.model, "status": "error", "reason": str(exc)})
+            continue
+        config = dict(entry.config)
+        if is_hub_id(entry.model):
+            config["revision"] = revision
+        out = marker(entry.config, revision, root)
+        item = {"name": entry.name, "model": entry.model, "revision": revision, "key": out.key, "config": config}
+        if out.key in seen:
+            item.update(status="duplicate", reason=f"same configuration and checkpoint as {seen[out.key]}")
+        elif out.is_complete():
+            parent = out.manifest().get("parent_run_id")
+            item.update(status="done", reason=f"done for revision {revision} (parent run {parent})", parent_run_id=parent)
+        else:
+            item.update(status="pending", reason=f"new: revision {revision}")
+        log.info("zoo: %s %s: %s (key %s)", "run" if item["status"] == "pending" else "skip", entry.name, item["reason"], out.key)
+        seen.setdefault(out.key, entry.name)
+        items.append(item)
+    counts = {s: sum(i["status"] == s for i in items) for s in ("pending", "done", "duplicate", "error")}
+    log.info("zoo: %d to run, %d done, %d duplicate, %d failed lookups", *counts.values())
+    return items
+
+
+def run_entry(item: dict, artifact_root: str | Path | None = None, runner=None) -> dict:
+    """Run the pipeline in-process for one planned entry, then write its completion marker.
+
+    A "done"/"duplicate" item does nothing ({"ran": False}); an "error" item raises its error. Idempotent:
+    a marker written meanwhile (a retry, a concurrent run) also makes this a no-op.
+    """
+    from tasks.pipeline import PipelineConfig
+
+    if item["status"] == "error":
+        raise PipelineError(f"zoo entry {item['name']!r}: {item['reason']}")
+    if item["status"] != "pending":
+        log.info("zoo: skip %s: %s", item["name"], item["reason"])
+        return {"name": item["name"], "ran": False, "reason": item["reason"]}
+    config = item["config"]
+    out = marker(config, item["revision"], artifact_root)
+    if out.key != item["key"]:  # the plan and this run must agree on what is being marked
+        raise PipelineError(f"zoo entry {item['name']!r}: planned key {item['key']} but computed {out.key}")
+    if out.is_complete():
+        log.info("zoo: skip %s: already done (key %s)", item["name"], out.key)
+        return {"name": item["name"], "ran": False, "reason": "done meanwhile", "parent_run_id": out.manifest().get("parent_run_id")}
+    if runner is None:
+        from tasks.pipeline import run_inprocess as runner
+    PipelineConfig.from_dict(config)
+    log.info("zoo: %s: running the pipeline for %s at %s", item["name"], item["model"], item["revision"])
+    result = runner(config)
+    reports = Path(result["reports"])
+    parent = result.get("parent_run_id") or reports.name  # finish() writes reports/<parent run id>/
+    rows = _read_rows(reports / "results.json")
+    with out.build() as tmp:
+        write_json_atomic(tmp / "results.json", rows)
+        write_json_atomic(
+            tmp / "manifest.json",
+            {"entry": item["name"], "model": item["model"], "revision": item["revision"], "parent_run_id": parent, "reports": str(reports)},
+        )
+    log.info("zoo: %s: done, parent run %s, marker %s", item["name"], parent, out.uri)
+    return {"name": item["name"], "ran": True, "key": out.key, "parent_run_id": parent, "marker": out.uri}
+
+
+def _read_rows(path: Path) -> list:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+# ---- CLI (python -m tasks zoo ...) ---------------------------------------------------------------
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("action", choices=("check", "plan", "run"), help="validate the zoo, show the plan, or run what is pending")
+    parser.add_argument("--file", default=None, help=f"zoo file (default: ${ZOO_ENV} or {DEFAULT_ZOO})")
+
+
+def run_cli(args) -> int:
+    import json
+
+    entries = load_zoo(args.file)
+    if args.action == "check":
+        for entry in entries:
+            print(f"ok: {entry.name}: {entry.model}{' (watched)' if entry.watch else ''}")
+        return 0
+    items = plan_zoo(entries)
+    if args.action == "plan":
+        for item in items:
+            print(f"{item['status']:9} {item['name']}: {item['reason']}")
+        return 0
+    results = [run_entry(item) for item in items if item["status"] == "pending"]
+    print(json.dumps(results, indent=2))
+    errors = [f"{i['name']}: {i['reason']}" for i in items if i["status"] == "error"]
+    if errors:
+        raise PipelineError("zoo: " + "; ".join(errors))
+    return 0
