@@ -9,6 +9,8 @@ fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "quantpipe needs Python 3.11, found " + sys.version.split()[0])'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+# This machine's pip configuration names local package folders that may not exist: hide those warnings.
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "setup: installing the pinned environment (requirements/lock.txt) into .venv ..."
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements/lock.txt
