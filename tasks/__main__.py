@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # torchao (pulled in by the quantization libraries) warns about GPU kernels on every CPU import.
+    for noisy in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return importlib.import_module(STAGES[args.stage][0]).run_cli(args) or 0
     except PipelineError as exc:
