@@ -1,0 +1,142 @@
+"""AWQ backend (llm-compressor's AWQModifier + compressed-tensors) on a tiny Llama. Skips where
+llmcompressor is not installed (the llmcompressor container has it)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tasks.bitmap import uniform_bitmap
+from tasks.errors import PipelineError
+from tasks.ladder import Rung
+from tasks.model_io import linear_param_counts, load_model, read_config
+
+pytest.importorskip("llmcompressor", reason="llmcompressor is not installed (the llmcompressor container has it)")
+
+from tasks.quantize.awq import AWQBackend, config_groups, effective_rungs, fitting_group_size  # noqa: E402
+
+VOCAB = 512
+BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
+FAST = {"n_grid": 4}  # AWQ's scale grid: 4 points instead of 20 keeps the test in seconds
+
+
+def _tiny_llama(path):
+    """2 layers, hidden 128, MLP 256, 4 heads / 2 KV heads, random weights, a 512-word tokenizer
+    (llm-compressor insists on a processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = _tiny_llama(tmp_path_factory.mktemp("tiny-awq"))
+    gen = torch.Generator().manual_seed(1)
+    calibration = torch.randint(0, VOCAB, (8, 64), generator=gen)
+    ids = torch.randint(0, VOCAB, (2, 48), generator=gen)
+    with torch.no_grad():
+        reference = load_model(path)(ids).logits
+    return {"path": path, "calibration": calibration, "ids": ids, "reference": reference,
+            "params": linear_param_counts(read_config(path))}
+
+
+def _kurtboost_map(params):
+    bitmap = uniform_bitmap(params, Rung(4, 64))
+    bitmap.method = "kurtboost"
+    for key in BOOSTED:
+        bitmap.modules[key] = Rung(8, 128)
+    return bitmap
+
+
+def _rel_error(reference, logits):
+    return ((reference - logits.float()).norm() / reference.norm()).item()
+
+
+def test_group_sizes_that_do_not_divide_get_finer_groups():
+    assert fitting_group_size(576, 128) == 64  # SmolLM2's hidden size
+    assert fitting_group_size(1536, 128) == 128
+    assert fitting_group_size(576, 32) == 32
+    bitmap = uniform_bitmap({"0.self_attn.q_proj": 1, "0.mlp.down_proj": 1}, Rung(4, 128))
+    rungs, changes = effective_rungs(bitmap, {"0.self_attn.q_proj": 576, "0.mlp.down_proj": 1536})
+    assert rungs == {"0.self_attn.q_proj": Rung(4, 64), "0.mlp.down_proj": Rung(4, 128)}
+    assert changes == {"0.self_attn.q_proj": [128, 64]}
+    with pytest.raises(PipelineError, match="576 input features"):
+        effective_rungs(bitmap, {"0.self_attn.q_proj": 576, "0.mlp.down_proj": 1536}, "error")
+
+
+def test_config_groups_target_every_module_exactly_once(tiny):
+    bitmap = _kurtboost_map(tiny["params"])
+    groups = config_groups(dict(bitmap.modules))
+    assert {g["weights"]["num_bits"] for g in groups.values()} == {4, 8}
+    for key, rung in bitmap.modules.items():
+        name = f"model.layers.{key}"
+        hits = [g for g in groups.values() if any(re.match(t[3:], name) for t in g["targets"])]
+        assert len(hits) == 1 and hits[0]["weights"]["num_bits"] == rung.bits
+        assert hits[0]["weights"]["group_size"] == rung.group_size
+
+
+def test_awq_check_says_what_it_can(tiny):
+    bitmap = _kurtboost_map(tiny["params"])
+    AWQBackend().check(bitmap)
+    bitmap.modules["1.mlp.up_proj"] = Rung(6, 64)
+    with pytest.raises(PipelineError, match=r"awq cannot express rungs \['b6g64'\]"):
+        AWQBackend().check(bitmap)
+    with pytest.raises(PipelineError, match="calibration"):
+        AWQBackend().quantize(tiny["path"], _kurtboost_map(tiny["params"]), None, tiny["path"] / "never", {})
+
+
+def _packed_bits(handle, name, in_features):
+    # pack-quantized: int32 columns = in_features * bits / 32
+    return handle.get_slice(f"{name}.weight_packed").get_shape()[1] * 32 // in_features
+
+
+def test_awq_uniform_4bit_roundtrip(tiny, tmp_path):
+    from safetensors import safe_open
+
+    backend = AWQBackend()
+    facts = backend.quantize(tiny["path"], uniform_bitmap(tiny["params"], Rung(4, 64)), tiny["calibration"], tmp_path, FAST)
+    assert facts["quant_seconds"] > 0 and facts["saved_bytes"] > 0 and facts["group_size_changes"] == {}
+    assert not list(tmp_path.glob("*.bin")) and (tmp_path / "bitmap.json").exists()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
+        assert _packed_bits(fh, "model.layers.1.mlp.down_proj", 256) == 4
+        assert fh.get_slice("model.layers.1.mlp.down_proj.weight_scale").get_shape() == [128, 256 // 64]
+        assert fh.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+    model = backend.load(tmp_path)
+    with torch.no_grad():
+        logits = model(tiny["ids"]).logits
+    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
+
+
+def test_awq_kurtboost_map_gives_boosted_modules_8_bits(tiny, tmp_path):
+    from safetensors import safe_open
+
+    backend = AWQBackend()
+    facts = backend.quantize(tiny["path"], _kurtboost_map(tiny["params"]), tiny["calibration"], tmp_path, FAST)
+    assert facts["config_groups"] == {"group_b4g64": 4, "group_b8g128": 8}
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"]) for g in saved.values()) == [(4, 64), (8, 128)]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
+        assert _packed_bits(fh, "model.layers.0.self_attn.q_proj", 128) == 8
+        assert _packed_bits(fh, "model.layers.1.mlp.down_proj", 256) == 8
+        assert _packed_bits(fh, "model.layers.1.self_attn.q_proj", 128) == 4
+        assert fh.get_slice("model.layers.1.mlp.down_proj.weight_scale").get_shape() == [128, 256 // 128]
+    model = backend.load(tmp_path)
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").quantization_scheme.weights.num_bits == 8
+    assert model.get_submodule("model.layers.0.self_attn.k_proj").quantization_scheme.weights.num_bits == 4
+    with torch.no_grad():
+        logits = model(tiny["ids"]).logits
+    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5
