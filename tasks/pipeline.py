@@ -226,8 +226,16 @@ def allocate(prep: dict, scores: str | None) -> list[dict]:
         variants.append(
             {"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None}
         )
+    from tasks.quantize.registry import get_backend
+
+    backends = {name: get_backend(name) for name in cfg.backends}
     for name, method, label, budget, target, options, bitmap in planned:
         for backend in cfg.backends:
+            try:  # the cross product asks every backend for every map: skip what one cannot express
+                backends[backend].check(bitmap)
+            except PipelineError as exc:
+                log.warning("allocate: skipping %s with %s: %s", name, backend, exc)
+                continue
             variants.append(
                 {
                     "backend": backend,
