@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tasks.bitmap import BitMap
+from tasks.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,17 @@ class Backend:
     capabilities: ClassVar[Capabilities]
 
     def check(self, bitmap: BitMap) -> None:
-        """Raise PipelineError if this backend cannot express `bitmap` (bits, group sizes, mixing)."""
-        raise NotImplementedError
+        """Raise PipelineError if this backend cannot express `bitmap`. The default serves backends
+        that take any mix of the rungs their capabilities list; others override it."""
+        if not bitmap.modules:
+            raise PipelineError("the bit map has no modules to quantize")
+        caps = self.capabilities
+        bad = sorted({r.name for r in bitmap.modules.values() if r.bits not in caps.uniform_bits or r.group_size not in caps.group_sizes})
+        if bad:
+            raise PipelineError(
+                f"{self.name} cannot express rungs {bad}: bits must be one of {caps.uniform_bits} and group size"
+                f" one of {caps.group_sizes} (any mix per module)"
+            )
 
     def quantize(
         self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path, options: dict

@@ -124,16 +124,6 @@ class GPTQBackend(Backend):
         needs_calibration=True,
     )
 
-    def check(self, bitmap: BitMap) -> None:
-        bad = sorted({r.name for r in bitmap.modules.values() if r.bits not in BITS or r.group_size not in GROUP_SIZES})
-        if bad:
-            raise PipelineError(
-                f"gptq cannot express rungs {bad}: bits must be one of {BITS} and group size one of {GROUP_SIZES}"
-                " (any mix per module)"
-            )
-        if not bitmap.modules:
-            raise PipelineError("the bit map has no modules to quantize")
-
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,
                  options: dict) -> dict:
         from tasks.model_io import linear_param_counts, read_config

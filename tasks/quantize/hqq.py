@@ -8,9 +8,7 @@ weights, scales, zeros, quant config) for the quantized linears and 16-bit copie
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from torch import nn
 
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
-from tasks.ladder import LADDER
 from tasks.quantize.base import Backend, Capabilities
 from tasks.quantize.hqq_ops import hqq_config, hqq_linear
 
@@ -50,11 +47,6 @@ class HQQBackend(Backend):
         gpu=True,
         needs_calibration=False,
     )
-
-    def check(self, bitmap: BitMap) -> None:
-        bad = sorted({r.name for r in bitmap.modules.values() if r not in LADDER})
-        if bad:
-            raise PipelineError(f"hqq cannot express rungs {bad}: bits must be 2/3/4/8 and group size 32/64/128")
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration, out_dir: Path, options: dict) -> dict:
         from tasks.model_io import load_model
