@@ -16,7 +16,12 @@ from tasks.model_io import linear_param_counts, load_model, read_config
 
 pytest.importorskip("llmcompressor", reason="llmcompressor is not installed (the llmcompressor container has it)")
 
-from tasks.quantize.awq import AWQBackend, config_groups, effective_rungs, fitting_group_size  # noqa: E402
+from tasks.quantize.awq import (  # noqa: E402
+    AWQBackend,
+    config_groups,
+    effective_rungs,
+    fitting_group_size,
+)
 
 VOCAB = 512
 BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
@@ -108,7 +113,8 @@ def test_awq_uniform_4bit_roundtrip(tiny, tmp_path):
     from safetensors import safe_open
 
     backend = AWQBackend()
-    facts = backend.quantize(tiny["path"], uniform_bitmap(tiny["params"], Rung(4, 64)), tiny["calibration"], tmp_path, FAST)
+    bitmap = uniform_bitmap(tiny["params"], Rung(4, 64))
+    facts = backend.quantize(tiny["path"], bitmap, tiny["calibration"], tmp_path, FAST)
     assert facts["quant_seconds"] > 0 and facts["saved_bytes"] > 0 and facts["group_size_changes"] == {}
     assert not list(tmp_path.glob("*.bin")) and (tmp_path / "bitmap.json").exists()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:

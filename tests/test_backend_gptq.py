@@ -107,7 +107,8 @@ def test_calibration_must_be_int64_rows():
 
 
 def test_unknown_backend_options_are_refused():
-    assert resolve_options("gptq", {"sym": True, "damp_percent": 0.05}, {"sym": False}) == {"sym": False, "damp_percent": 0.05}
+    defaults = {"sym": True, "damp_percent": 0.05}
+    assert resolve_options("gptq", defaults, {"sym": False}) == {"sym": False, "damp_percent": 0.05}
     with pytest.raises(PipelineError, match=r"unknown gptq option\(s\) \['bits'\]"):
         resolve_options("gptq", {"sym": True}, {"bits": 3})
 
@@ -167,7 +168,8 @@ def _packed_bits(handle, name, in_features):
 def test_gptq_uniform_4bit_roundtrip(backend, tiny, tmp_path):
     from safetensors import safe_open
 
-    facts = backend.quantize(tiny["path"], uniform_bitmap(tiny["params"], Rung(4, 64)), tiny["calibration"], tmp_path, {})
+    bitmap = uniform_bitmap(tiny["params"], Rung(4, 64))
+    facts = backend.quantize(tiny["path"], bitmap, tiny["calibration"], tmp_path, {})
     assert facts["quant_seconds"] > 0 and facts["saved_bytes"] > 0 and facts["overrides"] == 0
     assert not list(tmp_path.glob("*.bin")) and (tmp_path / "bitmap.json").exists()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:

@@ -2,8 +2,8 @@
 Acceleration", through llm-compressor 0.14 (the maintained successor of AutoAWQ).
 
 Objective, per smoothing group (a norm or linear and the linears reading its output): choose per-input-
-channel scales s = mean|x|^a * mean|w|^-b (grid over a, b in [0, 1]) minimizing
-||f(W X) - f(Q(W diag(s)) diag(s)^-1 X)||^2 on the calibration activations, fold s into the preceding
+channel scales s = mean|x|^r / mean|w|^(1-r) (duo scaling; a grid of about n_grid ratios r in [0, 1]) minimizing
+||f(W X) - f(Q(W diag(s)) diag(s)^-1 X)||^2 on the calibration activations, fold 1/s into the preceding
 op, then round-to-nearest each linear with its own scheme (asymmetric int, one scale and zero per group).
 
 The bit map becomes `config_groups` of a QuantizationModifier that runs after the AWQ transform: one
@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
@@ -43,11 +44,11 @@ from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     calibration_rows,
     check_module_keys,
-    hf_module_name,
     copy_tokenizer,
+    hf_module_name,
     module_regex,
-    rung_groups,
     resolve_options,
+    rung_groups,
     saved_bytes,
     store_unquantized_16bit,
 )
@@ -71,7 +72,9 @@ def fitting_group_size(in_features: int, group_size: int) -> int:
     return size
 
 
-def effective_rungs(bitmap: BitMap, in_features: dict[str, int], indivisible: str = "finer") -> tuple[dict[str, Rung], dict[str, list[int]]]:
+def effective_rungs(
+    bitmap: BitMap, in_features: dict[str, int], indivisible: str = "finer"
+) -> tuple[dict[str, Rung], dict[str, list[int]]]:
     """Per module, the rung compressed-tensors can store; and {key: [asked, used]} where they differ."""
     rungs: dict[str, Rung] = {}
     changes: dict[str, list[int]] = {}
@@ -80,8 +83,8 @@ def effective_rungs(bitmap: BitMap, in_features: dict[str, int], indivisible: st
         if size != rung.group_size:
             if indivisible == "error":
                 raise PipelineError(
-                    f"awq cannot use group size {rung.group_size} for {key} ({in_features[key]} input features are not a"
-                    f" multiple): use g{size}, or indivisible_groups='finer' to substitute it automatically"
+                    f"awq cannot use group size {rung.group_size} for {key} ({in_features[key]} input features"
+                    f" are not a multiple): use g{size}, or indivisible_groups='finer' to substitute it automatically"
                 )
             changes[key] = [rung.group_size, size]
         rungs[key] = Rung(rung.bits, size)
@@ -137,17 +140,22 @@ class AWQBackend(Backend):
         self.check(bitmap)
         opts = resolve_options(self.name, DEFAULTS, options)
         if opts["indivisible_groups"] not in ("finer", "error"):
-            raise PipelineError(f"awq option indivisible_groups must be 'finer' or 'error', not {opts['indivisible_groups']!r}")
+            raise PipelineError(
+                f"awq option indivisible_groups must be 'finer' or 'error', not {opts['indivisible_groups']!r}"
+            )
         rows = calibration_rows(calibration, self.name)
 
         model = load_model(model_path)
         linears = quantizable_linears(model)
         check_module_keys(bitmap, set(linears))
-        rungs, changes = effective_rungs(bitmap, {k: lin.in_features for k, lin in linears.items()}, opts["indivisible_groups"])
+        in_features = {k: lin.in_features for k, lin in linears.items()}
+        rungs, changes = effective_rungs(bitmap, in_features, opts["indivisible_groups"])
         if changes:
-            kinds = Counter(f"{linears[k].in_features} inputs: g{asked}->g{used}" for k, (asked, used) in changes.items())
-            log.warning("awq: %d module(s) have input features that are not a multiple of their group size, using"
-                        " finer groups (%s)", len(changes), ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items())))
+            kinds = Counter(f"{in_features[k]} inputs: g{asked}->g{used}" for k, (asked, used) in changes.items())
+            log.warning(
+                "awq: %d module(s) have input features that are not a multiple of their group size, using finer"
+                " groups (%s)", len(changes), ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items())),
+            )
         groups = config_groups(rungs, bool(opts["symmetric"]))
         device = opts["device"] or ("cuda:0" if torch.cuda.is_available() else "cpu")
         if device != "cpu":
@@ -185,7 +193,9 @@ class AWQBackend(Backend):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, save_compressed=True, safe_serialization=True)
+        with warnings.catch_warnings():  # llm-compressor's offload bookkeeping; the model is in memory
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(out_dir, save_compressed=True, safe_serialization=True)
         store_unquantized_16bit(out_dir, {hf_module_name(k) for k in bitmap.modules})
         copy_tokenizer(model_path, out_dir)
         bitmap.save(out_dir / BITMAP_FILE)

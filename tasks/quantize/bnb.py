@@ -22,7 +22,7 @@ import importlib.util
 import json
 import logging
 import time
-import warnings
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -51,8 +51,8 @@ LAYOUT_FILE = "bnb_layout.json"
 BLOCKSIZE = 64  # bnb's 4-bit block size through transformers (not configurable there)
 QUANT_TYPES = ("nf4", "fp4")
 DEFAULTS = {"quant_type": "nf4", "double_quant": False, "int8_threshold": 6.0, "device": None}
-# bnb warns on every int8 matmul that float32 inputs are cast to float16; that cast is by design.
-_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+# bnb logs on int8 matmuls that float32 inputs are cast to float16; that cast is by design.
+_INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast from"
 
 
 def plan(bitmap: BitMap) -> dict:
@@ -110,7 +110,8 @@ def _int8_linear(linear: nn.Linear, threshold: float, weight: torch.Tensor | Non
     )
     if weight is None:  # Int8Params quantizes (row-wise absmax) when a float CPU tensor is moved .to() a device
         device = linear.weight.device
-        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        fresh = bnb.nn.Int8Params(linear.weight.data.clone().cpu(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = fresh.to(device)
     else:
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=row_scales)
     if linear.bias is not None:
@@ -192,10 +193,8 @@ class BnBBackend(Backend):
         if not (out_dir / LAYOUT_FILE).exists():
             raise PipelineError(f"{out_dir} holds no bnb model ({LAYOUT_FILE} is missing)")
         record = json.loads((out_dir / LAYOUT_FILE).read_text())
-        # Process-wide but narrow: it fires on every forward of an int8 module, after load() returns.
-        warnings.filterwarnings("ignore", message=_INT8_CAST_WARNING)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the int8 modules' keys are "unexpected" to the 4-bit loader
+        _drop_int8_cast_notice()
+        with _quiet_transformers(bool(record["int8_modules"])):  # their SCB keys are "unexpected" to it
             model = AutoModelForCausalLM.from_pretrained(
                 out_dir, dtype=torch.float32, device_map=device, use_safetensors=True, trust_remote_code=False
             )
@@ -208,6 +207,33 @@ class BnBBackend(Backend):
                 _set_module(model, name, layer)
         model.eval()
         return model
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_INT8_CAST_NOTICE)
+
+
+def _drop_int8_cast_notice() -> None:
+    """Process-wide but narrow (one message of one logger): it fires on forwards, after load() returns."""
+    notices = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in notices.filters):
+        notices.addFilter(_DropInt8CastNotice())
+
+
+@contextmanager
+def _quiet_transformers(quiet: bool):
+    """Silence transformers' load report while the 4-bit loader meets the int8 modules' extra tensors,
+    which load() puts in place itself right after."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _read_tensors(files: list[Path], *names: str) -> list[torch.Tensor]:
