@@ -60,3 +60,27 @@ def tiny_model_dir(tmp_path_factory, embedded_model):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(embedded_model.path / name, path / name)
     return path
+
+
+WORD_VOCAB = 512  # vocabulary of `word_llama_dir`
+
+
+@pytest.fixture(scope="session")
+def word_llama_dir(tmp_path_factory):
+    """2 layers, hidden 128 (wide enough for g128), MLP 256, 4 heads / 2 KV heads, random weights and a
+    512-word tokenizer of its own (GPTQModel and llm-compressor insist on loading a tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("word-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=WORD_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, WORD_VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(path)
+    return path

@@ -28,28 +28,9 @@ BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
 FAST = {"n_grid": 4}  # AWQ's scale grid: 4 points instead of 20 keeps the test in seconds
 
 
-def _tiny_llama(path):
-    """2 layers, hidden 128, MLP 256, 4 heads / 2 KV heads, random weights, a 512-word tokenizer
-    (llm-compressor insists on a processor)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="</s>").save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = _tiny_llama(tmp_path_factory.mktemp("tiny-awq"))
+def tiny(word_llama_dir):
+    path = word_llama_dir
     gen = torch.Generator().manual_seed(1)
     calibration = torch.randint(0, VOCAB, (8, 64), generator=gen)
     ids = torch.randint(0, VOCAB, (2, 48), generator=gen)
