@@ -7,10 +7,14 @@ mapped over the entries, skips those whose key already has a completion marker, 
 in-process for the others and writes their markers. An entry whose revision could not be looked up fails
 its own `run` instance; the others go on.
 
-A second run with nothing new quantizes nothing. Logic: `tasks.zoo`; this file only wires.
+A second run with nothing new quantizes nothing. The schedule is `$QUANT_ZOO_SCHEDULE` (a cron
+expression or preset, default `@daily`; `none` for manual and REST triggers only). Logic: `tasks.zoo`;
+this file only wires.
 """
 
 from __future__ import annotations
+
+import os
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
@@ -18,10 +22,12 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from tasks import zoo
 
+SCHEDULE = os.environ.get("QUANT_ZOO_SCHEDULE", "@daily").strip() or "@daily"
+
 
 @dag(
     dag_id="model_zoo",
-    schedule="@daily",
+    schedule=None if SCHEDULE.lower() == "none" else SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

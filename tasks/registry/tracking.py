@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,11 +49,21 @@ def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, p
     run = client.create_run(
         exp_id,
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision},
+        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision, **airflow_tags()},
     )
     for key, value in sorted(params.items()):
         client.log_param(run.info.run_id, key, str(value)[:500])
     return run.info.run_id
+
+
+AIRFLOW_CONTEXT_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow_dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "airflow_dag_run_id"}
+
+
+def airflow_tags() -> dict[str, str]:
+    """The Airflow DAG and DAG run that started this pipeline run (Airflow exports them to every task's
+    environment), so a parent run can be traced to its DAG run: the model-zoo DAG and a REST trigger may
+    run the same model side by side."""
+    return {tag: os.environ[var] for var, tag in AIRFLOW_CONTEXT_TAGS.items() if os.environ.get(var)}
 
 
 def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Path | None = None, status: str = "FINISHED") -> None:
