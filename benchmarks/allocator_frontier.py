@@ -1,6 +1,6 @@
 """Perplexity at equal memory: every allocator on SmolLM2 with HQQ, in one process, on the same tokens.
 
-Runs uniform at 3.13/3.25/3.51/4.13/4.25, SB30 and KB21 at the 3-bit rungs, LIM, ZD and MXQ at the
+Runs uniform at 3.13/3.25/3.51/4.13/4.25, SB30 and KB21 at the three 3-bit rungs, LIM, ZD and MXQ at the
 memory SB30 reached, and the `optimal` allocator at exactly the nominal bpp SB30 and KB21 reached and at
 each uniform rung; prints WikiText-2 and C4 perplexity and nominal bpp for each, then the verdicts of
 issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
@@ -24,7 +24,7 @@ from tasks.bitmap import uniform_bitmap  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 
 UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
-BOOST_RUNGS = ["b3g128", "b3g64"]
+BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
 
 
 def main() -> int:
@@ -42,6 +42,7 @@ def main() -> int:
     config = {
         "model": args.model, "uniform_budgets": [], "methods": ["sensiboost"], "budgets": [],
         "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
+        "lm_eval_tasks": [],  # perplexity only: the comparison is at equal memory on the same tokens
     }
     started = time.time()
     prep = pipeline.prepare(config)

@@ -18,6 +18,7 @@ STAGES = {
     "calibrate": ("tasks.calibration", "tokenize calibration and evaluation sets"),
     "profile": ("tasks.profiling.cli", "score every layer and module (kurtosis, sensitivity, errors, LIM, ZD)"),
     "allocate": ("tasks.allocation.cli", "turn a scores table and a budget into a bit map"),
+    "frontier": ("tasks.allocation.frontier_cli", "the optimal allocator's bit maps and estimated loss for many budgets"),
     "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
     "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
     "promote": ("tasks.promotion", "move the champion alias to the best registered version"),

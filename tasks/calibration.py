@@ -89,20 +89,28 @@ def load_ids(path: str | Path) -> torch.Tensor:
     return load_file(str(path))["input_ids"]
 
 
+def source_files(params: CalibrationParams) -> dict[str, str]:
+    """name -> path of the three text sources, each checked to exist."""
+    sources = {"calibration": params.calibration_text, "wikitext2": params.wikitext2_text, "c4": params.c4_parquet}
+    for name, src in sources.items():
+        if not Path(src).is_file():
+            raise PipelineError(f"{name} source not found: {src}")
+    return sources
+
+
+def read_sources(params: CalibrationParams) -> dict[str, str]:
+    """The three texts, each checked (present, not empty): one PipelineError line naming the bad one."""
+    sources = source_files(params)
+    return {"calibration": read_text(sources["calibration"]), "wikitext2": read_text(sources["wikitext2"]), "c4": read_c4(sources["c4"])}
+
+
 def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_root: str | Path, model_revision: str = "") -> str:
     """Tokenize with the model's tokenizer; return the artifact directory (cached by inputs)."""
     from tasks.model_io import load_tokenizer
 
     if params.samples < 1 or params.seq_len < 8:
         raise PipelineError(f"calibration needs samples >= 1 and seq_len >= 8 (got {params.samples}, {params.seq_len})")
-    sources = {
-        "calibration": params.calibration_text,
-        "wikitext2": params.wikitext2_text,
-        "c4": params.c4_parquet,
-    }
-    for name, src in sources.items():
-        if not Path(src).is_file():
-            raise PipelineError(f"{name} source not found: {src}")
+    sources = source_files(params)
     inputs = {
         "params": asdict(params),
         "source_sha256": {name: file_sha256(src) for name, src in sources.items()},
@@ -113,11 +121,7 @@ def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_
         log.info("calibration: cache hit %s", out.uri)
         return str(out.path)
     tokenizer = load_tokenizer(model_path)
-    texts = {
-        "calibration": read_text(params.calibration_text),
-        "wikitext2": read_text(params.wikitext2_text),
-        "c4": read_c4(params.c4_parquet),
-    }
+    texts = read_sources(params)
     with out.build() as tmp:
         calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed)
         save_ids(tmp / "calibration.safetensors", calib)

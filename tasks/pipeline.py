@@ -52,6 +52,8 @@ class PipelineConfig:
     wikitext2_text: str | None = None
     c4_parquet: str | None = None
     calibration_seq_len: int = 512
+    # Calibration windows of the profiler's backward pass (the `optimal` allocator's loss estimate); 0 = none.
+    fisher_samples: int = 16
     eval_tokens: int = 2048
     protocols: list[str] = field(default_factory=lambda: ["paper", "gptq"])
     # Downstream scores through lm-eval (the local task in data/lm_eval/ works offline; hub task names
@@ -87,8 +89,8 @@ class PipelineConfig:
             parse_rung(budget)
         for budget in self.budgets:
             parse_budget(budget)
-        if self.eval_tokens < 0 or self.calibration_samples < 1:
-            raise PipelineError("eval_tokens must be >= 0 and calibration_samples >= 1")
+        if self.eval_tokens < 0 or self.calibration_samples < 1 or self.fisher_samples < 0:
+            raise PipelineError("eval_tokens and fisher_samples must be >= 0 and calibration_samples >= 1")
 
 
 def parse_budget(text) -> float | Rung:
@@ -120,26 +122,27 @@ def method_label(method: str, options: dict) -> str:
 # ---- steps ---------------------------------------------------------------------------------------
 
 
+def calibration_params(cfg: PipelineConfig):
+    from tasks.calibration import CalibrationParams
+
+    return CalibrationParams(
+        samples=cfg.calibration_samples,
+        seq_len=cfg.calibration_seq_len,
+        seed=cfg.seed,
+        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
+    )
+
+
 def prepare(config: dict) -> dict:
     """Resolve the model, tokenize calibration/evaluation sets and open the MLflow parent run."""
-    from tasks.calibration import CalibrationParams, run_calibration
+    from tasks.calibration import run_calibration
     from tasks.model_io import resolve_model
     from tasks.registry.tracking import start_pipeline_run
 
     cfg = PipelineConfig.from_dict(config)
     settings = Settings.from_env()
     model = resolve_model(cfg.model, cfg.revision, settings.cache_dir)
-    calibration = run_calibration(
-        model.path,
-        CalibrationParams(
-            samples=cfg.calibration_samples,
-            seq_len=cfg.calibration_seq_len,
-            seed=cfg.seed,
-            **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
-        ),
-        settings.artifact_root,
-        model.revision,
-    )
+    calibration = run_calibration(model.path, calibration_params(cfg), settings.artifact_root, model.revision)
     parent = start_pipeline_run(
         settings.tracking_uri, model.name, model.revision, asdict(cfg), str(settings.mlflow_artifacts)
     )
@@ -155,14 +158,15 @@ def profile(prep: dict) -> str | None:
     cfg = PipelineConfig.from_dict(prep["config"])
     if not needs_scores(cfg):
         return None
-    from tasks.profiling import run_profiling
+    from tasks.profiling import SCORES_FORMAT, run_profiling
 
     settings = Settings.from_env()
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
-    out = StageOutput(settings.artifact_root, "profiling", {"model": prep["model"]["revision"], "calibration": file_sha256(calib)})
+    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.fisher_samples, "format": SCORES_FORMAT}
+    out = StageOutput(settings.artifact_root, "profiling", key)
     if not out.is_complete():
         with out.build() as tmp:
-            run_profiling(prep["model"]["path"], calib, tmp)
+            run_profiling(prep["model"]["path"], calib, tmp, fisher_samples=cfg.fisher_samples)
     else:
         log.info("profiling: cache hit %s", out.uri)
     return str(out.path / "scores.csv")
@@ -473,9 +477,11 @@ def run_cli(args) -> int:
     if args.eval_tokens is not None:
         config["eval_tokens"] = args.eval_tokens
     if args.check:
+        from tasks.calibration import read_sources
         from tasks.model_io import resolve_model
 
         cfg = PipelineConfig.from_dict(config)
+        read_sources(calibration_params(cfg))  # empty or missing texts stop here, before Airflow starts
         model = resolve_model(cfg.model, cfg.revision, Settings.from_env().cache_dir)
         print(f"ok: {model.name} ({model.revision}) at {model.path}")
         return 0

@@ -26,7 +26,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "lm-quant-toolkit"
 B4G64 = Rung(4, 64)
 
 
-def make_table(n_layers=4, modules=MODULES, seed=0, params=None, columns=("fnorm", "out_err", "sensitivity", "kurtosis", "lim", "zd")) -> pd.DataFrame:
+SCORE_COLUMNS = ("fnorm", "out_err", "sensitivity", "kurtosis", "lim", "zd", "fisher_dloss")
+
+
+def make_table(n_layers=4, modules=MODULES, seed=0, params=None, columns=SCORE_COLUMNS) -> pd.DataFrame:
     """A scores table in the profiler's format with random but plausible numbers (errors fall with bpp)."""
     rng = np.random.default_rng(seed)
     params = params or {m: (64 if "mlp" in m else 32) * 1024 for m in modules}
@@ -37,13 +40,13 @@ def make_table(n_layers=4, modules=MODULES, seed=0, params=None, columns=("fnorm
         for module in modules:
             part = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv", "mlp.gate_proj": "gu", "mlp.up_proj": "gu"}.get(module, module)
             s = part_s.setdefault(part, rng.uniform(1e-6, 1e-4))
-            scale, kurt = rng.uniform(0.5, 2.0), rng.uniform(3, 30)
+            scale, kurt, grad = rng.uniform(0.5, 2.0), rng.uniform(3, 30), rng.uniform(0.01, 10)
             for rung in LADDER:
                 err = scale * 2.0 ** (-2 * rung.bpp) * rng.uniform(0.9, 1.1)
                 row = {"layer": layer, "module": module, "nbit1": rung.bits, "gsize1": rung.group_size, "nbit2": 8, "gsize2": 128,
                        "params": params[module], "fnorm": np.sqrt(err) * 100, "out_err": err, "sensitivity": s, "kurtosis": kurt,
-                       "lim": lim[layer], "zd": zd[layer]}
-                rows.append({k: v for k, v in row.items() if k not in {"fnorm", "out_err", "sensitivity", "kurtosis", "lim", "zd"} or k in columns})
+                       "lim": lim[layer], "zd": zd[layer], "fisher_dloss": grad * err * rng.uniform(0.8, 1.2)}
+                rows.append({k: v for k, v in row.items() if k not in SCORE_COLUMNS or k in columns})
     return pd.DataFrame(rows)
 
 
@@ -245,17 +248,17 @@ def test_sensitivity_weights_reproduce_the_measured_score_at_b4g64():
     assert (w2[qkv + [o]] * ref[qkv + [o]]).sum() == pytest.approx(sens[qkv[0]])
 
 
-@pytest.mark.parametrize("weighting", ["sensitivity", "uniform"])
-def test_optimal_matches_brute_force(weighting):
+@pytest.mark.parametrize("objective", ["fisher", "sensitivity", "output"])
+def test_optimal_matches_brute_force(objective):
     s = scores_from_frame(make_table(n_layers=1, modules=MODULES[:4], seed=4))
     rungs = ("b2g64", "b3g128", "b3g64", "b4g128", "b4g64", "b8g128")
     cand = tuple(Rung(int(r[1]), int(r[3:])) for r in rungs)
-    err = s.rung_matrix("out_err", cand)
-    if weighting == "sensitivity":
+    err = s.rung_matrix("fisher_dloss" if objective == "fisher" else "out_err", cand)
+    if objective == "sensitivity":
         err = sensitivity_weights(s.keys, s.module_values("sensitivity"), s.rung_matrix("out_err", (B4G64,))[:, 0])[:, None] * err
     sizes = size_matrix([s.params[k] for k in s.keys], cand)
     for budget in (2.3, 3.0, 3.6, 4.2, 6.0):
-        bitmap = allocate_optimal(s, budget, weighting=weighting, rungs=",".join(rungs))
+        bitmap = allocate_optimal(s, budget, objective=objective, rungs=",".join(rungs))
         assert set(bitmap.modules.values()) <= set(cand)
         cap = capacity_units(budget, s.total_params)
         assert units_of(bitmap) <= cap and bitmap.nominal_bpp <= budget
@@ -286,7 +289,22 @@ def test_optimal_on_published_table_never_exceeds_budget(caplog):
     for budget, bitmap in zip([2.5, 3.25, 4.25], maps):
         assert units_of(bitmap) <= capacity_units(budget, s.total_params)
         assert budget - 0.001 < bitmap.nominal_bpp <= budget
-        assert bitmap.options["error"] == "fnorm^2" and bitmap.options["weighting"] == "sensitivity"
+        assert bitmap.options["error"] == "fnorm^2" and bitmap.options["objective_name"] == "sensitivity"
+
+
+def test_optimal_objective_falls_back_without_gradients(caplog):
+    full = scores_from_frame(make_table(n_layers=2, seed=9))
+    fisher = allocate_optimal(full, 3.4)
+    assert fisher.options["objective_name"] == "fisher" and fisher.options["error"] == "fisher_dloss"
+    chosen = np.array([full.rung_matrix("fisher_dloss", (fisher.modules[k],))[i, 0] for i, k in enumerate(full.keys)])
+    assert fisher.options["objective"] == pytest.approx(chosen.sum(), rel=1e-9)  # the estimated loss increase
+    no_grad = scores_from_frame(make_table(n_layers=2, seed=9, columns=tuple(c for c in SCORE_COLUMNS if c != "fisher_dloss")))
+    with caplog.at_level(logging.WARNING):
+        fallback = allocate_optimal(no_grad, 3.4)
+    assert "no fisher_dloss column" in caplog.text and fallback.options["objective_name"] == "sensitivity"
+    assert allocate_optimal(full, 3.4, objective="sensitivity").modules == fallback.modules
+    assert allocate_optimal(full, 3.4, objective="output").options["objective_name"] == "output"
+    assert "unknown objective" in one_line_error(allocate, full, "optimal", 3.4, {"objective": "vibes"})
 
 
 def test_optimal_rung_restriction_and_minimum():
@@ -361,3 +379,22 @@ def test_cli(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: scores file not found")
     assert main(["allocate", "--scores", str(FIXTURES / "fnorm-Llama-2-7b-hf.csv"), "--method", "sensiboost", "--budget", "3.9", "--out", str(out)]) == 2
     assert "not a rung" in capsys.readouterr().err
+
+
+def test_frontier_cli(tmp_path, capsys):
+    path = tmp_path / "scores.csv"
+    make_table(n_layers=3, seed=10).to_csv(path, index=False)
+    out = tmp_path / "curve"
+    assert main(["frontier", "--scores", str(path), "--budgets", "3.0:4.0:0.5", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fisher objective" in printed and "3 budgets" in printed
+    curve = pd.read_csv(out / "frontier.csv")
+    assert list(curve.budget) == [3.0, 3.5, 4.0]
+    assert (curve.nominal_bpp <= curve.budget).all() and curve.objective.is_monotonic_decreasing
+    assert np.allclose(curve.est_ppl_ratio, np.exp(curve.objective))
+    for row in curve.itertuples():  # each bit map is the single-budget allocation
+        assert BitMap.load(row.bitmap).modules == allocate_optimal(read_scores(path), row.budget).modules
+    assert main(["frontier", "--scores", str(path), "--budgets", "1.0", "--out-dir", str(out)]) == 2
+    assert "infeasible" in capsys.readouterr().err
+    assert main(["frontier", "--scores", str(path), "--budgets", "4:3:0.5", "--out-dir", str(out)]) == 2
+    assert "start <= stop" in capsys.readouterr().err

@@ -62,6 +62,8 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     parents = [r for r in runs if r.data.tags.get("pipeline_run") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["airflow_dag_id"] == "quantization_pipeline"  # traceable to its DAG run
+    assert parents[0].data.tags["airflow_dag_run_id"].startswith("manual__")
     assert {r.data.tags["variant"] for r in children} == {"none/unquantized/fp32", "hqq/uniform/4.25", "hqq/uniform/3.13"}
     for run in children:
         m = run.data.metrics

@@ -51,9 +51,14 @@ def test_unsupported_architecture(tmp_path, state):
         ({"methods": ["magic"]}, "unknown method"),
         ({"budgets": ["-3"]}, "outside the ladder"),
         ({"colour": "blue"}, "unknown pipeline option"),
+        ({"wikitext2_text": "EMPTY"}, r"text file .*empty\.txt is empty"),
+        ({"c4_parquet": "/no/such/c4.parquet"}, "c4 source not found"),
     ],
 )
-def test_cli_bad_input_gives_one_line_and_no_traceback(config, message, state):
+def test_cli_bad_input_gives_one_line_and_no_traceback(config, message, state, tmp_path):
+    if config.get("wikitext2_text") == "EMPTY":
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        config = {"wikitext2_text": str(tmp_path / "empty.txt")}
     proc = subprocess.run(
         [sys.executable, "-m", "tasks", "pipeline", "--check", "--config", json.dumps(config)],
         capture_output=True, text=True, timeout=120,

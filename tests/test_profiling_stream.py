@@ -86,12 +86,33 @@ def _mse(a, b) -> float:
     return (a.double() - b.double()).square().mean().item()
 
 
+def output_gradient_squares(model, ids) -> dict[str, torch.Tensor]:
+    """Per linear, sum over tokens of (d sum-NLL / d output)^2 per output feature: plain autograd on the
+    whole model, the quantity the profiler streams backward one layer at a time."""
+    outputs, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for m in MODULES:
+            def keep(mod, args, out, key=f"{i}.{m}"):
+                out.retain_grad()
+                outputs[key] = out
+
+            handles.append(layer.get_submodule(m).register_forward_hook(keep))
+    with torch.enable_grad():
+        logits = model(ids).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return {k: o.grad.double().square().sum(dim=(0, 1)) for k, o in outputs.items()}
+
+
 @torch.no_grad()
-def reference(path, ids, rungs=LADDER, normalize=False) -> dict:
-    """Per layer: lim, zd, the four parts; per module: kurtosis, fnorm[rung], out_err[rung]."""
+def reference(path, ids, rungs=LADDER, normalize=False, fisher_samples=5) -> dict:
+    """Per layer: lim, zd, the four parts; per module: kurtosis, fnorm[rung], out_err[rung], fisher_dloss[rung]."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    grad_squares = output_gradient_squares(model, ids[:fisher_samples])
     layers = model.model.layers
     seen: dict = {}
 
@@ -161,6 +182,10 @@ def reference(path, ids, rungs=LADDER, normalize=False) -> dict:
                 deq = quant_dequant(w, rung)
                 entry[("fnorm", rung.name)] = torch.linalg.vector_norm((w - deq).double()).item()
                 entry[("out_err", rung.name)] = F.linear(inputs[m], w - deq).double().square().mean().item()
+                row_errors = F.linear(inputs[m], w - deq).double().square().sum(dim=(0, 1))
+                entry[("fisher_dloss", rung.name)] = (
+                    0.5 * (row_errors @ grad_squares[f"{i}.{m}"]).item() / (ids.numel() * ids[:fisher_samples].numel())
+                )
             result["modules"][f"{i}.{m}"] = entry
     return result
 
@@ -188,12 +213,28 @@ def _check_against_reference(csv, ref, gqa: bool, rungs=LADDER):
                 name = Rung(int(row.nbit1), int(row.gsize1)).name
                 assert row.fnorm == pytest.approx(entry[("fnorm", name)], rel=1e-6), (m, name)
                 assert row.out_err == pytest.approx(entry[("out_err", name)], rel=1e-4), (m, name)
+                assert row.fisher_dloss > 0
+                assert row.fisher_dloss == pytest.approx(entry[("fisher_dloss", name)], rel=1e-3), (m, name)
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "llama_mha", "qwen2", "mistral"])
 def test_streaming_profiler_matches_full_model_reference(kind, checkpoints, calibration, tmp_path):
     csv = run_profiling(checkpoints[kind], calibration, tmp_path / "out", batch_size=2)
     _check_against_reference(csv, reference(checkpoints[kind], calibration), gqa=kind != "llama_mha")
+
+
+def test_fisher_on_a_subset_of_samples_matches_reference(checkpoints, calibration, tmp_path):
+    # 3 of 5 samples in batches of 2: the backward pass's last batch is uneven too.
+    csv = run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", batch_size=2, rungs=(B4G64,), fisher_samples=3)
+    _check_against_reference(csv, reference(checkpoints["llama_gqa"], calibration, rungs=(B4G64,), fisher_samples=3),
+                             gqa=True, rungs=(B4G64,))  # fmt: skip
+    assert json.loads((tmp_path / "out" / "profiling.json").read_text())["fisher_samples"] == 3
+
+
+def test_without_gradients_the_fisher_column_is_empty(checkpoints, calibration, tmp_path):
+    df = pd.read_csv(run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", rungs=(B4G64,), fisher_samples=0))
+    assert df["fisher_dloss"].isna().all() and df["out_err"].notna().all()
+    assert not list((tmp_path / "out").glob("quant-stash-*")), "the stash of layer inputs is removed"
 
 
 def test_normalized_parts_match_reference(checkpoints, calibration, tmp_path):
@@ -290,9 +331,12 @@ def test_never_loads_the_whole_model(checkpoints, calibration, tmp_path, monkeyp
 
     monkeypatch.setattr(ckpt.Checkpoint, "read", spy)
     run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", rungs=(B4G64,))
-    assert len(reads) == 3  # one read per decoder layer, each holding only that layer's tensors
-    for i, names in enumerate(reads):
-        assert all(n.startswith(f"model.layers.{i}.") for n in names)
+    # Forward: one read per decoder layer; backward: the final norm, then each layer again from the last.
+    # Each read holds one layer's tensors (or the norm) only; the output embedding is read in row chunks.
+    layers = [{n.split(".")[2] for n in names if n.startswith("model.layers.")} for names in reads]
+    assert layers == [{"0"}, {"1"}, {"2"}, set(), {"2"}, {"1"}, {"0"}]
+    assert reads[3] == ["model.norm.weight"]
+    assert all(all(n.startswith(f"model.layers.{i}.") for n in names) for i, names in zip("012", reads[:3]))
 
 
 def test_bad_inputs_raise_pipeline_errors(checkpoints, tmp_path):

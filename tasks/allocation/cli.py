@@ -26,12 +26,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     solver = parser.add_argument_group("mxq / optimal")
     solver.add_argument("--tolerance", type=float, help="mxq: allowed memory overshoot as a fraction (0.01 = 1%%)")
     solver.add_argument("--rungs", help="candidate rungs, comma-separated (default: all in the table)")
-    solver.add_argument("--weighting", help="optimal: sensitivity (default) or uniform")
+    solver.add_argument("--objective", help="optimal: fisher (default), sensitivity or output")
     solver.add_argument("--time-limit", type=float, help="solver time limit in seconds (default 60)")
     solver.add_argument("--mip-gap", type=float, help="relative optimality gap (default 0: proven optimal)")
 
 
-OPTION_ARGS = ("boost_stop", "top_m", "ablation", "seed", "low", "high", "zd_direction", "tolerance", "rungs", "weighting", "time_limit", "mip_gap", "model")
+OPTION_ARGS = ("boost_stop", "top_m", "ablation", "seed", "low", "high", "zd_direction", "tolerance", "rungs", "objective", "time_limit", "mip_gap", "model")
 
 
 def summary(bitmap: BitMap) -> str:

@@ -1,27 +1,28 @@
 """The project's budget-exact allocator (issue 7): a multiple-choice knapsack on an estimate of the loss change.
 
-    minimize  sum_m w_m * E[m, r_m]   subject to   sum_m bpp(r_m) * params_m <= budget * sum_m params_m
+    minimize  sum_m C[m, r_m]   subject to   sum_m bpp(r_m) * params_m <= budget * sum_m params_m
 
 solved exactly with scipy's milp (zero gap; see tasks.allocation.knapsack), for any real budget; memory
-is checked in integer units, so the budget is never exceeded. E is `out_err`, the mean squared error a
-rung causes in the module's output on calibration activations, trace(dW H dW^T) / n_out (H the input
-second moment), i.e. the GPTQ/OBQ layer-wise objective. Without `out_err` it falls back to
-fnorm**2 = trace(dW dW^T), the same quantity with H = I (isotropic inputs), and says so.
+is checked in integer units, so the budget is never exceeded. C is the estimated increase of the model's
+calibration loss when module m is quantized at rung r, summed over modules (quantization noise of
+different modules taken as independent). `objective` chooses the estimate:
 
-Weights (`weighting`):
-- "sensitivity" (default). E is in each module's own output units (query logits, MLP hidden units,
-  residual-stream units), so plain sums of E compare unlike things. SensiBoost's `sensitivity` S_p is
-  measured where every part lands, at its block's contribution to the residual stream (o_proj or
-  down_proj output), when part p (attn_in = q,k,v; attn_out = o; mlp_gate = gate,up; mlp_down = down;
-  o joins attn_in under grouped-query attention, where it carries attn_in's score) is quantized at
-  b4g64: one common unit across parts and layers. We propagate each module's error to that point to
-  first order, calibrated at the one rung where both are measured: quantization noise of different
-  modules is independent, so output MSEs add, and the block error is proportional to the module errors,
-  w_m = S_p / sum_{m' in p} E[m', b4g64]. At b4g64 the estimate of part p is exactly S_p; another rung
-  scales it by how much that rung changes the module's own output error. Parts whose weight cannot be
-  formed (no error at b4g64, S <= 0 or NA) get the median weight; without a sensitivity column (or
-  without b4g64 rows) this falls back to "uniform", with a warning.
-- "uniform": w_m = 1, the total (per output element) output MSE over modules.
+- "fisher" (default): C = `fisher_dloss`, the second-order Fisher estimate
+      1/2 sum_o E[g_o^2] * E[(dW_r x)_o^2]     (nats per calibration token)
+  with g the gradient of the calibration NLL at the module's output o, from the profiler's streamed
+  backward pass (tasks/profiling/fisher.py; BRECQ's Fisher-weighted output reconstruction error, used
+  here to price every rung of every module). It is in the loss's own unit everywhere, so modules of
+  different layers and types compare directly: no per-part calibration, no normalization.
+- "sensitivity": C = w_m * out_err[m, r], out_err = trace(dW H dW^T) / (tokens * n_out) the module's
+  output MSE on calibration activations (the GPTQ/OBQ layer-wise objective), w_m = S_p / sum_{m' in p}
+  out_err[m', b4g64] puts it in the unit of SensiBoost's block-output sensitivity S_p of the module's
+  part p, measured at b4g64 (o joins attn_in under grouped-query attention). Parts without a usable
+  weight get the median weight.
+- "output": C = out_err, plain total output MSE.
+
+A table without the column an objective needs falls back along fisher -> sensitivity -> output, and
+without out_err (the authors' tables) to fnorm**2 = trace(dW dW^T) (output error with H = I); each
+fallback is logged and recorded in the bit map's options.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tasks.ladder import split_key
 
 log = logging.getLogger(__name__)
 
-WEIGHTINGS = ("sensitivity", "uniform")
+OBJECTIVES = ("fisher", "sensitivity", "output")
 PARTS = {
     "self_attn.q_proj": "attn_in",
     "self_attn.k_proj": "attn_in",
@@ -97,17 +98,33 @@ def sensitivity_weights(keys: tuple[str, ...], sensitivity: np.ndarray, referenc
     return weights
 
 
-def module_weights(scores: Scores, column: str, weighting: str) -> tuple[np.ndarray, str]:
-    if weighting not in WEIGHTINGS:
-        raise PipelineError(f"unknown weighting {weighting!r}: one of {', '.join(WEIGHTINGS)}")
-    if weighting == "uniform":
-        return np.ones(len(scores.keys)), "uniform"
+def module_weights(scores: Scores, column: str) -> np.ndarray | None:
+    """The "sensitivity" weights, or None (with a warning) when the table cannot give them."""
     if not scores.has("sensitivity") or REFERENCE_RUNG not in scores.rungs:
-        log.warning("optimal: sensitivity weighting needs a sensitivity column and b4g64 rows; using uniform weights")
-        return np.ones(len(scores.keys)), "uniform"
+        log.warning("optimal: sensitivity weighting needs a sensitivity column and b4g64 rows; using plain output error")
+        return None
     sensitivity = _module_sensitivity(scores)
     reference = error_matrix(scores, column, (REFERENCE_RUNG,))[:, 0]
-    return sensitivity_weights(scores.keys, sensitivity, reference), "sensitivity"
+    return sensitivity_weights(scores.keys, sensitivity, reference)
+
+
+def objective_costs(scores: Scores, objective: str, rungs: tuple) -> tuple[np.ndarray, dict]:
+    """The cost matrix C [modules, rungs] of `objective` (see the module docstring), and what was used."""
+    if objective not in OBJECTIVES:
+        raise PipelineError(f"unknown objective {objective!r} for method 'optimal': one of {', '.join(OBJECTIVES)}")
+    if objective == "fisher":
+        if scores.has("fisher_dloss"):
+            return scores.rung_matrix("fisher_dloss", rungs), {"objective_name": "fisher", "error": "fisher_dloss"}
+        log.warning("optimal: %s has no fisher_dloss column (profiled without gradients?); using the sensitivity objective", scores.source)
+        objective = "sensitivity"
+    column = error_column(scores)
+    errors = error_matrix(scores, column, rungs)
+    facts = {"error": "out_err" if column == "out_err" else "fnorm^2"}
+    if objective == "sensitivity":
+        weights = module_weights(scores, column)
+        if weights is not None:
+            return weights[:, None] * errors, {"objective_name": "sensitivity", **facts}
+    return errors, {"objective_name": "output", **facts}
 
 
 def _module_sensitivity(scores: Scores) -> np.ndarray:
@@ -115,24 +132,21 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
     return rows.reindex(list(scores.keys)).to_numpy(dtype=float)  # NA stays NA: the median weight covers it
 
 
-def build_program(scores: Scores, weighting: str = "sensitivity", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> tuple[RungProgram, dict]:
+def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> tuple[RungProgram, dict]:
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
-    column = error_column(scores)
     cand = candidate_rungs(scores, as_rungs(rungs))
-    weights, used = module_weights(scores, column, weighting)
-    costs = weights[:, None] * error_matrix(scores, column, cand)
-    facts = {"error": "out_err" if column == "out_err" else "fnorm^2", "weighting": used}
+    costs, facts = objective_costs(scores, objective, cand)
     return RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap)), facts
 
 
-def allocate_optimal(scores: Scores, budget, weighting: str = "sensitivity", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> BitMap:
+def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> BitMap:
     """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter."""
-    program, facts = build_program(scores, weighting, rungs, time_limit, mip_gap)
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap)
     return program.allocate(as_bpp(budget), options=facts)
 
 
-def frontier(scores: Scores, budgets, weighting: str = "sensitivity", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> list[BitMap]:
+def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> list[BitMap]:
     """`allocate_optimal` for each budget of a list, sharing one set-up; every budget is checked first
     (one below the cheapest allocation is a one-line error naming that minimum)."""
-    program, facts = build_program(scores, weighting, rungs, time_limit, mip_gap)
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)

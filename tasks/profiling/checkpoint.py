@@ -9,6 +9,7 @@ the layer that the full model would run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections import defaultdict
@@ -73,6 +74,23 @@ class Checkpoint:
                     out[name] = handle.get_tensor(name).to(dtype)
         return out
 
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def rows(self, name: str) -> int:
+        """The first dimension of a tensor, read from the file header."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[name]), framework="pt") as handle:
+            return handle.get_slice(name).get_shape()[0]
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, without reading the rest (e.g. a chunk of the vocabulary)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[name]), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop].to(dtype)
+
     def layer_state(self, index: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The state dict of decoder layer `index`, keys relative to the layer (e.g. 'mlp.up_proj.weight')."""
         start = f"{self.prefix}layers.{index}."
@@ -126,6 +144,7 @@ class LayerFactory:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config)
         self.layer_class = type(skeleton.layers[0])
+        self._norm = skeleton.norm  # the final norm, on the meta device
         self.rotary = type(skeleton.rotary_emb)(config=config)
         self._masks: dict[tuple, object] = {}
 
@@ -137,6 +156,12 @@ class LayerFactory:
         except RuntimeError as exc:
             raise PipelineError(f"decoder layer {index} does not match its config: {str(exc).splitlines()[0]}") from None
         return layer.eval()
+
+    def build_norm(self, weight: torch.Tensor) -> nn.Module:
+        """The model's final norm with `weight` (its class and epsilon come from the config)."""
+        norm = copy.deepcopy(self._norm)
+        norm.load_state_dict({"weight": weight}, strict=True, assign=True)
+        return norm.eval()
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.rotary(hidden, position_ids)

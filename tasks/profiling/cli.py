@@ -14,6 +14,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per mini-batch (default 8)")
     parser.add_argument("--normalize", action="store_true", help="SensiBoost parts relative to |WX|^2 (paper Eq. 10)")
     parser.add_argument("--rungs", nargs="+", default=None, metavar="RUNG", help="ladder rungs to score (default: all 12)")
+    parser.add_argument("--fisher-samples", type=int, default=16,
+                        help="calibration samples of the backward pass behind fisher_dloss (default 16; 0 = none)")
     parser.add_argument("--revision", default=None, help="hub revision, for hub ids")
     parser.add_argument("--cache-dir", default=None, help="model cache directory (default $QUANT_CACHE_DIR)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -29,6 +31,7 @@ def run_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rungs = tuple(parse_rung(r) for r in args.rungs) if args.rungs else LADDER
     model = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir)
-    csv = run_profiling(model.path, args.calibration, args.out, batch_size=args.batch_size, normalize=args.normalize, rungs=rungs)
+    csv = run_profiling(model.path, args.calibration, args.out, batch_size=args.batch_size, normalize=args.normalize, rungs=rungs,
+                        fisher_samples=args.fisher_samples)
     print(csv)
     return 0

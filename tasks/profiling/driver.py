@@ -14,6 +14,11 @@ i-1, SPEC section 3):
    trace(dW H dW^T) / (tokens * out_features); the attn_out and mlp_down parts are this same quantity at
    b4g64 (exact, see activations.py), so neither quantized linear is ever run on the data.
 
+Then, for `optimal`'s loss estimate, a backward pass of the calibration loss over the first
+`fisher_samples` samples, streamed from the last layer to the first (fisher.py): each module's squared
+output gradients weight its per-output error of every rung into `fisher_dloss`, the estimated increase
+of the mean calibration NLL (nats per token) when that module alone is quantized at that rung.
+
 Everything is float32 on CPU and deterministic for a given torch build and thread count.
 """
 
@@ -31,6 +36,7 @@ import torch
 from tasks.errors import PipelineError
 from tasks.ladder import LADDER, MODULES, Rung
 from tasks.profiling import hqq_fast
+from tasks.profiling.fisher import InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
 from tasks.profiling.table import PARTS, score_row, write_scores
@@ -39,6 +45,7 @@ from tasks.profiling.weights import kurtosis, zd_fraction
 log = logging.getLogger(__name__)
 
 SENSITIVITY_RUNG = Rung(4, 64)  # SensiBoost measures every part at HQQ b4g64
+DEFAULT_FISHER_SAMPLES = 16  # of the 32 default calibration windows: half the backward pass's cost
 CALIBRATION_FILE = "calibration.safetensors"
 SUMMARY_FILE = "profiling.json"
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -209,10 +216,12 @@ def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, tor
 
 
 def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
-                  batch_size: int, rungs: tuple[Rung, ...], normalize: bool, seconds: dict) -> list[dict]:  # fmt: skip
+                  batch_size: int, rungs: tuple[Rung, ...], normalize: bool,
+                  seconds: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
     """Score decoder layer `index` and advance `hidden` in place to its full-precision output.
 
-    Returns the layer's rows of the scores table (one per module and rung).
+    Returns the layer's rows of the scores table (one per module and rung) and, per module, the summed
+    squared output error of every rung per output feature [rungs, out] (for `fisher_dloss`).
     """
     weights = {m: state[f"{m}.weight"] for m in MODULES}
     tokens = hidden.shape[0] * hidden.shape[1]
@@ -234,13 +243,14 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
     part_of = module_parts(weights["self_attn.v_proj"].shape, weights["self_attn.o_proj"].shape)
     lim = -sums["cos"] / tokens
 
-    rows = []
+    rows, row_errors = [], {}
     for m in MODULES:
         w = weights[m]
         with _phase(seconds, "hqq"):
             errors = _rung_errors(w, rungs, {SENSITIVITY_RUNG: sens_q[m]})
         with _phase(seconds, "out_err"):  # all rungs in one pass of block products
-            out_err = forms[INPUT_OF[m]].row_sums(errors).view(len(rungs), -1).sum(dim=1) / (tokens * w.shape[0])
+            row_errors[m] = forms[INPUT_OF[m]].row_sums(errors).view(len(rungs), -1)
+            out_err = row_errors[m].sum(dim=1) / (tokens * w.shape[0])
             fnorm = [torch.linalg.vector_norm(e, dtype=torch.float64).item() for e in errors.view(len(rungs), -1)]
         for rung, f, e in zip(rungs, fnorm, out_err.tolist()):
             rows.append(
@@ -248,11 +258,60 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
                           lim=lim, zd=zd, out_err=e, parts=parts)  # fmt: skip
             )
         del errors
-    return rows
+    return rows, row_errors
+
+
+def _loss_head(checkpoint: Checkpoint, factory: LayerFactory):
+    """The final norm and a row reader of the output embedding (the input embedding when tied)."""
+    config = factory.config
+    norm = factory.build_norm(checkpoint.read([f"{checkpoint.prefix}norm.weight"])[f"{checkpoint.prefix}norm.weight"])
+    name = "lm_head.weight" if checkpoint.has("lm_head.weight") else checkpoint.embed_name
+    if name == checkpoint.embed_name and not getattr(config, "tie_word_embeddings", False):
+        raise PipelineError(f"checkpoint {checkpoint.path} has no lm_head.weight and does not tie its embeddings")
+    return norm, (lambda start, stop: checkpoint.read_rows(name, start, stop)), checkpoint.rows(name)
+
+
+def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
+                      ids: torch.Tensor, batch_size: int, seconds: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per module key, the sum over the gradient samples' tokens of its squared output gradients of the
+    calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
+    checkpoint and fed its stashed input."""
+    layers = factory.config.num_hidden_layers
+    seq_len = hidden.shape[1]
+    position_ids = torch.arange(seq_len).unsqueeze(0)
+    position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
+    with _phase(seconds, "backward"):
+        norm, read_rows, vocab = _loss_head(checkpoint, factory)
+        grad = torch.empty_like(hidden)
+        nll = 0.0
+        for start in range(0, hidden.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            grad[part], batch_nll = head_gradient(hidden[part], ids[part], norm, read_rows, vocab)
+            nll += batch_nll
+    log.info("fisher: calibration loss %.4f nats/token on %d samples; backward through %d layers",
+             nll / (ids.shape[0] * (seq_len - 1)), ids.shape[0], layers)  # fmt: skip
+    squares: dict[str, torch.Tensor] = {}
+    for index in reversed(range(layers)):
+        with _phase(seconds, "backward"):
+            layer = factory.build(index, checkpoint.layer_state(index)).requires_grad_(False)
+            inputs = stash.get(index)
+            for start in range(0, inputs.shape[0], batch_size):
+                part = slice(start, start + batch_size)
+                h = inputs[part]
+                mask = factory.mask(index, h, position_ids)
+                grad[part], sq = layer_backward(layer, h, grad[part], attention_mask=mask, position_ids=position_ids,
+                                                position_embeddings=position_embeddings)  # fmt: skip
+                for m, value in sq.items():
+                    key = f"{index}.{m}"
+                    squares[key] = squares[key] + value if key in squares else value
+            del layer, inputs
+        if index % 10 == 0 or index == layers - 1:
+            log.info("fisher: layer %d back-propagated", index)
+    return squares
 
 
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
-                  rungs: tuple[Rung, ...] = LADDER) -> Path:  # fmt: skip
+                  rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -260,9 +319,13 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     normalize: SensiBoost parts relative to |WX|^2 (the paper's Eq. 10) instead of the plain MSE that
         the authors' code uses and that reproduces their allocations.
     rungs: ladder rungs to score (fnorm, out_err); the default is the 12-rung ladder.
+    fisher_samples: calibration samples (the first ones) of the backward pass behind `fisher_dloss`;
+        0 skips it (the column is then empty and `optimal` falls back to its sensitivity weighting).
     """
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
+    if fisher_samples < 0:
+        raise PipelineError(f"fisher_samples must be 0 or more, got {fisher_samples}")
     rungs = tuple(rungs)
     if not rungs or any(r not in LADDER for r in rungs):
         raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
@@ -275,19 +338,42 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     seconds: dict[str, float] = defaultdict(float)
     log.info("profiling %s: %d layers, %d x %d calibration tokens", model_path, layers, *ids.shape)
 
-    with torch.no_grad():
-        with _phase(seconds, "embed"):
-            hidden = checkpoint.embed(ids)
-        rows: list[dict] = []
-        for index in range(layers):
-            t0 = time.perf_counter()
-            with _phase(seconds, "read"):
-                state = checkpoint.layer_state(index)
-            rows += profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
-                                  normalize=normalize, seconds=seconds)  # fmt: skip
-            del state
-            log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
-    del hidden
+    grad_samples = min(fisher_samples, ids.shape[0])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stash = InputStash(out_dir) if grad_samples else None  # beside the output: the same disk, removed after
+    try:
+        with torch.no_grad():
+            with _phase(seconds, "embed"):
+                hidden = checkpoint.embed(ids)
+            rows: list[dict] = []
+            row_errors: dict[str, torch.Tensor] = {}
+            for index in range(layers):
+                t0 = time.perf_counter()
+                with _phase(seconds, "read"):
+                    state = checkpoint.layer_state(index)
+                if stash:
+                    with _phase(seconds, "backward"):
+                        stash.put(index, hidden[:grad_samples])
+                layer_rows, errors = profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
+                                                   normalize=normalize, seconds=seconds)  # fmt: skip
+                rows += layer_rows
+                row_errors.update({f"{index}.{m}": e for m, e in errors.items()})
+                del state
+                log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
+            if stash:
+                squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
+                                            batch_size, seconds)  # fmt: skip
+                tokens, grad_tokens = ids.numel(), ids[:grad_samples].numel()
+                dloss = {k: fisher_loss_delta(e, squares[k], tokens, grad_tokens).tolist() for k, e in row_errors.items()}
+                positions = defaultdict(int)  # rows are in (layer, module, rung) order
+                for row in rows:
+                    key = f"{row['layer']}.{row['module']}"
+                    row["fisher_dloss"] = dloss[key][positions[key]]
+                    positions[key] += 1
+        del hidden
+    finally:
+        if stash:
+            stash.close()
 
     csv = write_scores(rows, out_dir)
     total = time.perf_counter() - started
@@ -300,6 +386,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "normalize": normalize,
         "sensitivity_rung": SENSITIVITY_RUNG.name,
         "rungs": [r.name for r in rungs],
+        "fisher_samples": grad_samples,
         "seconds": round(total, 3),
         "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }

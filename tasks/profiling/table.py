@@ -3,7 +3,9 @@
 Columns: the SensiBoost/KurtBoost authors' `fnorm-<model>.csv` ones (layer, module, nbit1, gsize1,
 nbit2, gsize2, fnorm, memmb, params, kurtosis, sensitivity), then ours: `lim` and `zd` (per decoder
 layer, repeated on each row of the layer), `out_err` (per module and rung) and the layer's four raw
-SensiBoost parts `sens_attn_in`, `sens_attn_out`, `sens_mlp_gate`, `sens_mlp_down` (repeated like lim).
+SensiBoost parts `sens_attn_in`, `sens_attn_out`, `sens_mlp_gate`, `sens_mlp_down` (repeated like lim),
+and `fisher_dloss` (per module and rung: the Fisher estimate of the calibration loss increase, in nats per
+token, when that module alone is quantized at that rung; empty when profiled without gradients).
 `tasks.allocation.scores.read_scores` reads this file.
 """
 
@@ -17,12 +19,13 @@ import pandas as pd
 
 from tasks.ladder import META_BITS, META_GROUP, Rung
 
+SCORES_FORMAT = 2  # bump when the columns change: cached scores tables of another format are not reused
 SCORES_CSV = "scores.csv"
 SCORES_PARQUET = "scores.parquet"
 PARTS = ("attn_in", "attn_out", "mlp_gate", "mlp_down")
 COLUMNS = (
     "layer", "module", "nbit1", "gsize1", "nbit2", "gsize2", "fnorm", "memmb", "params", "kurtosis",
-    "sensitivity", "lim", "zd", "out_err", *(f"sens_{p}" for p in PARTS),
+    "sensitivity", "lim", "zd", "out_err", *(f"sens_{p}" for p in PARTS), "fisher_dloss",
 )  # fmt: skip
 
 

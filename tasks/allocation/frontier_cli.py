@@ -1,0 +1,83 @@
+"""`python -m tasks frontier`: the `optimal` allocator over many budgets from one problem set-up.
+
+    python -m tasks frontier --scores scores.csv --budgets 3.0:4.5:0.25 --out-dir frontier/
+
+Writes one bit map per budget (`optimal-<bpp>.json`) and `frontier.csv`, and prints the curve: budget,
+nominal bpp, the objective (with the default fisher objective: the estimated increase of the
+calibration loss in nats per token) and, for that objective, the estimated perplexity ratio
+exp(objective) against the unquantized model. Measure once, allocate many times: no model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from tasks.errors import PipelineError
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'3.13,3.25,b4g64' or a range 'start:stop:step' (stop included)."""
+    from tasks.allocation.budget import as_bpp
+
+    text = text.strip()
+    if text.count(":") == 2:
+        try:
+            start, stop, step = (float(p) for p in text.split(":"))
+        except ValueError:
+            raise PipelineError(f"--budgets range {text!r} is not start:stop:step in bits per parameter") from None
+        if step <= 0 or stop < start:
+            raise PipelineError(f"--budgets range {text!r} needs start <= stop and a positive step")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        return [round(start + i * step, 6) for i in range(count)]
+    budgets = [as_bpp(p.strip()) for p in text.split(",") if p.strip()]
+    if not budgets:
+        raise PipelineError("--budgets is empty")
+    return budgets
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scores", required=True, help="scores table (the profiler's, or the authors' CSV)")
+    parser.add_argument("--budgets", required=True, help="comma-separated bpp or rungs, or a range start:stop:step")
+    parser.add_argument("--out-dir", required=True, help="where the bit maps and frontier.csv go")
+    parser.add_argument("--objective", default="fisher", help="fisher (default), sensitivity or output")
+    parser.add_argument("--rungs", default=None, help="candidate rungs, comma-separated (default: all in the table)")
+    parser.add_argument("--model", default=None, help="which model of a table that holds several")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks.allocation.optimal import frontier
+    from tasks.allocation.scores import read_scores
+    from tasks.artifacts import write_json_atomic
+
+    budgets = parse_budgets(args.budgets)
+    maps = frontier(read_scores(args.scores, model=args.model), budgets, objective=args.objective, rungs=args.rungs)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for budget, bitmap in zip(budgets, maps):
+        path = out / f"optimal-{budget:.4f}.json"
+        bitmap.save(path)
+        fisher = bitmap.options.get("objective_name") == "fisher"
+        rows.append({
+            "budget": budget,
+            "nominal_bpp": round(bitmap.nominal_bpp, 6),
+            "objective": bitmap.options["objective"],
+            "est_ppl_ratio": math.exp(bitmap.options["objective"]) if fisher else None,
+            "rungs": " ".join(f"{name}={n}" for name, n in bitmap.rung_counts().items()),
+            "bitmap": str(path),
+        })
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "frontier.csv.tmp", index=False)
+    (out / "frontier.csv.tmp").replace(out / "frontier.csv")
+    write_json_atomic(out / "frontier.json", rows)
+    name = maps[0].options.get("objective_name", args.objective)
+    print(f"optimal frontier ({name} objective), {len(rows)} budgets -> {out / 'frontier.csv'}")
+    print(f"{'budget':>8} {'bpp':>8} {'objective':>11} {'est ppl x':>9}  rungs")
+    for r in rows:
+        ratio = "-" if r["est_ppl_ratio"] is None else f"{r['est_ppl_ratio']:.3f}"
+        print(f"{r['budget']:>8.4f} {r['nominal_bpp']:>8.4f} {r['objective']:>11.5g} {ratio:>9}  {r['rungs']}")
+    return 0

@@ -1,0 +1,112 @@
+"""Output gradients of the calibration loss, streamed backward one decoder layer at a time.
+
+They weight each module's output error by how much the model's loss cares about it: the diagonal
+Fisher (empirical, squared gradients) of a linear's outputs, as in BRECQ (Li et al., ICLR 2021) and the
+output side of K-FAC. For a weight error dW of module m with inputs x_t and output gradients
+g_t = d(sum of calibration NLL)/d(y_t), the second-order (Fisher) estimate of the loss increase is
+
+    dL ~= 1/2 sum_t (g_t . dW x_t)^2  ~=  1/2 sum_o  E_t[g_{t,o}^2] * sum_t (dW x_t)_o^2
+
+(tokens independent, gradients independent of the error, off-diagonal Fisher dropped), which we divide
+by the gradient tokens to get nats per calibration token. The second factor is the per-row output error
+the profiler already has (`QuadraticForm.row_sums`); this module supplies the first.
+
+Memory stays bounded like the forward pass: the layer inputs of the gradient samples are stashed on disk
+during the forward pass, the loss head reads the output embedding in row chunks, and the backward pass
+rebuilds one layer at a time from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tasks.ladder import MODULES
+
+
+class InputStash:
+    """Layer inputs [samples, seq, hidden] of the gradient samples, one safetensors file per layer."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self._dir = tempfile.TemporaryDirectory(prefix="quant-stash-", dir=directory)
+
+    def put(self, index: int, hidden: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"hidden": hidden.contiguous()}, str(Path(self._dir.name) / f"{index}.safetensors"))
+
+    def get(self, index: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(self._dir.name) / f"{index}.safetensors"))["hidden"]
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def head_gradient(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module, read_rows, vocab: int,
+                  rows: int = 8192) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """d(sum NLL)/d(hidden) of next-token prediction through the final norm and the output embedding,
+    and the NLL sum. `read_rows(start, stop)` returns rows [start, stop) of the output embedding, so the
+    [tokens, vocab] logits are never formed: a log-sum-exp pass, then a softmax-gradient pass."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_(True)
+        normed = norm(h)
+    x = normed.detach()[:, :-1].reshape(-1, normed.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    spans = [(s, min(s + rows, vocab)) for s in range(0, vocab, rows)]
+    lse = torch.full((x.shape[0],), -torch.inf)
+    target_logit = torch.zeros(x.shape[0])
+    for start, stop in spans:
+        w = read_rows(start, stop)
+        logits = x @ w.t()
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        hit = (targets >= start) & (targets < stop)
+        target_logit[hit] = logits[hit, targets[hit] - start]
+    grad_x = torch.zeros_like(x)
+    for start, stop in spans:  # d NLL / d x = softmax(x W^T) W - W[target]
+        w = read_rows(start, stop)
+        grad_x += torch.exp(x @ w.t() - lse[:, None]) @ w
+        hit = (targets >= start) & (targets < stop)
+        grad_x[hit] -= w[targets[hit] - start]
+    grad_normed = torch.zeros_like(normed)
+    grad_normed[:, :-1] = grad_x.view(normed.shape[0], -1, normed.shape[-1])  # the last position predicts nothing
+    (grad_hidden,) = torch.autograd.grad(normed, h, grad_normed)
+    return grad_hidden, float((lse - target_logit).sum(dtype=torch.float64))
+
+
+def layer_backward(layer: torch.nn.Module, hidden: torch.Tensor, grad_out: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backpropagate `grad_out` (d loss / d layer output) through `layer` at input `hidden`.
+
+    Returns d loss / d input and, per linear, the float64 sums over tokens of its squared output
+    gradients, one per output feature."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            outputs[name] = output
+
+        return hook
+
+    handles = [layer.get_submodule(m).register_forward_hook(keep(m)) for m in MODULES]
+    try:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            out = layer(h, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad(out, [h] + [outputs[m] for m in MODULES], grad_out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    squares = {m: g.reshape(-1, g.shape[-1]).double().square().sum(dim=0) for m, g in zip(MODULES, grads[1:])}
+    return grads[0], squares
+
+
+def fisher_loss_delta(row_errors: torch.Tensor, grad_squares: torch.Tensor, tokens: int, grad_tokens: int) -> torch.Tensor:
+    """1/2 sum_o E[g_o^2] * E[(dW x)_o^2] per rung, in nats per token (see the module docstring).
+
+    row_errors [rungs, out]: sum over the calibration tokens of (dW x_t)_o^2; grad_squares [out]: sum over
+    the gradient tokens of g_o^2."""
+    return 0.5 * (row_errors.double() @ grad_squares.double()) / (tokens * grad_tokens)
