@@ -310,6 +310,14 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
     return squares
 
 
+def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: dict[str, torch.Tensor],
+                       squares: dict[str, torch.Tensor], tokens: int, grad_tokens: int) -> None:  # fmt: skip
+    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
+    dloss = {k: fisher_loss_delta(e, squares[k], tokens, grad_tokens).tolist() for k, e in row_errors.items()}
+    for row in rows:
+        row["fisher_dloss"] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
+
+
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
                   rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
@@ -363,13 +371,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
             if stash:
                 squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
                                             batch_size, seconds)  # fmt: skip
-                tokens, grad_tokens = ids.numel(), ids[:grad_samples].numel()
-                dloss = {k: fisher_loss_delta(e, squares[k], tokens, grad_tokens).tolist() for k, e in row_errors.items()}
-                positions = defaultdict(int)  # rows are in (layer, module, rung) order
-                for row in rows:
-                    key = f"{row['layer']}.{row['module']}"
-                    row["fisher_dloss"] = dloss[key][positions[key]]
-                    positions[key] += 1
+                _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
         del hidden
     finally:
         if stash:
