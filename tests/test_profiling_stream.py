@@ -43,6 +43,8 @@ def _config(kind: str):
                   num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
     if kind == "llama_gqa":
         return LlamaConfig(num_key_value_heads=2, **common)
+    if kind == "llama_tied":  # the output embedding is the input one: no lm_head.weight in the file
+        return LlamaConfig(num_key_value_heads=2, **{**common, "num_hidden_layers": 2, "tie_word_embeddings": True})
     if kind == "llama_mha":
         return LlamaConfig(num_key_value_heads=4, **{**common, "num_hidden_layers": 2})
     if kind == "qwen2":  # q/k/v biases
@@ -73,7 +75,7 @@ def _save(kind: str, path, seed: int = 0, zero_outputs_of_layer: int | None = No
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("profiling-ckpt")
-    return {kind: _save(kind, root / kind) for kind in ("llama_gqa", "llama_mha", "qwen2", "mistral")}
+    return {kind: _save(kind, root / kind) for kind in ("llama_gqa", "llama_mha", "qwen2", "mistral", "llama_tied")}
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +225,16 @@ def test_streaming_profiler_matches_full_model_reference(kind, checkpoints, cali
     _check_against_reference(csv, reference(checkpoints[kind], calibration), gqa=kind != "llama_mha")
 
 
-def test_fisher_on_a_subset_of_samples_matches_reference(checkpoints, calibration, tmp_path):
+@pytest.mark.parametrize("kind", ["llama_gqa", "llama_tied"])
+def test_fisher_on_a_subset_of_samples_matches_reference(kind, checkpoints, calibration, tmp_path):
     # 3 of 5 samples in batches of 2: the backward pass's last batch is uneven too.
-    csv = run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", batch_size=2, rungs=(B4G64,), fisher_samples=3)
-    _check_against_reference(csv, reference(checkpoints["llama_gqa"], calibration, rungs=(B4G64,), fisher_samples=3),
+    if kind == "llama_tied":
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoints[kind] / "model.safetensors"), framework="pt") as f:
+            assert "lm_head.weight" not in f.keys()
+    csv = run_profiling(checkpoints[kind], calibration, tmp_path / "out", batch_size=2, rungs=(B4G64,), fisher_samples=3)
+    _check_against_reference(csv, reference(checkpoints[kind], calibration, rungs=(B4G64,), fisher_samples=3),
                              gqa=True, rungs=(B4G64,))  # fmt: skip
     assert json.loads((tmp_path / "out" / "profiling.json").read_text())["fisher_samples"] == 3
 
