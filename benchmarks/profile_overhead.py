@@ -16,13 +16,16 @@ Definitions:
   transformers and the architecture's modeling module (about 200 MiB of code for both), i.e. what the
   stage itself adds; mapped checkpoint pages that it touches count as resident.
 
-Measured here (SmolLM2-135M, 2 cores shared with other jobs, 1 thread, batch 8; timings vary by
-+-30% with the load): 32 x 512 tokens: forward 174 s, profiling 374 s, time ratio 2.15, memory ratio
-0.85; 64 x 512: 2.29 and 0.90. The time target is not met on CPU, and cannot be with SPEC's scores:
-they need a full-precision pass through every layer (0.6-0.8 of a forward, which also pays lm_head),
-a re-run of the attention and MLP blocks with b4g64 weights (about as much again) and the input Gram
-matrices (0.3-0.5), i.e. 1.5-1.8 forwards of data-dependent work before the per-model fixed cost of
-12-rung HQQ and out_err (70-140 s here).
+Measured here (SmolLM2-135M, 32 x 512 tokens, batch 8, 2 idle cores, 2026-12-01): forward 18.0 s,
+profiling 89.3 s, time ratio 4.96; memory ratio 1.41 (profiling +725 MiB, the plain forward +1427 MiB
+because it materializes [batch, seq, vocab] logits). Phases: full-precision layer pass 14.5 s, b4g64
+re-runs of the attention and MLP blocks 13.6 s, Gram matrices 7.9 s, the streamed backward pass of the
+Fisher estimate (16 windows) 25.2 s, and the per-model fixed cost of 12-rung HQQ (18.4 s) and
+out_err (7.7 s). The time target is not met on CPU, and cannot be with these scores: they need a
+full-precision pass through every layer, a re-run of both blocks with b4g64 weights (SPEC's
+sensitivity), the input Gram matrices and a backward pass, i.e. about 3.4 forwards of data-dependent
+work before the fixed cost, which dominates on a model this small. (Under load with 1 thread the
+previous version measured 2.15: the forward slows more than the fixed cost.)
 
     python benchmarks/profile_overhead.py                       # SmolLM2, 32 x 512 tokens
     python benchmarks/profile_overhead.py --samples 8 --threads 2   # a quicker run, on 2 idle cores

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 SENSITIVITY_RUNG = Rung(4, 64)  # SensiBoost measures every part at HQQ b4g64
 DEFAULT_FISHER_SAMPLES = 16  # of the 32 default calibration windows: half the backward pass's cost
+# Samples per step of the backward pass: autograd keeps every intermediate of a layer (attention scores
+# included) and the loss head a [tokens, vocab chunk] block, so it takes fewer samples than the forward;
+# the sums it accumulates do not depend on the split.
+GRAD_BATCH = 2
 CALIBRATION_FILE = "calibration.safetensors"
 SUMMARY_FILE = "profiling.json"
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -280,6 +284,7 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
     seq_len = hidden.shape[1]
     position_ids = torch.arange(seq_len).unsqueeze(0)
     position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
+    batch_size = min(batch_size, GRAD_BATCH)
     with _phase(seconds, "backward"):
         norm, read_rows, vocab = _loss_head(checkpoint, factory)
         grad = torch.empty_like(hidden)
