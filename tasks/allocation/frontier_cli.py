@@ -51,7 +51,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
     from tasks.allocation.optimal import frontier
     from tasks.allocation.scores import read_scores
-    from tasks.artifacts import write_json_atomic
 
     budgets = parse_budgets(args.budgets)
     maps = frontier(read_scores(args.scores, model=args.model), budgets, objective=args.objective, rungs=args.rungs)
@@ -70,10 +69,8 @@ def run_cli(args: argparse.Namespace) -> int:
             "rungs": " ".join(f"{name}={n}" for name, n in bitmap.rung_counts().items()),
             "bitmap": str(path),
         })
-    frame = pd.DataFrame(rows)
-    frame.to_csv(out / "frontier.csv.tmp", index=False)
-    (out / "frontier.csv.tmp").replace(out / "frontier.csv")
-    write_json_atomic(out / "frontier.json", rows)
+    pd.DataFrame(rows).to_csv(out / "frontier.csv.tmp", index=False)
+    (out / "frontier.csv.tmp").replace(out / "frontier.csv")  # a reader never sees half a curve
     name = maps[0].options.get("objective_name", args.objective)
     print(f"optimal frontier ({name} objective), {len(rows)} budgets -> {out / 'frontier.csv'}")
     print(f"{'budget':>8} {'bpp':>8} {'objective':>11} {'est ppl x':>9}  rungs")

@@ -14,8 +14,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per mini-batch (default 8)")
     parser.add_argument("--normalize", action="store_true", help="SensiBoost parts relative to |WX|^2 (paper Eq. 10)")
     parser.add_argument("--rungs", nargs="+", default=None, metavar="RUNG", help="ladder rungs to score (default: all 12)")
-    parser.add_argument("--fisher-samples", type=int, default=16,
-                        help="calibration samples of the backward pass behind fisher_dloss (default 16; 0 = none)")
+    from tasks.profiling.driver import DEFAULT_FISHER_SAMPLES
+
+    parser.add_argument("--fisher-samples", type=int, default=DEFAULT_FISHER_SAMPLES,
+                        help=f"calibration samples of the backward pass behind fisher_dloss (default {DEFAULT_FISHER_SAMPLES}; 0 = none)")
     parser.add_argument("--revision", default=None, help="hub revision, for hub ids")
     parser.add_argument("--cache-dir", default=None, help="model cache directory (default $QUANT_CACHE_DIR)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
