@@ -5,7 +5,7 @@ memory SB30 reached, and the `optimal` allocator at exactly the nominal bpp SB30
 each uniform rung; prints WikiText-2 and C4 perplexity and nominal bpp for each, then the verdicts of
 issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
 
-    python benchmarks/allocator_frontier.py [--eval-tokens 4096] [--protocol paper] [--samples 32]
+    python benchmarks/allocator_frontier.py [--eval-tokens 4096] [--protocol paper] [--samples 32] [--fisher-samples 16]
 Stage outputs are cached under $QUANT_HOME/artifacts, so a rerun only evaluates what changed.
 """
 
@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--protocol", default="paper", choices=["paper", "gptq"])
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--fisher-samples", type=int, default=None, help="samples of the profiler's backward pass (default: the pipeline's)")
     ap.add_argument("--methods", default="sensiboost,kurtboost,lim,zd,mxq,optimal")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -44,6 +45,8 @@ def main() -> int:
         "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
         "lm_eval_tasks": [],  # perplexity only: the comparison is at equal memory on the same tokens
     }
+    if args.fisher_samples is not None:
+        config["fisher_samples"] = args.fisher_samples
     started = time.time()
     prep = pipeline.prepare(config)
     scores = pipeline.profile(prep)

@@ -58,7 +58,7 @@ PARAMS = {
     "include_baseline": Param(True, type="boolean", title="Evaluate the unquantized model"),
     "calibration_samples": Param(32, type="integer", minimum=1, maximum=4096, title="Calibration windows"),
     "calibration_seq_len": Param(512, type="integer", minimum=16, maximum=8192, title="Calibration window length"),
-    "fisher_samples": Param(16, type="integer", minimum=0, maximum=4096, title="Gradient windows",
+    "fisher_samples": Param(8, type="integer", minimum=0, maximum=4096, title="Gradient windows",
                             description="calibration windows of the profiler's backward pass (optimal's loss estimate); 0 = none"),
     "eval_tokens": Param(2048, type="integer", minimum=0, title="Evaluation tokens per set (0 = full set)"),
     "protocols": Param(["paper", "gptq"], type="array", minItems=1, items={"type": "string", "enum": ["paper", "gptq"]},

@@ -53,7 +53,7 @@ class PipelineConfig:
     c4_parquet: str | None = None
     calibration_seq_len: int = 512
     # Calibration windows of the profiler's backward pass (the `optimal` allocator's loss estimate); 0 = none.
-    fisher_samples: int = 16
+    fisher_samples: int = 8
     eval_tokens: int = 2048
     protocols: list[str] = field(default_factory=lambda: ["paper", "gptq"])
     # Downstream scores through lm-eval (the local task in data/lm_eval/ works offline; hub task names

@@ -262,3 +262,20 @@ def test_container_steps_read_each_others_results(monkeypatch):
     assert qp._loads(['{"a": 1}', {"b": 2}]) == [{"a": 1}, {"b": 2}]
     params = {"model": "embedded"}
     assert qp.run_config({"params": params, "triggering_asset_events": {}}) == params
+
+
+def test_dag_params_default_to_the_pipeline_config(monkeypatch):
+    """A run triggered without conf must get the same configuration as `python -m tasks pipeline`."""
+    from dataclasses import fields
+
+    from tasks.pipeline import PipelineConfig
+
+    monkeypatch.syspath_prepend(str(DAGS))
+    monkeypatch.delenv("QUANT_RUNTIME", raising=False)
+    sys.modules.pop("quantization_pipeline", None)
+    import quantization_pipeline as qp
+
+    defaults = PipelineConfig()
+    assert set(qp.PARAMS) <= {f.name for f in fields(PipelineConfig)}
+    for name, param in qp.PARAMS.items():
+        assert param.value == getattr(defaults, name), name

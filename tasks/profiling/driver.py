@@ -45,7 +45,9 @@ from tasks.profiling.weights import kurtosis, zd_fraction
 log = logging.getLogger(__name__)
 
 SENSITIVITY_RUNG = Rung(4, 64)  # SensiBoost measures every part at HQQ b4g64
-DEFAULT_FISHER_SAMPLES = 16  # of the 32 default calibration windows: half the backward pass's cost
+# Of the 32 default calibration windows. On SmolLM2's frontier benchmark 8 windows chose allocations as good
+# as 16 (11/11 wins, perplexities within 3% either way) for half the backward pass's cost.
+DEFAULT_FISHER_SAMPLES = 8
 # Samples per step of the backward pass: autograd keeps every intermediate of a layer (attention scores
 # included) and the loss head a [tokens, vocab chunk] block, so it takes fewer samples than the forward;
 # the sums it accumulates do not depend on the split.

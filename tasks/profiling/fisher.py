@@ -100,7 +100,9 @@ def layer_backward(layer: torch.nn.Module, hidden: torch.Tensor, grad_out: torch
     finally:
         for handle in handles:
             handle.remove()
-    squares = {m: g.reshape(-1, g.shape[-1]).double().square().sum(dim=0) for m, g in zip(MODULES, grads[1:])}
+    # A float32 norm per feature, then float64 across steps: no float64 copy of the gradients (relative
+    # error ~1e-7 over a step's tokens, far below the sampling noise of the estimate).
+    squares = {m: torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=0).double().square() for m, g in zip(MODULES, grads[1:])}
     return grads[0], squares
 
 
