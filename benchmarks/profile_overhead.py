@@ -185,10 +185,10 @@ def main(argv=None) -> int:
         forward = _run_worker("forward", args, calibration, model.path, Path(tmp) / "unused")
         profile = _run_worker("profile", args, calibration, model.path, Path(tmp) / "profile")
 
-    from tasks.profiling.checkpoint import load_config
+    from tasks.model_io import read_config
     from tasks.profiling.cost import sensitivity_floor_ratio
 
-    floor = sensitivity_floor_ratio(load_config(model.path))
+    floor = sensitivity_floor_ratio(read_config(model.path))
     fisher = profile["phase_seconds"].get("backward", 0.0)
     result = {
         "model": model.name,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.profiling.cost import forward_macs, layer_macs, sensitivity_floor_ratio
+from tasks.profiling.cost import decoder_macs, forward_macs, sensitivity_floor_ratio
 
 
 def _linear_flops(fn) -> int:
@@ -27,25 +27,26 @@ def test_counts_match_the_flop_counter_on_a_real_model(arch):
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                          num_attention_heads=4, attn_implementation="eager", **arch)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
+    shapes = config.to_dict()  # what read_config gives for the saved checkpoint
     ids = torch.randint(0, 300, (2, 24))
     tokens = ids.numel()
     with torch.no_grad():
-        assert _linear_flops(lambda: model(input_ids=ids, use_cache=False)) == 2 * tokens * forward_macs(config)
+        assert _linear_flops(lambda: model(input_ids=ids, use_cache=False)) == 2 * tokens * forward_macs(shapes)
         layer = model.model.layers[0]
         h = torch.randn(2, 24, 64)
         # The re-runs the sensitivity parts need: the attention block and the MLP, every linear once more.
         attn = lambda: layer.self_attn(h, position_embeddings=model.model.rotary_emb(h, torch.arange(24)[None]), attention_mask=None)  # noqa: E731
-        assert _linear_flops(attn) + _linear_flops(lambda: layer.mlp(h)) == 2 * tokens * layer_macs(config)
+        assert _linear_flops(attn) + _linear_flops(lambda: layer.mlp(h)) == 2 * tokens * decoder_macs(shapes) // config.num_hidden_layers
 
 
 def test_floor_for_smollm2_and_llama2_7b_shapes():
     from transformers import LlamaConfig
 
     smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3)  # fmt: skip
+                       num_attention_heads=9, num_key_value_heads=3).to_dict()  # fmt: skip
     llama2 = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32)  # fmt: skip
+                         num_attention_heads=32, num_key_value_heads=32).to_dict()  # fmt: skip
     # 2 x 106.2M / (106.2M + 28.3M output embedding); a 7B model spends far less of its forward in the head.
-    assert layer_macs(smol) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536  # q, o; k, v (3 KV heads); MLP
+    assert decoder_macs(smol) == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # q, o; k, v (3 KV heads); MLP
     assert sensitivity_floor_ratio(smol) == pytest.approx(1.579, abs=1e-3)
     assert sensitivity_floor_ratio(llama2) == pytest.approx(1.960, abs=1e-3)

@@ -162,6 +162,16 @@ def dagbag(monkeypatch, runtime: str | None = None, **env):
     return bag
 
 
+def pipeline_module(monkeypatch):
+    """dags/quantization_pipeline.py imported afresh as a plain module, under the default runtime."""
+    monkeypatch.syspath_prepend(str(DAGS))
+    monkeypatch.delenv("QUANT_RUNTIME", raising=False)
+    sys.modules.pop("quantization_pipeline", None)
+    import quantization_pipeline
+
+    return quantization_pipeline
+
+
 def test_every_dag_parses_and_the_pipeline_runs_on_new_checkpoints(monkeypatch):
     bag = dagbag(monkeypatch)
     assert {"quantization_pipeline", "model_zoo", "checkpoint_watch"} <= set(bag.dag_ids)
@@ -253,10 +263,7 @@ def test_docker_runtime_launches_containers_with_a_gpu(monkeypatch):
 
 def test_container_steps_read_each_others_results(monkeypatch):
     """The glue between container steps: XComs arrive as dicts (Kubernetes) or JSON text (Docker)."""
-    monkeypatch.syspath_prepend(str(DAGS))
-    monkeypatch.delenv("QUANT_RUNTIME", raising=False)
-    sys.modules.pop("quantization_pipeline", None)
-    import quantization_pipeline as qp
+    qp = pipeline_module(monkeypatch)
 
     assert qp._loads('{"a": 1}') == {"a": 1} and qp._loads({"a": 1}) == {"a": 1}
     assert qp._loads(['{"a": 1}', {"b": 2}]) == [{"a": 1}, {"b": 2}]
@@ -270,11 +277,7 @@ def test_dag_params_default_to_the_pipeline_config(monkeypatch):
 
     from tasks.pipeline import PipelineConfig
 
-    monkeypatch.syspath_prepend(str(DAGS))
-    monkeypatch.delenv("QUANT_RUNTIME", raising=False)
-    sys.modules.pop("quantization_pipeline", None)
-    import quantization_pipeline as qp
-
+    qp = pipeline_module(monkeypatch)
     defaults = PipelineConfig()
     assert set(qp.PARAMS) <= {f.name for f in fields(PipelineConfig)}
     for name, param in qp.PARAMS.items():
