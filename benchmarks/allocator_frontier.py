@@ -19,9 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import pipeline  # noqa: E402
-from tasks.bitmap import uniform_bitmap  # noqa: E402
+from tasks.allocation.methods import BOOST_METHODS  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
+from tasks.orchestration import steps  # noqa: E402
+from tasks.orchestration.config import PipelineConfig  # noqa: E402
+from tasks.orchestration.context import StepContext  # noqa: E402
+from tasks.orchestration.planner import VariantSpec, allocate_variants, plan_variants  # noqa: E402
 
 UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
 BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
@@ -37,65 +40,47 @@ def main() -> int:
     ap.add_argument("--methods", default="sensiboost,kurtboost,lim,zd,mxq,optimal")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from tasks.allocation import run_allocation
+    from tasks.allocation import read_scores
     from tasks.model_io import linear_param_counts, read_config
 
+    methods = args.methods.split(",")
+    # The pipeline's own plan: uniform rungs, SB30/KB21 at the 3-bit rungs, LIM/ZD/MXQ at SB30's memory.
     config = {
-        "model": args.model, "uniform_budgets": [], "methods": ["sensiboost"], "budgets": [],
+        "model": args.model, "uniform_budgets": UNIFORM, "methods": [m for m in methods if m != "optimal"], "budgets": BOOST_RUNGS,
         "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
         "lm_eval_tasks": [],  # perplexity only: the comparison is at equal memory on the same tokens
     }
     if args.fisher_samples is not None:
         config["fisher_samples"] = args.fisher_samples
     started = time.time()
-    prep = pipeline.prepare(config)
-    scores = pipeline.profile(prep)
+    ctx = StepContext.from_env()
+    prep = steps.prepare(ctx, {**config, "methods": config["methods"] or ["sensiboost"]})
+    scores = steps.profile(ctx, prep)
     params = linear_param_counts(read_config(prep["model"]["path"]))
+    table = read_scores(scores)
+    planned = allocate_variants(plan_variants(PipelineConfig.from_dict(config)), table, params)
+    # ... plus `optimal` at exactly the bpp each boost method reached and at each uniform rung.
+    if "optimal" in methods:
+        targets = [("@" + p.spec.label, p.spec.budget.label, p.bitmap.nominal_bpp) for p in planned if p.spec.method in BOOST_METHODS]
+        targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in UNIFORM]
+        planned += [(f"optimal {who} {label}", p) for who, label, bpp in targets
+                    for p in allocate_variants([VariantSpec.of("optimal", float(bpp))], table, params)]  # fmt: skip
+    named = [item if isinstance(item, tuple) else (_name(item), item) for item in planned]
     out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
     out.mkdir(exist_ok=True)
-    methods = args.methods.split(",")
-
-    plans = []  # (name, bitmap path)
-    for rung in UNIFORM:
-        path = out / f"uniform-{rung}.json"
-        uniform_bitmap(params, parse_rung(rung)).save(path)
-        plans.append((f"uniform {parse_rung(rung).label}", path))
-    reached = {}
-    for rung in BOOST_RUNGS:
-        label = parse_rung(rung).label
-        for method, options, short in (("sensiboost", {"boost_stop": 3, "top_m": 0}, "SB30"), ("kurtboost", {"boost_stop": 2, "top_m": 1}, "KB21")):
-            if method not in methods:
-                continue
-            path = out / f"{short}-{rung}.json"
-            bm = run_allocation(scores, method, parse_rung(rung).bpp, options, path)
-            reached[(short, label)] = bm.nominal_bpp
-            plans.append((f"{short} {label}", path))
-        target = reached.get(("SB30", label), parse_rung(rung).bpp)
-        for method in ("lim", "zd", "mxq"):
-            if method in methods:
-                path = out / f"{method}-{target:.4f}.json"
-                run_allocation(scores, method, target, {}, path)
-                plans.append((f"{method} @SB30 {label}", path))
-    if "optimal" in methods:
-        targets = {f"@{k[0]} {k[1]}": v for k, v in reached.items()}
-        targets.update({f"@uniform {parse_rung(r).label}": parse_rung(r).bpp for r in UNIFORM})
-        for name, bpp in targets.items():
-            path = out / f"optimal-{bpp:.4f}.json"
-            run_allocation(scores, "optimal", bpp, {}, path)
-            plans.append((f"optimal {name}", path))
 
     rows = []
-    base = pipeline.allocate({**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
-    baseline = pipeline.evaluate(pipeline.quantize(base))["metrics"]
+    base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
+    baseline = steps.evaluate(ctx, steps.quantize(ctx, base))["metrics"]
     rows.append(("unquantized", None, baseline))
-    for name, path in plans:
-        from tasks.bitmap import BitMap
-
-        bm = BitMap.load(path)
-        variant = {**base, "backend": "hqq", "method": bm.method, "bitmap": str(path), "nominal_bpp": bm.nominal_bpp, "extra_pct": bm.extra_pct}
-        metrics = pipeline.evaluate(pipeline.quantize(variant))["metrics"]
-        rows.append((name, bm.nominal_bpp, metrics))
-        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, bm.nominal_bpp, metrics["ppl_wikitext2" if args.protocol == "paper" else "ppl_wikitext2_gptq"], metrics["ppl_c4" if args.protocol == "paper" else "ppl_c4_gptq"])
+    for name, p in named:
+        path = out / f"{name.replace(' ', '_').replace('@', 'at-')}.json"
+        p.bitmap.save(path)
+        variant = {**base, "backend": "hqq", "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
+        metrics = steps.evaluate(ctx, steps.quantize(ctx, variant))["metrics"]
+        rows.append((name, p.bitmap.nominal_bpp, metrics))
+        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" if args.protocol == "paper" else "ppl_wikitext2_gptq"], metrics["ppl_c4" if args.protocol == "paper" else "ppl_c4_gptq"])
+    reached = {(p.spec.label, p.spec.budget.label): p.bitmap.nominal_bpp for _, p in named if p.spec.method in BOOST_METHODS}
 
     key = "" if args.protocol == "paper" else "_gptq"
     print(f"\nSmolLM2 + HQQ, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")
@@ -119,6 +104,13 @@ def main() -> int:
             print(f"  {'WIN ' if ok else 'LOSS'} {ours:<24} {ppl[ours][1]:8.3f} @ {ppl[ours][0]:.4f}  vs  {theirs:<12} {ppl[theirs][1]:8.3f} @ {ppl[theirs][0]:.4f}")
     print(f"  {wins}/{len(checks)} wins")
     return 0
+
+
+def _name(p) -> str:
+    """The benchmark's row names: 'uniform 3.25', 'SB30 3.25', 'mxq @SB30 3.25'."""
+    if p.spec.method == "uniform" or p.spec.method in BOOST_METHODS:
+        return f"{p.spec.label} {p.spec.budget_label}"
+    return f"{p.spec.label} @SB30 {p.spec.budget_label}"
 
 
 if __name__ == "__main__":

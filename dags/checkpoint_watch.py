@@ -7,7 +7,7 @@ seen one. Each change becomes one event on the asset `quantpipe://checkpoints` w
 `{"model", "revision", "previous", "entry"}`, which schedules `quantization_pipeline` for that model;
 first sights and unchanged checkpoints are skipped, failed lookups fail their own instance. `commit`
 then records first sights and announced changes as seen (anything else is tried again next hour) and
-fails the run if a lookup or an announcement failed. Logic: `tasks.watch`.
+fails the run if a lookup or an announcement failed. Logic: `tasks.orchestration.watch`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from tasks import watch, zoo
+from tasks.orchestration import watch, zoo
 from tasks.errors import PipelineError
 
 CHECKPOINTS = Asset(watch.CHECKPOINTS_URI)

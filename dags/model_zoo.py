@@ -2,14 +2,16 @@
 ### Model zoo
 
 Quantizes every model of the zoo file (`dags/zoo.yaml`, or `$QUANT_ZOO_FILE`) once per checkpoint
-revision: `plan` resolves each entry's revision and looks up its key (entry config + revision); `run`,
-mapped over the entries, skips those whose key already has a completion marker, runs the whole pipeline
-in-process for the others and writes their markers. An entry whose revision could not be looked up fails
-its own `run` instance; the others go on.
+revision: `plan` resolves each entry's revision and looks up its key (entry config + revision);
+`trigger`, mapped over the pending entries, starts one `quantization_pipeline` DAG run each, with the
+entry's config as conf, and waits for it (deferred: no worker slot is held). So each entry gets the
+pipeline's mapping, per-variant retries and, under the kubernetes runtime, its GPU pods. An entry whose
+key has a completion marker (written by the pipeline run that finished it) is skipped; `check` fails
+the run if a revision lookup failed, after the other entries were triggered.
 
-A second run with nothing new quantizes nothing. The schedule is `$QUANT_ZOO_SCHEDULE` (a cron
-expression or preset, default `@daily`; `none` for manual and REST triggers only). Logic: `tasks.zoo`;
-this file only wires.
+A second run with nothing new triggers nothing. The schedule is `$QUANT_ZOO_SCHEDULE` (a cron
+expression or preset, default `@daily`; `none` for manual and REST triggers only); the triggered runs
+are polled every `$QUANT_ZOO_POLL_SECONDS` (default 60). Logic: `tasks.orchestration.zoo`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import dag, task
 
-from tasks import zoo
+from tasks.errors import PipelineError
+from tasks.orchestration import zoo
 
 SCHEDULE = os.environ.get("QUANT_ZOO_SCHEDULE", "@daily").strip() or "@daily"
+POLL_SECONDS = int(os.environ.get("QUANT_ZOO_POLL_SECONDS") or 60)
 
 
 @dag(
@@ -39,15 +43,25 @@ def model_zoo():
     def plan() -> list[dict]:
         return zoo.plan_zoo(zoo.load_zoo())
 
-    @task(max_active_tis_per_dagrun=1, map_index_template="{{ zoo_entry }}")
-    def run(item: dict) -> dict:
-        get_current_context()["zoo_entry"] = item["name"]  # names the mapped instance in the UI
-        result = zoo.run_entry(item)
-        if not result["ran"]:
-            raise AirflowSkipException(f"{item['name']}: {result['reason']}")
-        return result
+    @task
+    def pending(items: list[dict], **context) -> list[dict]:
+        return zoo.trigger_requests(items, context["run_id"])
 
-    run.expand(item=plan())
+    @task(trigger_rule="all_done")
+    def check(items: list[dict]) -> None:
+        if errors := zoo.failed_lookups(items):
+            raise PipelineError("zoo: " + "; ".join(errors))
+
+    items = plan()
+    triggered = TriggerDagRunOperator.partial(
+        task_id="trigger",
+        trigger_dag_id="quantization_pipeline",
+        wait_for_completion=True,
+        deferrable=True,
+        poke_interval=POLL_SECONDS,
+        skip_when_already_exists=True,
+    ).expand_kwargs(pending(items))
+    triggered >> check(items)
 
 
 model_zoo()

@@ -21,12 +21,12 @@ STAGES = {
     "frontier": ("tasks.allocation.frontier_cli", "the optimal allocator's bit maps and estimated loss for many budgets"),
     "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
     "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
-    "promote": ("tasks.promotion", "move the champion alias to the best registered version"),
+    "promote": ("tasks.registry.promotion", "move the champion alias to the best registered version"),
     "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
-    "pipeline": ("tasks.pipeline", "run the whole pipeline in-process, without Airflow"),
-    "downstream": ("tasks.downstream", "lm-eval task scores of a model variant"),
-    "zoo": ("tasks.zoo", "validate, plan or run the model zoo (dags/zoo.yaml)"),
-    "step": ("tasks.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
+    "pipeline": ("tasks.orchestration.runner", "run the whole pipeline in-process, without Airflow"),
+    "downstream": ("tasks.evaluation.downstream", "lm-eval task scores of a model variant"),
+    "zoo": ("tasks.orchestration.zoo", "validate, plan or run the model zoo (dags/zoo.yaml)"),
+    "step": ("tasks.orchestration.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
 }
 
 

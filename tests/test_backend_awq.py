@@ -12,7 +12,7 @@ import torch
 from tasks.bitmap import uniform_bitmap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.model_io import linear_param_counts, load_model, read_config
+from helpers import BOOSTED, boosted_bitmap, rel_error
 
 pytest.importorskip("llmcompressor", reason="llmcompressor is not installed (the llmcompressor container has it)")
 
@@ -23,33 +23,12 @@ from tasks.quantize.awq import (  # noqa: E402
     fitting_group_size,
 )
 
-VOCAB = 512
-BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
 FAST = {"n_grid": 4}  # AWQ's scale grid: 4 points instead of 20 keeps the test in seconds
 
 
 @pytest.fixture(scope="module")
-def tiny(word_llama_dir):
-    path = word_llama_dir
-    gen = torch.Generator().manual_seed(1)
-    calibration = torch.randint(0, VOCAB, (8, 64), generator=gen)
-    ids = torch.randint(0, VOCAB, (2, 48), generator=gen)
-    with torch.no_grad():
-        reference = load_model(path)(ids).logits
-    return {"path": path, "calibration": calibration, "ids": ids, "reference": reference,
-            "params": linear_param_counts(read_config(path))}
-
-
-def _kurtboost_map(params):
-    bitmap = uniform_bitmap(params, Rung(4, 64))
-    bitmap.method = "kurtboost"
-    for key in BOOSTED:
-        bitmap.modules[key] = Rung(8, 128)
-    return bitmap
-
-
-def _rel_error(reference, logits):
-    return ((reference - logits.float()).norm() / reference.norm()).item()
+def tiny(word_llama):
+    return word_llama
 
 
 def test_group_sizes_that_do_not_divide_get_finer_groups():
@@ -65,7 +44,7 @@ def test_group_sizes_that_do_not_divide_get_finer_groups():
 
 
 def test_config_groups_target_every_module_exactly_once(tiny):
-    bitmap = _kurtboost_map(tiny["params"])
+    bitmap = boosted_bitmap(tiny["params"])
     groups = config_groups(dict(bitmap.modules))
     assert {g["weights"]["num_bits"] for g in groups.values()} == {4, 8}
     for key, rung in bitmap.modules.items():
@@ -76,13 +55,13 @@ def test_config_groups_target_every_module_exactly_once(tiny):
 
 
 def test_awq_check_says_what_it_can(tiny):
-    bitmap = _kurtboost_map(tiny["params"])
+    bitmap = boosted_bitmap(tiny["params"])
     AWQBackend().check(bitmap)
     bitmap.modules["1.mlp.up_proj"] = Rung(6, 64)
     with pytest.raises(PipelineError, match=r"awq cannot express rungs \['b6g64'\]"):
         AWQBackend().check(bitmap)
     with pytest.raises(PipelineError, match="calibration"):
-        AWQBackend().quantize(tiny["path"], _kurtboost_map(tiny["params"]), None, tiny["path"] / "never", {})
+        AWQBackend().quantize(tiny["path"], boosted_bitmap(tiny["params"]), None, tiny["path"] / "never", {})
 
 
 def _packed_bits(handle, name, in_features):
@@ -105,14 +84,14 @@ def test_awq_uniform_4bit_roundtrip(tiny, tmp_path):
     model = backend.load(tmp_path)
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
+    assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
 
 
 def test_awq_kurtboost_map_gives_boosted_modules_8_bits(tiny, tmp_path):
     from safetensors import safe_open
 
     backend = AWQBackend()
-    facts = backend.quantize(tiny["path"], _kurtboost_map(tiny["params"]), tiny["calibration"], tmp_path, FAST)
+    facts = backend.quantize(tiny["path"], boosted_bitmap(tiny["params"]), tiny["calibration"], tmp_path, FAST)
     assert facts["config_groups"] == {"group_b4g64": 4, "group_b8g128": 8}
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"]) for g in saved.values()) == [(4, 64), (8, 128)]
@@ -126,4 +105,4 @@ def test_awq_kurtboost_map_gives_boosted_modules_8_bits(tiny, tmp_path):
     assert model.get_submodule("model.layers.0.self_attn.k_proj").quantization_scheme.weights.num_bits == 4
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5
+    assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5

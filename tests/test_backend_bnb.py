@@ -11,47 +11,21 @@ import torch
 from tasks.bitmap import uniform_bitmap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.model_io import linear_param_counts, load_model, read_config
+from helpers import BOOSTED, boosted_bitmap, rel_error
+from tasks.model_io import load_model
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the bnb container has it)")
 
 from tasks.quantize.bnb import BnBBackend, plan  # noqa: E402
 
-VOCAB = 512
-BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """2 layers, hidden 128, MLP 256, 4 heads / 2 KV heads, random weights (bnb needs no data)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-bnb")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        reference = load_model(path)(ids).logits
-    return {"path": path, "ids": ids, "reference": reference, "params": linear_param_counts(read_config(path))}
-
-
-def _boosted_map(params):
-    bitmap = uniform_bitmap(params, Rung(4, 64))
-    bitmap.method = "kurtboost"
-    for key in BOOSTED:
-        bitmap.modules[key] = Rung(8, 128)
-    return bitmap
-
-
-def _rel_error(reference, logits):
-    return ((reference - logits.float()).norm() / reference.norm()).item()
+def tiny(word_llama):
+    return word_llama
 
 
 def test_plan_splits_a_boost_map_into_4_and_8_bit(tiny):
-    layout = plan(_boosted_map(tiny["params"]))
+    layout = plan(boosted_bitmap(tiny["params"]))
     assert layout["mode"] == "4bit" and sorted(layout["int8"]) == sorted(BOOSTED) and len(layout["four"]) == 12
     assert plan(uniform_bitmap(tiny["params"], Rung(8, 32)))["mode"] == "int8"
 
@@ -62,7 +36,7 @@ def test_plan_splits_a_boost_map_into_4_and_8_bit(tiny):
      (Rung(4, 128), r"bnb cannot express rungs \['b4g128'\]: its 4-bit blocksize is 64")],
 )
 def test_bnb_check_refuses_what_it_cannot_express(tiny, rung, message):
-    bitmap = _boosted_map(tiny["params"])
+    bitmap = boosted_bitmap(tiny["params"])
     bitmap.modules["1.mlp.up_proj"] = rung
     with pytest.raises(PipelineError, match=message):
         BnBBackend().check(bitmap)
@@ -89,14 +63,14 @@ def test_bnb_uniform_roundtrip(tiny, tmp_path, quant_type, rung, linear, error_b
     assert type(model.get_submodule("model.layers.1.mlp.up_proj")).__name__ == linear
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < error_bound  # really quantized, still close
+    assert 1e-3 < rel_error(tiny["reference"], logits) < error_bound  # really quantized, still close
 
 
 def test_bnb_boosted_modules_are_int8_after_reload(tiny, tmp_path):
     from safetensors import safe_open
 
     backend = BnBBackend()
-    facts = backend.quantize(tiny["path"], _boosted_map(tiny["params"]), None, tmp_path, {})
+    facts = backend.quantize(tiny["path"], boosted_bitmap(tiny["params"]), None, tmp_path, {})
     assert facts["int8_modules"] == 2 and facts["mode"] == "nf4"
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
         assert fh.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8
@@ -108,10 +82,10 @@ def test_bnb_boosted_modules_are_int8_after_reload(tiny, tmp_path):
     assert {v for k, v in kinds.items() if k not in BOOSTED} == {"Linear4bit"}
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5
+    assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5
     # The int8 modules reproduce the quantized weights: their error against the float weight is tiny.
     fp = load_model(tiny["path"]).get_submodule("model.layers.0.self_attn.q_proj")
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     x = torch.randn(4, 128)
     with torch.no_grad():
-        assert _rel_error(fp(x), q(x)) < 0.02
+        assert rel_error(fp(x), q(x)) < 0.02

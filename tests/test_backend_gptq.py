@@ -12,7 +12,7 @@ import torch
 from tasks.bitmap import uniform_bitmap
 from tasks.errors import PipelineError
 from tasks.ladder import MODULES, Rung, module_key
-from tasks.model_io import linear_param_counts, load_model, read_config
+from helpers import BOOSTED, boosted_bitmap, rel_error
 from tasks.quantize.gptq_targets import (
     base_rung,
     calibration_rows,
@@ -24,32 +24,11 @@ from tasks.quantize.gptq_targets import (
     store_unquantized_16bit,
 )
 
-VOCAB = 512
-BOOSTED = ("0.self_attn.q_proj", "1.mlp.down_proj")
 
 
 @pytest.fixture(scope="module")
-def tiny(word_llama_dir):
-    path = word_llama_dir
-    gen = torch.Generator().manual_seed(1)
-    calibration = torch.randint(3, VOCAB, (8, 64), generator=gen)
-    ids = torch.randint(3, VOCAB, (2, 48), generator=gen)
-    with torch.no_grad():
-        reference = load_model(path)(ids).logits
-    return {"path": path, "calibration": calibration, "ids": ids, "reference": reference,
-            "params": linear_param_counts(read_config(path))}
-
-
-def _kurtboost_map(params):
-    bitmap = uniform_bitmap(params, Rung(4, 64))
-    bitmap.method = "kurtboost"
-    for key in BOOSTED:
-        bitmap.modules[key] = Rung(8, 128)
-    return bitmap
-
-
-def _rel_error(reference, logits):
-    return ((reference - logits.float()).norm() / reference.norm()).item()
+def tiny(word_llama):
+    return word_llama
 
 
 # --- the shared, library-free helpers -------------------------------------------------------------
@@ -65,7 +44,7 @@ def test_module_regex_matches_exactly_its_modules():
 
 def test_base_rung_is_the_one_with_most_parameters():
     params = {module_key(i, m): 10 for i in range(2) for m in MODULES}
-    bitmap = _kurtboost_map(params)
+    bitmap = boosted_bitmap(params)
     assert base_rung(bitmap) == Rung(4, 64)
     groups = rung_groups(bitmap)
     assert list(groups) == [Rung(4, 64), Rung(8, 128)] and sorted(groups[Rung(8, 128)]) == sorted(BOOSTED)
@@ -122,7 +101,7 @@ def backend():
 
 
 def test_gptq_check_says_what_it_can(backend, tiny):
-    bitmap = _kurtboost_map(tiny["params"])
+    bitmap = boosted_bitmap(tiny["params"])
     backend.check(bitmap)
     bitmap.modules["1.mlp.up_proj"] = Rung(4, 16)
     with pytest.raises(PipelineError, match=r"gptq cannot express rungs \['b4g16'\].*group size one of"):
@@ -132,7 +111,7 @@ def test_gptq_check_says_what_it_can(backend, tiny):
 def test_gptq_dynamic_overrides_from_the_bitmap(backend, tiny):
     from tasks.quantize.gptq import quantize_config_args
 
-    args = quantize_config_args(_kurtboost_map(tiny["params"]), ["1.mlp.up_proj"])
+    args = quantize_config_args(boosted_bitmap(tiny["params"]), ["1.mlp.up_proj"])
     assert (args["bits"], args["group_size"]) == (4, 64)
     (plus, boost), (minus, skip) = args["dynamic"].items()
     assert boost == {"bits": 8, "group_size": 128} and skip == {}
@@ -160,13 +139,13 @@ def test_gptq_uniform_4bit_roundtrip(backend, tiny, tmp_path):
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
     assert logits.dtype == torch.float32
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
+    assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
 
 
 def test_gptq_kurtboost_map_gives_boosted_modules_8_bits(backend, tiny, tmp_path):
     from safetensors import safe_open
 
-    facts = backend.quantize(tiny["path"], _kurtboost_map(tiny["params"]), tiny["calibration"], tmp_path, {})
+    facts = backend.quantize(tiny["path"], boosted_bitmap(tiny["params"]), tiny["calibration"], tmp_path, {})
     assert facts["base_rung"] == "b4g64" and facts["overrides"] == 1
     config = json.loads((tmp_path / "quantize_config.json").read_text())
     assert (config["bits"], config["group_size"]) == (4, 64)
@@ -181,7 +160,7 @@ def test_gptq_kurtboost_map_gives_boosted_modules_8_bits(backend, tiny, tmp_path
     assert (layer.bits, layer.group_size) == (8, 128)
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
-    assert 1e-3 < _rel_error(tiny["reference"], logits) < 0.5
+    assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5
 
 
 def test_gptq_leaves_modules_outside_the_bitmap_in_16_bit(backend, tiny, tmp_path):

@@ -154,23 +154,27 @@ def test_image_table_lists_every_dockerfile():
 
 def test_image_table_matches_the_cli_and_the_backends():
     from tasks.__main__ import STAGES
+    from tasks.orchestration.step_table import STEPS
     from tasks.quantize.registry import BACKENDS
-    from tasks.step_cli import STEPS
 
     assert set(IMAGES["stages"]) == set(STAGES), "every `python -m tasks <stage>` needs an image, and only those"
     assert set(IMAGES["backends"]) == set(BACKENDS), "every registered backend needs an image"
-    assert set(IMAGES["steps"]) == set(STEPS), "every `python -m tasks step NAME` needs an image"
-    for stage, entry in [*IMAGES["stages"].items(), *IMAGES["steps"].items()]:
+    assert "steps" not in IMAGES, "the DAG steps' images come from the step table alone"
+    for stage, entry in IMAGES["stages"].items():
         assert FAMILIES[entry["family"]]["role"] == "stage", stage
         assert isinstance(entry["gpu"], bool), stage
+    for step in STEPS:
+        assert FAMILIES[step.family]["role"] == "stage", step.name
     for backend, family in IMAGES["backends"].items():
         assert FAMILIES[family]["role"] == "stage", backend
-    assert set(IMAGES["backend_stages"]) <= set(IMAGES["stages"]) & set(IMAGES["steps"])
-    for table in ("stages", "steps"):
-        assert IMAGES[table]["quantize"]["gpu"] and IMAGES[table]["profile"]["gpu"] and IMAGES[table]["evaluate"]["gpu"]
-        assert not IMAGES[table]["allocate"]["gpu"]
+    assert set(IMAGES["backend_stages"]) <= set(IMAGES["stages"])
+    assert IMAGES["stages"]["quantize"]["gpu"] and IMAGES["stages"]["profile"]["gpu"] and IMAGES["stages"]["evaluate"]["gpu"]
+    assert not IMAGES["stages"]["allocate"]["gpu"]
+    steps = {s.name: s for s in STEPS}
+    assert steps["quantize"].gpu and steps["profile"].gpu and steps["evaluate"].gpu and not steps["allocate"].gpu
+    assert {s.name for s in STEPS if s.backend_image} == set(IMAGES["backend_stages"]) & set(steps)
     assert FAMILY_PINS["core"]["mlflow"], "record/finish/promote talk to MLflow: they run in core"
-    assert all(IMAGES["steps"][s]["family"] == "core" for s in ("prepare", "record", "finish"))
+    assert all(steps[s].family == "core" for s in ("prepare", "record", "finish"))
 
 
 def test_readme_names_every_image():

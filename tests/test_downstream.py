@@ -9,12 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-from tasks.downstream import TASK_DIR, clean_metrics, metric_names, resolve_task_dir
+from tasks.evaluation.downstream import TASK_DIR, clean_metrics, metric_names, resolve_task_dir
 from tasks.errors import PipelineError
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -58,17 +57,13 @@ def test_metrics_are_cleaned_and_named_for_mlflow():
 
 
 @pytest.fixture(scope="module")
-def tiny_model_and_tokenizer():
+def tiny_model_and_tokenizer(embedded_model):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.model_io import load_tokenizer, resolve_model
+    from tasks.model_io import load_tokenizer
 
-    try:
-        resolved = resolve_model("embedded", cache_dir=os.environ.get("QUANT_TEST_CACHE", "/tmp/qcache"))
-    except PipelineError as exc:
-        pytest.skip(f"the embedded model's tokenizer is not available: {exc}")
-    tokenizer = load_tokenizer(resolved.path)
+    tokenizer = load_tokenizer(embedded_model.path)  # the shared, once-converted embedded checkpoint
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -79,7 +74,7 @@ def tiny_model_and_tokenizer():
 def test_local_task_runs_offline_on_an_in_memory_model(tiny_model_and_tokenizer, tmp_path, monkeypatch):
     import torch
 
-    from tasks.downstream import run_downstream
+    from tasks.evaluation.downstream import run_downstream
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -99,7 +94,7 @@ def test_local_task_runs_offline_on_an_in_memory_model(tiny_model_and_tokenizer,
 
 @pytest.mark.skipif(HAS_LM_EVAL, reason="lm-eval is installed")
 def test_missing_lm_eval_is_a_one_line_error():
-    from tasks.downstream import run_downstream
+    from tasks.evaluation.downstream import run_downstream
 
     with pytest.raises(PipelineError, match="lm-eval is not installed"):
         run_downstream(None, None)

@@ -1,4 +1,4 @@
-"""dags/launchers.py: the pods and containers the DAG would launch, built without a cluster or an engine.
+"""tasks/orchestration/launch.py: the pods and containers the DAG would launch, built without a cluster or an engine.
 
 Checks that GPU stages request `nvidia.com/gpu` and land on GPU nodes, that each backend runs in its
 family's image, that the pods are valid Kubernetes objects (kubernetes-validate's schemas, strict) and
@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.errors import PipelineError
+from tasks.orchestration import launch as launchers
+from tasks.orchestration.launch import LaunchConfig, docker_spec, image_for, launch_spec, make_operator, pod_manifest
+from tasks.orchestration.step_table import BY_NAME as STEPS
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "dags"))  # as Airflow does for the DAGs folder
-
-import launchers  # noqa: E402
-from launchers import LaunchConfig, docker_spec, image_for, launch_spec, make_operator, pod_manifest  # noqa: E402
-
-from tasks.errors import PipelineError  # noqa: E402
 
 IMAGES = json.loads((REPO / "containers" / "images.json").read_text())
 K8S_ENV = {"QUANT_RUNTIME": "kubernetes", "QUANT_IMAGE_REGISTRY": "registry.example.com/ml", "QUANT_IMAGE_TAG": "1.2.3"}
@@ -153,7 +152,7 @@ def test_docker_spec():
 
 
 def test_the_module_imports_no_provider():
-    code = ("import sys; sys.path.insert(0, 'dags'); import launchers; "
+    code = ("import sys; import tasks.orchestration.launch; "
             "print(sorted(m for m in sys.modules if m.startswith(('airflow', 'docker', 'kubernetes'))))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -224,22 +223,22 @@ def test_mapped_operator_serializes(runtime):
     assert set(restored.task_dict) == {"quantize", "allocate"}
 
 
-@pytest.mark.parametrize("step", sorted(IMAGES["steps"]))
+@pytest.mark.parametrize("step", sorted(STEPS))
 def test_dag_steps_run_in_the_right_image(step, k8s):
     """`python -m tasks step NAME --input JSON`: image and GPU follow the step, and the backend for
     quantize/evaluate."""
     args = [step, "--input", '{"backend": "gptq"}']
     pod = pod_manifest("step", "gptq", args, k8s)
     container = pod["spec"]["containers"][0]
-    family = "gptq" if step in IMAGES["backend_stages"] else IMAGES["steps"][step]["family"]
+    family = "gptq" if STEPS[step].backend_image else STEPS[step].family
     assert container["image"] == image(family)
     assert container["args"] == ["step", *args]
-    assert (launchers.GPU_RESOURCE in container["resources"]["limits"]) == IMAGES["steps"][step]["gpu"]
+    assert (launchers.GPU_RESOURCE in container["resources"]["limits"]) == STEPS[step].gpu
     assert pod["metadata"]["labels"]["quantpipe/step"] == step
     k8s_validate(pod)
     docker = docker_spec("step", "gptq", args, LaunchConfig.from_env({"QUANT_RUNTIME": "docker"}))
     assert docker["retrieve_output"] and docker["retrieve_output_path"] == launchers.XCOM_PATH
-    assert bool(docker["device_requests"]) == IMAGES["steps"][step]["gpu"]
+    assert bool(docker["device_requests"]) == STEPS[step].gpu
 
 
 def test_unknown_step_is_an_error(k8s):

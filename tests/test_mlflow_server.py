@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an MLflow server, moto and a browser: whole services
+
 REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "mlflow" / "serve.sh"
 BUCKET = "mlflow-artifacts"
@@ -123,7 +125,7 @@ def logged(servers, tiny_model_dir, tmp_path_factory):
     """A reduced pipeline run against the server, with the pipeline's artifact store in S3 too."""
     from mlflow import MlflowClient
 
-    from tasks.pipeline import run_inprocess
+    from tasks.orchestration.runner import run_inprocess
 
     uri, home = servers["uri"], tmp_path_factory.mktemp("pipeline-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -185,7 +187,7 @@ def test_runs_metrics_and_artifacts_round_trip_through_the_server_into_s3(server
 
 
 def test_register_and_promote_through_the_server(servers, logged):
-    from tasks.promotion import run_promotion
+    from tasks.registry.promotion import run_promotion
 
     client, model, versions = logged["client"], logged["model"], logged["versions"]
     assert set(versions) == {"hqq/uniform/4.25", "hqq/uniform/3.13"}

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from tasks.pipeline import METHODS, run_inprocess
+from tasks.allocation.methods import METHODS
+from tasks.orchestration.runner import run_inprocess
 
 
 def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.errors import PipelineError
-from tasks.promotion import Candidate, decide
+from tasks.registry.promotion import Candidate, decide
 
 C = Candidate
 
@@ -113,7 +113,7 @@ class _WriteCounter:
 
 
 def test_promotion_moves_the_alias_records_why_and_is_idempotent(store, monkeypatch):
-    from tasks.promotion import run_promotion
+    from tasks.registry.promotion import run_promotion
 
     uri, client, exp = store
     model = "Tiny-quant"
@@ -153,7 +153,7 @@ def test_promotion_moves_the_alias_records_why_and_is_idempotent(store, monkeypa
 
 
 def test_no_eligible_version_and_unknown_model_are_errors(store):
-    from tasks.promotion import run_promotion
+    from tasks.registry.promotion import run_promotion
 
     uri, client, exp = store
     client.create_registered_model("Small-quant")

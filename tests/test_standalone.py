@@ -1,7 +1,8 @@
 """The DAGs under a real Airflow: `airflow standalone` (SQLite, LocalExecutor, api-server on 127.0.0.1),
 driven only through its REST API, as a user or a CI job would.
 
-Checks that every DAG imports, that invalid trigger confs are refused with a 400 before anything runs,
+Checks that every DAG imports, that the model zoo triggers one quantization_pipeline run for its entry
+and nothing on its second run, that invalid trigger confs are refused with a 400 before anything runs,
 that a REST-triggered run of quantization_pipeline succeeds and lands in MLflow, and that a new
 checkpoint seen by checkpoint_watch starts quantization_pipeline through the asset. Every process the
 test starts is stopped at the end: the standalone's process group, then anything left in its session.
@@ -35,6 +36,7 @@ CONF = {  # the reduced pipeline: baseline + one uniform 4-bit variant on the ti
     "eval_tokens": 1024,
     "protocols": ["paper"],
 }
+ZOO_CONF = {**CONF, "lm_eval_tasks": []}  # its own config: the REST-triggered run must not mark it done
 RUN_TIMEOUT = 600
 
 
@@ -165,7 +167,7 @@ def airflow(tmp_path_factory, checkpoint):
     home.mkdir()
     state.mkdir()
     zoo_file = root / "zoo.yaml"
-    zoo_file.write_text(json.dumps({"entries": [{"name": "tiny", "model": str(checkpoint), "watch": True, **CONF}]}))
+    zoo_file.write_text(json.dumps({"entries": [{"name": "tiny", "model": str(checkpoint), "watch": True, **ZOO_CONF}]}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "QUANT_", "MLFLOW_"))}
     env.update(
@@ -192,6 +194,7 @@ def airflow(tmp_path_factory, checkpoint):
         # Unpaused at creation, a daily model_zoo would run the zoo's entry at once, beside the runs
         # under test (and record the same variants first): manual only here.
         QUANT_ZOO_SCHEDULE="none",
+        QUANT_ZOO_POLL_SECONDS="5",
         PYTHONPATH=str(REPO),
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # standalone starts `airflow` from PATH
         TOKENIZERS_PARALLELISM="false",
@@ -216,6 +219,40 @@ def test_every_dag_imports(airflow):
     dags = {d["dag_id"]: d for d in airflow.api("GET", "/dags").json()["dags"]}
     assert {"quantization_pipeline", "model_zoo", "checkpoint_watch"} <= set(dags)
     assert not dags["quantization_pipeline"]["is_paused"]
+
+
+def quantized_dirs(state: Path) -> set[str]:
+    root = state / "artifacts" / "quantized"
+    return {str(p.relative_to(root)) for p in root.glob("*/*") if p.is_dir()} if root.exists() else set()
+
+
+def test_the_zoo_triggers_one_pipeline_run_and_the_second_zoo_run_nothing(airflow, checkpoint):
+    from mlflow import MlflowClient
+
+    def zoo_once() -> None:
+        response = airflow.trigger("model_zoo")
+        assert response.status_code == 200, response.text
+        airflow.wait_run("model_zoo", response.json()["dag_run_id"])  # waits for the runs it triggered
+
+    zoo_once()
+    triggered = [r for r in airflow.runs("quantization_pipeline") if r["dag_run_id"].startswith("zoo__tiny__")]
+    assert len(triggered) == 1 and triggered[0]["state"] == "success", triggered
+    assert triggered[0]["conf"]["model"] == str(checkpoint) and triggered[0]["conf"]["lm_eval_tasks"] == []
+    built = quantized_dirs(airflow.state)
+    assert len(built) == 1
+    client = MlflowClient(airflow.env["MLFLOW_TRACKING_URI"])
+    name = f"{checkpoint.name}-quant"
+    versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    assert len(versions) == 1
+    exp = client.get_experiment_by_name(f"quant/{checkpoint.name}")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pipeline_run") == "true"]
+    assert [p.data.tags["airflow_dag_run_id"] for p in parents] == [triggered[0]["dag_run_id"]]
+
+    zoo_once()
+    assert len([r for r in airflow.runs("quantization_pipeline") if r["dag_run_id"].startswith("zoo__")]) == 1, "nothing new to run"
+    assert quantized_dirs(airflow.state) == built
+    assert {v.version for v in client.search_model_versions(f"name = '{name}'")} == versions
+    assert len([r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pipeline_run") == "true"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,21 @@
-"""The model zoo (tasks/zoo.py, dags/model_zoo.py): the zoo file, revision lookup, planning and skipping,
-and the acceptance: running the model-zoo DAG twice with `airflow dags test` quantizes nothing the
-second time."""
+"""The model zoo (tasks/orchestration/zoo.py): the zoo file, revision lookup, planning, skipping and the
+trigger requests. The zoo DAG under a real scheduler (two runs, the second quantizes nothing):
+tests/test_standalone.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tasks import zoo
 from tasks.artifacts import StageOutput
 from tasks.errors import PipelineError
+from tasks.orchestration import zoo
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_ENTRY = {
-    "uniform_budgets": ["b4g64"],
-    "methods": [],
-    "budgets": [],
-    "eval_tokens": 1024,
-    "protocols": ["paper"],
-    "calibration_samples": 4,
-    "calibration_seq_len": 128,
-}
 
 
 def write_zoo(path: Path, text: str) -> Path:
@@ -38,7 +26,7 @@ def write_zoo(path: Path, text: str) -> Path:
 def entry(name="a", model="embedded", watch=False, **config) -> zoo.ZooEntry:
     from dataclasses import asdict
 
-    from tasks.pipeline import PipelineConfig
+    from tasks.orchestration.config import PipelineConfig
 
     return zoo.ZooEntry(name=name, config=asdict(PipelineConfig.from_dict({"model": model, **config})), watch=watch)
 
@@ -181,6 +169,16 @@ def test_hub_revision_falls_back_to_resolve_model_offline(monkeypatch):
 # ---- planning and skipping -----------------------------------------------------------------------
 
 
+def complete(state: Path, item: dict, parent: str = "parent-1") -> str:
+    """What a finished pipeline run of the item's conf does: finish() marks its (normalized) config
+    done for the checkpoint it resolved."""
+    from tasks.orchestration.config import PipelineConfig
+
+    config = PipelineConfig.from_dict(item["config"]).to_dict()  # as the triggered run's prepare sees it
+    model = {"source": item["model"], "revision": item["revision"]}
+    return zoo.record_completion(state / "artifacts", config, model, parent, state / "reports" / parent, [{"variant": "hqq/uniform/4.25"}])
+
+
 def test_plan_runs_what_is_new_and_skips_what_is_done(state):
     entries = [entry("a", model="org/a", budgets=[]), entry("b", model="org/b", budgets=[])]
     lookup = fake_lookup({"org/a": "sha-a1", "org/b": "sha-b1"})
@@ -188,23 +186,31 @@ def test_plan_runs_what_is_new_and_skips_what_is_done(state):
     assert [(i["name"], i["status"]) for i in items] == [("a", "pending"), ("b", "pending")]
     a = items[0]
     assert a["revision"] == "sha-a1" and a["config"]["revision"] == "sha-a1", "hub ids run the keyed commit"
+    assert [r["conf"] for r in zoo.trigger_requests(items, "run-1")] == [a["config"], items[1]["config"]]
 
-    result = zoo.run_entry(a, runner=fake_runner(state))
-    assert result["ran"] and result["parent_run_id"] == "parent-1"
+    complete(state, a)
     manifest = StageOutput(state / "artifacts", zoo.MARKER_STAGE, zoo.marker_inputs(a["config"], "sha-a1")).manifest()
-    assert manifest["entry"] == "a" and manifest["parent_run_id"] == "parent-1" and manifest["revision"] == "sha-a1"
+    assert manifest["parent_run_id"] == "parent-1" and manifest["revision"] == "sha-a1" and manifest["model"] == "org/a"
+    assert complete(state, a, parent="parent-2") and StageOutput(state / "artifacts", zoo.MARKER_STAGE, zoo.marker_inputs(a["config"], "sha-a1")).manifest()["parent_run_id"] == "parent-1", "the first marker stays"
 
     again = {i["name"]: i for i in zoo.plan_zoo(entries, lookup=lookup)}
     assert again["a"]["status"] == "done" and again["a"]["parent_run_id"] == "parent-1"
     assert again["b"]["status"] == "pending"
-    skipped = zoo.run_entry(again["a"], runner=lambda c: pytest.fail("a done entry must not run"))
-    assert skipped["ran"] is False
+    assert [r["conf"]["model"] for r in zoo.trigger_requests(list(again.values()), "run-2")] == ["org/b"], "a done entry is not triggered"
+
+
+def test_trigger_run_ids_are_stable_per_zoo_run_and_distinct_across_runs(state):
+    items = zoo.plan_zoo([entry("a", model="org/a", budgets=[])], lookup=fake_lookup({"org/a": "sha"}))
+    first = zoo.trigger_requests(items, "scheduled__2026-12-01")
+    assert first == zoo.trigger_requests(items, "scheduled__2026-12-01"), "a retried trigger task finds its own run"
+    assert first[0]["trigger_run_id"] != zoo.trigger_requests(items, "scheduled__2026-12-02")[0]["trigger_run_id"]
+    assert first[0]["trigger_run_id"].startswith(f"zoo__a__{items[0]['key']}__")
 
 
 def test_a_new_revision_or_a_changed_config_runs_again(state):
     done = entry("a", model="org/a", budgets=[])
     item = zoo.plan_zoo([done], lookup=fake_lookup({"org/a": "sha-1"}))[0]
-    zoo.run_entry(item, runner=fake_runner(state))
+    complete(state, item)
     assert zoo.plan_zoo([done], lookup=fake_lookup({"org/a": "sha-1"}))[0]["status"] == "done"
     assert zoo.plan_zoo([done], lookup=fake_lookup({"org/a": "sha-2"}))[0]["status"] == "pending"
     changed = entry("a", model="org/a", budgets=[], eval_tokens=999)
@@ -218,96 +224,28 @@ def test_a_new_revision_or_a_changed_config_runs_again(state):
 def test_duplicates_and_failed_lookups(state):
     entries = [entry("a", model="org/a", budgets=[]), entry("twin", model="org/a", budgets=[]), entry("gone", model="org/gone")]
     lookup = fake_lookup({"org/a": "sha", "org/gone": PipelineError("model 'org/gone' was not found on the hub")})
-    items = {i["name"]: i for i in zoo.plan_zoo(entries, lookup=lookup)}
-    assert items["a"]["status"] == "pending"
-    assert items["twin"]["status"] == "duplicate" and "as a" in items["twin"]["reason"]
-    assert items["gone"]["status"] == "error"
-    with pytest.raises(PipelineError, match="zoo entry 'gone': model 'org/gone' was not found"):
-        zoo.run_entry(items["gone"])
+    items = zoo.plan_zoo(entries, lookup=lookup)
+    by_name = {i["name"]: i for i in items}
+    assert by_name["a"]["status"] == "pending"
+    assert by_name["twin"]["status"] == "duplicate" and "as a" in by_name["twin"]["reason"]
+    assert by_name["gone"]["status"] == "error"
+    assert [r["conf"]["model"] for r in zoo.trigger_requests(items, "run")] == ["org/a"], "one run for the twins, none for the error"
+    assert zoo.failed_lookups(items) == ["gone: model 'org/gone' was not found on the hub"]
 
 
-def test_a_failed_run_writes_no_marker(state):
-    item = zoo.plan_zoo([entry("a", model="org/a", budgets=[])], lookup=fake_lookup({"org/a": "sha"}))[0]
+def test_the_cli_runs_pending_entries_in_process_and_a_failure_marks_nothing(state):
+    items = zoo.plan_zoo([entry("a", model="org/a", budgets=[]), entry("b", model="org/b", budgets=[])],
+                         lookup=fake_lookup({"org/a": "sha", "org/b": "sha"}))  # fmt: skip
+    complete(state, items[1])
+    ran = []
+    results = zoo.run_pending(zoo.plan_zoo([entry("a", model="org/a", budgets=[]), entry("b", model="org/b", budgets=[])],
+                                           lookup=fake_lookup({"org/a": "sha", "org/b": "sha"})),
+                              runner=lambda c: ran.append(c["model"]) or {"parent_run_id": "p", "reports": "r"})  # fmt: skip
+    assert ran == ["org/a"] and results == [{"name": "a", "parent_run_id": "p", "reports": "r"}]
 
     def broken(config):
         raise PipelineError("quantization failed")
 
     with pytest.raises(PipelineError, match="quantization failed"):
-        zoo.run_entry(item, runner=broken)
+        zoo.run_pending(items, runner=broken)
     assert zoo.plan_zoo([entry("a", model="org/a", budgets=[])], lookup=fake_lookup({"org/a": "sha"}))[0]["status"] == "pending"
-
-
-def fake_runner(state: Path):
-    """Stands in for run_inprocess: writes the reports finish() would, returns its result."""
-    counter = {"n": 0}
-
-    def run(config):
-        counter["n"] += 1
-        reports = state / "reports" / f"parent-{counter['n']}"
-        reports.mkdir(parents=True)
-        (reports / "results.json").write_text(json.dumps([{"variant": "hqq/uniform/4.25", "ppl_wikitext2": 12.0}]))
-        return {"reports": str(reports), "promotion": None, "table": ""}
-
-    return run
-
-
-# ---- the DAG, for real ---------------------------------------------------------------------------
-
-
-def airflow_env(state: Path, tmp_path: Path, zoo_file: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        AIRFLOW_HOME=str(tmp_path / "airflow"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT="120",
-        QUANT_HOME=str(state),
-        MLFLOW_TRACKING_URI=f"sqlite:///{state / 'mlflow.db'}",
-        QUANT_ZOO_FILE=str(zoo_file),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
-    )
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    return env
-
-
-def quantized_dirs(state: Path) -> set[str]:
-    root = state / "artifacts" / "quantized"
-    return {str(p.relative_to(root)) for p in root.glob("*/*") if p.is_dir()} if root.exists() else set()
-
-
-@pytest.mark.slow
-def test_running_the_zoo_dag_twice_quantizes_nothing_the_second_time(state, tmp_path, tiny_model_dir):
-    from mlflow import MlflowClient
-
-    zoo_file = tmp_path / "zoo.yaml"
-    zoo_file.write_text(json.dumps({"entries": [{"name": "tiny", "model": str(tiny_model_dir), **TINY_ENTRY}]}))
-    env = airflow_env(state, tmp_path, zoo_file)
-
-    def dags_test() -> str:
-        proc = subprocess.run(["airflow", "dags", "test", "model_zoo"], check=False, env=env, capture_output=True, text=True, timeout=900)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and "state=success" in out, out[-4000:]
-        return out
-
-    first = dags_test()
-    assert "zoo: run tiny" in first and "quantize hqq/uniform at" in first
-    built = quantized_dirs(state)
-    assert len(built) == 1
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    name = f"{tiny_model_dir.name}-quant"
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 1
-    exp = client.get_experiment_by_name(f"quant/{tiny_model_dir.name}")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("pipeline_run") == "true"]
-    assert len(parents) == 1
-    markers = list((state / "artifacts" / zoo.MARKER_STAGE).glob("*/manifest.json"))
-    assert len(markers) == 1 and json.loads(markers[0].read_text())["parent_run_id"] == parents[0].info.run_id
-
-    second = dags_test()
-    assert "zoo: skip tiny: done for revision" in second
-    assert "quantize hqq" not in second and "running the pipeline" not in second
-    assert quantized_dirs(state) == built
-    assert len(client.search_model_versions(f"name = '{name}'")) == 1
-    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == {r.info.run_id for r in runs}, "no new runs"

@@ -4,29 +4,24 @@ One module per concern: `scores` reads and validates the table, `boost` holds un
 KurtBoost, `layerwise` LIM/ZD, `knapsack` the exact multiple-choice knapsack, `program` its set-up on a
 table, `mxq` and `optimal` the two knapsack methods, `registry` the method table and the stage
 function, `cli` the command line.
+`methods` the light method table (no numpy: the planner and the DAG read it).
 """
 
-from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allocate_uniform, find_outliers
-from tasks.allocation.layerwise import allocate_lim, allocate_zd
-from tasks.allocation.mxq import allocate_mxq
-from tasks.allocation.optimal import allocate_optimal, frontier
-from tasks.allocation.registry import ALLOCATORS, allocate, run_allocation
-from tasks.allocation.scores import Scores, read_scores, scores_from_frame
+import importlib
 
-__all__ = [
-    "ALLOCATORS",
-    "Scores",
-    "allocate",
-    "allocate_kurtboost",
-    "allocate_lim",
-    "allocate_mxq",
-    "allocate_optimal",
-    "allocate_sensiboost",
-    "allocate_uniform",
-    "allocate_zd",
-    "find_outliers",
-    "frontier",
-    "read_scores",
-    "run_allocation",
-    "scores_from_frame",
-]
+# Re-exported lazily (PEP 562), so that `tasks.allocation.methods` imports without numpy or scipy.
+_EXPORTS = {
+    "allocate_kurtboost": "boost", "allocate_sensiboost": "boost", "allocate_uniform": "boost", "find_outliers": "boost",
+    "allocate_lim": "layerwise", "allocate_zd": "layerwise",
+    "allocate_mxq": "mxq",
+    "allocate_optimal": "optimal", "frontier": "optimal",
+    "ALLOCATORS": "registry", "allocate": "registry", "run_allocation": "registry",
+    "Scores": "scores", "read_scores": "scores", "scores_from_frame": "scores",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tasks.allocation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"tasks.allocation.{_EXPORTS[name]}"), name)

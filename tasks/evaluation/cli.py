@@ -12,6 +12,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048, help="tokens per evaluation stream; 0 = full set")
     parser.add_argument("--protocols", default="paper,gptq")
     parser.add_argument("--artifacts", default=None)
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
 
 
 def run_cli(args) -> int:
@@ -19,6 +20,6 @@ def run_cli(args) -> int:
     from tasks.settings import Settings
 
     params = EvalParams(eval_tokens=args.eval_tokens, protocols=tuple(p for p in args.protocols.split(",") if p))
-    metrics = run_evaluation(args.model_dir, args.backend, args.calibration, params, args.artifacts or Settings.from_env().artifact_root, model_key=str(args.model_dir))
+    metrics = run_evaluation(args.model_dir, args.backend, args.calibration, params, args.artifacts or Settings.from_env().artifact_root, model_key=str(args.model_dir), device=args.device)
     print(json.dumps(metrics, indent=2))
     return 0

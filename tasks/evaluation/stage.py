@@ -39,21 +39,21 @@ def metric_name(dataset: str, protocol: str) -> str:
     return f"ppl_{dataset}" if protocol == "paper" else f"ppl_{dataset}_{protocol}"
 
 
-def load_for_eval(model_dir: str | Path, backend: str):
+def load_for_eval(model_dir: str | Path, backend: str, device: str = "cpu"):
     if backend == UNQUANTIZED:
         from tasks.model_io import load_model
 
-        return load_model(model_dir)
+        return load_model(model_dir).to(device)
     from tasks.quantize.registry import get_backend
 
-    return get_backend(backend).load(Path(model_dir))
+    return get_backend(backend).load(Path(model_dir), device=device)
 
 
-def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams) -> dict:
+def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams, device: str = "cpu") -> dict:
     metrics, fed, seconds = {}, 0, 0.0
     forward = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
     for dataset in params.datasets:
-        ids = streams[dataset].reshape(-1)
+        ids = streams[dataset].reshape(-1).to(device)
         if params.eval_tokens:
             ids = ids[: params.eval_tokens]
         for proto in params.protocols:
@@ -75,8 +75,10 @@ def run_evaluation(
     artifact_root: str | Path,
     model_key: str,
     tokenizer_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Metrics dict: perplexities, saved_bytes, peak_mem_bytes, tokens_per_s, load_seconds."""
+    """Metrics dict: perplexities, saved_bytes, peak_mem_bytes, tokens_per_s, load_seconds. The model
+    runs on `device` (cpu, cuda, cuda:N)."""
     unknown = [p for p in params.protocols if p not in PROTOCOLS]
     if unknown:
         raise PipelineError(f"unknown evaluation protocol(s) {unknown}: one of {', '.join(PROTOCOLS)}")
@@ -90,6 +92,7 @@ def run_evaluation(
         "backend": backend,
         "params": asdict(params),
         "tokens": {d: file_sha256(p) for d, p in token_files.items()},
+        **({"device": device} if device != "cpu" else {}),  # speed and memory differ; CPU keys stay as they were
     }
     out = StageOutput(artifact_root, "evaluation", inputs)
     if out.is_complete():
@@ -100,11 +103,11 @@ def run_evaluation(
         torch.set_num_threads(params.threads)
     with PeakRSS() as memory:
         started = time.perf_counter()
-        model = load_for_eval(model_dir, backend)
+        model = load_for_eval(model_dir, backend, device)
         load_seconds = time.perf_counter() - started
-        metrics = evaluate_model(model, streams, params)
+        metrics = evaluate_model(model, streams, params, device)
     if params.lm_eval_tasks:
-        from tasks.downstream import metric_names, run_downstream
+        from tasks.evaluation.downstream import metric_names, run_downstream
         from tasks.model_io import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir or model_dir)

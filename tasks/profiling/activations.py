@@ -27,10 +27,10 @@ class Gram:
     fastest on CPU for 576 and 1536 wide inputs (18% less time than 192, 28% less than one full product).
     """
 
-    def __init__(self, dim: int, block: int = 384):
+    def __init__(self, dim: int, block: int = 384, device: torch.device | str | None = None):
         self.dim = dim
         self.tokens = 0
-        self._h = torch.zeros(dim, dim, dtype=torch.float64)
+        self._h = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self._spans = _spans(dim, block)
 
     def update(self, x: torch.Tensor) -> None:
@@ -72,7 +72,7 @@ class QuadraticForm:
         d = d.float()
         if self.factor is None:
             return (d @ self.h).mul_(d).sum(dim=1, dtype=torch.float64)
-        sums = torch.zeros(d.shape[0], dtype=torch.float64)
+        sums = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
         for start, stop in self._spans:
             part = d[:, start:] @ self.factor[start:, start:stop]
             sums += part.square_().sum(dim=1, dtype=torch.float64)

@@ -21,6 +21,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="hub revision, for hub ids")
     parser.add_argument("--cache-dir", default=None, help="model cache directory (default $QUANT_CACHE_DIR)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="where the layers run: cpu (default), cuda or cuda:N")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -34,6 +35,6 @@ def run_cli(args: argparse.Namespace) -> int:
     rungs = tuple(parse_rung(r) for r in args.rungs) if args.rungs else LADDER
     model = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir)
     csv = run_profiling(model.path, args.calibration, args.out, batch_size=args.batch_size, normalize=args.normalize, rungs=rungs,
-                        fisher_samples=args.fisher_samples)
+                        fisher_samples=args.fisher_samples, device=args.device)
     print(csv)
     return 0

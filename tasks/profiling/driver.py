@@ -19,7 +19,8 @@ Then, for `optimal`'s loss estimate, a backward pass of the calibration loss ove
 output gradients weight its per-output error of every rung into `fisher_dloss`, the estimated increase
 of the mean calibration NLL (nats per token) when that module alone is quantized at that rung.
 
-Everything is float32 on CPU and deterministic for a given torch build and thread count.
+Everything is float32, on the CPU unless a device is given, and deterministic for a given torch build, device
+and thread count.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: 
     attn_in / mlp_gate parts need."""
     samples, seq_len = hidden.shape[:2]
     sums: dict[str, float] = defaultdict(float)
-    position_ids = torch.arange(seq_len).unsqueeze(0)
+    position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
     position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
     capture = _Capture(layer)
     try:
@@ -214,7 +215,7 @@ def _parts(sums: dict[str, float], forms: dict[str, QuadraticForm], weights: dic
 def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, torch.Tensor]) -> torch.Tensor:
     """W - dequant(HQQ_rung(W)) for every rung, stacked along the rows: [len(rungs) * out, in]."""
     out = w.shape[0]
-    stack = torch.empty(len(rungs) * out, w.shape[1])
+    stack = torch.empty(len(rungs) * out, w.shape[1], device=w.device)
     for k, rung in enumerate(rungs):
         deq = known[rung] if rung in known else hqq_fast.quant_dequant(w, rung)
         torch.sub(w, deq, out=stack[k * out : (k + 1) * out])
@@ -239,7 +240,7 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
 
     layer = factory.build(index, state).requires_grad_(False)
     qlayer = factory.build(index, {**state, **{f"{m}.weight": sens_q[m] for m in ATTN_IN + MLP_GATE}})
-    grams = {key: Gram(weights[m].shape[1]) for m, key in INPUT_OF.items()}
+    grams = {key: Gram(weights[m].shape[1], device=hidden.device) for m, key in INPUT_OF.items()}
     sums = _calibration_pass(index, layer, qlayer.requires_grad_(False), factory, hidden, batch_size, grams, normalize, seconds)
     del layer, qlayer
 
@@ -267,14 +268,14 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
     return rows, row_errors
 
 
-def _loss_head(checkpoint: Checkpoint, factory: LayerFactory):
+def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.device):
     """The final norm and a row reader of the output embedding (the input embedding when tied)."""
     config = factory.config
-    norm = factory.build_norm(checkpoint.read([f"{checkpoint.prefix}norm.weight"])[f"{checkpoint.prefix}norm.weight"])
+    norm = factory.build_norm(checkpoint.read([f"{checkpoint.prefix}norm.weight"])[f"{checkpoint.prefix}norm.weight"].to(device))
     name = "lm_head.weight" if checkpoint.has("lm_head.weight") else checkpoint.embed_name
     if name == checkpoint.embed_name and not getattr(config, "tie_word_embeddings", False):
         raise PipelineError(f"checkpoint {checkpoint.path} has no lm_head.weight and does not tie its embeddings")
-    return norm, (lambda start, stop: checkpoint.read_rows(name, start, stop)), checkpoint.rows(name)
+    return norm, (lambda start, stop: checkpoint.read_rows(name, start, stop).to(device)), checkpoint.rows(name)
 
 
 def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
@@ -283,12 +284,13 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
     calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
     checkpoint and fed its stashed input."""
     layers = factory.config.num_hidden_layers
-    seq_len = hidden.shape[1]
-    position_ids = torch.arange(seq_len).unsqueeze(0)
+    seq_len, device = hidden.shape[1], hidden.device
+    position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
     position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
     batch_size = min(batch_size, GRAD_BATCH)
+    ids = ids.to(device)
     with _phase(seconds, "backward"):
-        norm, read_rows, vocab = _loss_head(checkpoint, factory)
+        norm, read_rows, vocab = _loss_head(checkpoint, factory, device)
         grad = torch.empty_like(hidden)
         nll = 0.0
         for start in range(0, hidden.shape[0], batch_size):
@@ -300,8 +302,8 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
     squares: dict[str, torch.Tensor] = {}
     for index in reversed(range(layers)):
         with _phase(seconds, "backward"):
-            layer = factory.build(index, checkpoint.layer_state(index)).requires_grad_(False)
-            inputs = stash.get(index)
+            layer = factory.build(index, _on(checkpoint.layer_state(index), device)).requires_grad_(False)
+            inputs = stash.get(index, device)
             for start in range(0, inputs.shape[0], batch_size):
                 part = slice(start, start + batch_size)
                 h = inputs[part]
@@ -325,8 +327,13 @@ def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: di
         row["fisher_dloss"] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
 
 
+def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return state if device.type == "cpu" else {k: v.to(device) for k, v in state.items()}
+
+
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
-                  rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES) -> Path:  # fmt: skip
+                  rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES,
+                  device: str = "cpu") -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -336,6 +343,8 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     rungs: ladder rungs to score (fnorm, out_err); the default is the 12-rung ladder.
     fisher_samples: calibration samples (the first ones) of the backward pass behind `fisher_dloss`;
         0 skips it (the column is then empty and `optimal` falls back to its sensitivity weighting).
+    device: where the layers run (cpu, cuda, cuda:N); the checkpoint is read on the CPU, one layer at a
+        time, and only that layer and the calibration hidden states live on the device.
     """
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
@@ -345,6 +354,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     if not rungs or any(r not in LADDER for r in rungs):
         raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
     started = time.perf_counter()
+    device = torch.device(device)
     ids = load_calibration(calibration)
     checkpoint = Checkpoint(model_path)
     config = load_config(model_path)
@@ -359,13 +369,13 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     try:
         with torch.no_grad():
             with _phase(seconds, "embed"):
-                hidden = checkpoint.embed(ids)
+                hidden = checkpoint.embed(ids).to(device)
             rows: list[dict] = []
             row_errors: dict[str, torch.Tensor] = {}
             for index in range(layers):
                 t0 = time.perf_counter()
                 with _phase(seconds, "read"):
-                    state = checkpoint.layer_state(index)
+                    state = _on(checkpoint.layer_state(index), device)
                 if stash:
                     with _phase(seconds, "backward"):
                         stash.put(index, hidden[:grad_samples])
@@ -396,6 +406,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "sensitivity_rung": SENSITIVITY_RUNG.name,
         "rungs": [r.name for r in rungs],
         "fisher_samples": grad_samples,
+        "device": str(device),
         "seconds": round(total, 3),
         "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }

@@ -35,12 +35,12 @@ class InputStash:
     def put(self, index: int, hidden: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        save_file({"hidden": hidden.contiguous()}, str(Path(self._dir.name) / f"{index}.safetensors"))
+        save_file({"hidden": hidden.contiguous().cpu()}, str(Path(self._dir.name) / f"{index}.safetensors"))
 
-    def get(self, index: int) -> torch.Tensor:
+    def get(self, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
         from safetensors.torch import load_file
 
-        return load_file(str(Path(self._dir.name) / f"{index}.safetensors"))["hidden"]
+        return load_file(str(Path(self._dir.name) / f"{index}.safetensors"), device=str(device))["hidden"]
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -57,8 +57,8 @@ def head_gradient(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module
     x = normed.detach()[:, :-1].reshape(-1, normed.shape[-1])
     targets = ids[:, 1:].reshape(-1)
     spans = [(s, min(s + rows, vocab)) for s in range(0, vocab, rows)]
-    lse = torch.full((x.shape[0],), -torch.inf)
-    target_logit = torch.zeros(x.shape[0])
+    lse = torch.full((x.shape[0],), -torch.inf, device=x.device)
+    target_logit = torch.zeros(x.shape[0], device=x.device)
     for start, stop in spans:
         w = read_rows(start, stop)
         logits = x @ w.t()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from tasks.errors import PipelineError
-from tasks.quantize.base import Backend
+
+if TYPE_CHECKING:  # the names stay importable without torch (planning runs in the Airflow image)
+    from tasks.quantize.base import Backend
 
 BACKENDS = {
     "hqq": "tasks.quantize.hqq:HQQBackend",

@@ -17,7 +17,3 @@ def experiment_name(base_model: str) -> str:
 
 def registered_model_name(base_model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base_model) + "-quant"
-
-
-def variant_name(backend: str, method: str, budget_label: str) -> str:
-    return f"{backend}/{method}/{budget_label}"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from tasks.registry.naming import experiment_name, registered_model_name, variant_name
+from tasks.registry.naming import experiment_name, registered_model_name
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,10 @@ def ensure_experiment(client, base_model: str, artifact_location: str | None = N
     return client.create_experiment(name, artifact_location=location, tags={"base_model": base_model})
 
 
-def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, params: dict, artifact_location: str | None = None) -> str:
+def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, params: dict, artifact_location: str | None = None,
+                       tags: dict | None = None) -> str:
+    """The parent run of one pipeline run; `tags` trace it to what started it (e.g. its Airflow DAG run:
+    the model-zoo DAG and a REST trigger may run the same model side by side)."""
     client = client_for(tracking_uri)
     # A local artifact directory only goes with a local store; a tracking server decides for itself.
     if not tracking_uri.startswith(("sqlite:", "file:", "/")):
@@ -49,21 +51,11 @@ def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, p
     run = client.create_run(
         exp_id,
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision, **airflow_tags()},
+        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision, **(tags or {})},
     )
     for key, value in sorted(params.items()):
         client.log_param(run.info.run_id, key, str(value)[:500])
     return run.info.run_id
-
-
-AIRFLOW_CONTEXT_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow_dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "airflow_dag_run_id"}
-
-
-def airflow_tags() -> dict[str, str]:
-    """The Airflow DAG and DAG run that started this pipeline run (Airflow exports them to every task's
-    environment), so a parent run can be traced to its DAG run: the model-zoo DAG and a REST trigger may
-    run the same model side by side."""
-    return {tag: os.environ[var] for var, tag in AIRFLOW_CONTEXT_TAGS.items() if os.environ.get(var)}
 
 
 def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Path | None = None, status: str = "FINISHED") -> None:
@@ -90,7 +82,7 @@ def _finite(metrics: dict) -> dict:
 def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: dict, files: dict[str, str | Path], model_dir: str | Path | None) -> tuple[str, bool]:
     """Create (or reuse) the child run of a variant; return (run_id, reused).
 
-    `variant` holds backend, method, budget_label, base_model, base_revision, config_hash, params.
+    `variant` holds name, backend, method, budget_label, base_model, base_revision, config_hash, options.
     `files` are small artifacts (bit map, manifests) logged at the run root; `model_dir` is logged
     under `model/` so the registered version can be downloaded from the registry.
     """
@@ -101,7 +93,7 @@ def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: d
     if existing is not None:
         log.info("mlflow: variant %s already recorded in run %s", variant["config_hash"], existing.info.run_id)
         return existing.info.run_id, True
-    name = variant_name(variant["backend"], variant["method"], variant["budget_label"])
+    name = variant["name"]
     run = client.create_run(
         exp_id,
         run_name=name,

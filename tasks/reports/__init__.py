@@ -18,27 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from tasks.artifacts import write_json_atomic
+from tasks.artifacts import write_json_atomic, write_text_atomic
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _slug(name: str) -> str:
@@ -121,8 +111,8 @@ def write_reports(results_df: pd.DataFrame, bitmaps, scores_path, out_dir, *, ti
         scores = scores_path if isinstance(scores_path, pd.DataFrame) else read_table(scores_path, "scores")
         figures.append(plot_score_profiles(scores, out / "score_profiles.png"))
         extra.append(write_json_atomic(out / "outliers.json", score_outliers(profile_table(scores))))
-    md = _write_text(out / "comparison.md", f"# {title}\n\n" + to_markdown(frame))
-    page = _write_text(out / "comparison.html", to_html(frame, title, [f.name for f in figures]))
+    md = write_text_atomic(out / "comparison.md", f"# {title}\n\n" + to_markdown(frame))
+    page = write_text_atomic(out / "comparison.html", to_html(frame, title, [f.name for f in figures]))
     paths = [md, page, *figures, *extra]
     log.info("report: %d files in %s", len(paths), out)
     return paths

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import PipelineError
+from tasks.reports.table import format_cell, markdown
 
 BASELINE = "unquantized"
 UNIFORM = "uniform"
@@ -115,19 +116,8 @@ def _cells(frame: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[b
     best = {c: frame.loc[quantized, c].min() for c in PPL if c in frame.columns and frame.loc[quantized, c].notna().any()}
     cells, bold = [], []
     for i, row in frame.iterrows():
-        out, em = [], []
-        for key, _, fmt in cols:
-            value = row[key]
-            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-                out.append("-")
-            else:
-                try:
-                    out.append(fmt.format(value))
-                except (ValueError, TypeError):
-                    out.append(str(value))
-            em.append(bool(key in best and quantized[i] and value == best[key]))
-        cells.append(out)
-        bold.append(em)
+        cells.append([format_cell(row[key], fmt) for key, _, fmt in cols])
+        bold.append([bool(key in best and quantized[i] and row[key] == best[key]) for key, _, _ in cols])
     return [title for _, title, _ in cols], cells, bold
 
 
@@ -135,10 +125,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
     head, cells, bold = _cells(frame)
     keys = [k for k, _, _ in _columns(frame)]
     rows = [[f"**{c}**" if b else c for c, b in zip(r, e)] for r, e in zip(cells, bold)]
-    align = ["---" if k in TEXT_COLUMNS else "---:" for k in keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+    return markdown(head, rows, [k not in TEXT_COLUMNS for k in keys]) + "\n\n" + NOTES + "\n"
 
 
 _CSS = """

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tasks.errors import PipelineError
+from tasks.orchestration.step_table import BY_NAME as STEPS
+from tasks.settings import REPO_ROOT
 
 RUNTIMES = ("inprocess", "docker", "kubernetes")
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -61,7 +63,7 @@ XCOM_PATH = "/airflow/xcom/return.json"  # where DockerOperator and KubernetesPo
 CONTAINER_NAME = "base"  # KubernetesPodOperator's base container name: its template must use it
 CACHE_MOUNT = "/var/lib/quantpipe/cache"  # QUANT_CACHE_DIR inside the images
 UID = 10001  # the images' non-root user
-DEFAULT_IMAGES_FILE = Path(__file__).resolve().parent.parent / "containers" / "images.json"
+DEFAULT_IMAGES_FILE = REPO_ROOT / "containers" / "images.json"
 
 # Passed to Docker containers from the launching process's environment when the DAG is parsed.
 PASS_ENV = (
@@ -153,7 +155,7 @@ def _load_images(path: str, mtime: float) -> dict:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot read the image table {path}: {exc}") from None
-    for key in ("families", "stages", "steps", "backends", "backend_stages", "resources"):
+    for key in ("families", "stages", "backends", "backend_stages", "resources"):
         if key not in table:
             raise PipelineError(f"image table {path} has no {key!r}")
     return table
@@ -168,21 +170,23 @@ def load_images(path: str | Path | None = None) -> dict:
 
 
 def workload(stage: str, args: Sequence[Any], images: dict) -> tuple[str, dict]:
-    """The table entry ({"family", "gpu"}) for what runs: the stage, or for `step NAME ...` the step."""
+    """What runs and its {"family", "gpu", "backend_image"}: a CLI stage from the image table, or for
+    `step NAME ...` the step from the step table."""
     if stage == STEP_STAGE:
         name = str(args[0]) if len(args) else ""
-        if name not in images["steps"]:
-            raise PipelineError(f"unknown step {name!r}: `step` takes one of {', '.join(images['steps'])} first")
-        return name, images["steps"][name]
+        if name not in STEPS:
+            raise PipelineError(f"unknown step {name!r}: `step` takes one of {', '.join(STEPS)} first")
+        step = STEPS[name]
+        return name, {"family": step.family, "gpu": step.gpu, "backend_image": step.backend_image}
     if stage not in images["stages"]:
         raise PipelineError(f"unknown stage {stage!r}: one of {', '.join(images['stages'])}")
-    return stage, images["stages"][stage]
+    return stage, {**images["stages"][stage], "backend_image": stage in images["backend_stages"]}
 
 
 def family_for(stage: str, backend: str | None, images: dict, args: Sequence[Any] = ()) -> str:
     """The dependency family whose image runs `stage` (with `backend`, for the backend stages/steps)."""
-    key, entry = workload(stage, args, images)
-    if backend and key in images["backend_stages"]:
+    _, entry = workload(stage, args, images)
+    if backend and entry["backend_image"]:
         if backend not in images["backends"]:
             raise PipelineError(f"no image for backend {backend!r}: one of {', '.join(images['backends'])}")
         return images["backends"][backend]

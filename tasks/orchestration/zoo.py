@@ -2,8 +2,11 @@
 
 The `model_zoo` DAG (dags/model_zoo.py) runs daily: it plans (resolves every entry's checkpoint
 revision and computes key = hash(entry config + revision)), skips the entries whose key already has a
-completion marker, runs the pipeline in-process for the rest and writes a marker after each success.
-So a zoo run quantizes only what is new: a new entry, a changed entry, or a new checkpoint revision.
+completion marker, and triggers one `quantization_pipeline` DAG run per remaining entry, with the
+entry's config as the run's conf. Every pipeline run writes the marker of its config and checkpoint
+when it finishes (`record_completion`), however it was started, so a zoo run quantizes only what is
+new: a new entry, a changed entry, or a new checkpoint revision. Planning needs no torch: it runs in
+the Airflow image.
 The key covers the entry's full normalized config (PipelineConfig defaults filled in): a new default
 in PipelineConfig reruns every entry once, which is what changed results call for.
 
@@ -17,10 +20,10 @@ Zoo file (dags/zoo.yaml, or the file named by $QUANT_ZOO_FILE):
         revision: null          # hub branch, tag or commit (null: the default branch)
         watch: true             # checkpoint_watch announces new revisions of this model
         uniform_budgets: [b4g64]
-        ...                     # any other PipelineConfig field (tasks/pipeline.py)
+        ...                     # any other PipelineConfig field (tasks/orchestration/config.py)
 
 Completion markers are artifacts `StageOutput(root, "zoo-runs", {"config": ..., "revision": ...})`
-whose manifest records the entry, the MLflow parent run id, the reports directory and the results.
+whose manifest records the model, the MLflow parent run id, the reports directory and the results.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def _entry(raw, defaults: dict, index: int, path: Path, validate: bool) -> ZooEn
     if not config.get("model"):
         raise PipelineError(f"zoo entry {name!r}: no model given")
     if validate:
-        from tasks.pipeline import PipelineConfig
+        from tasks.orchestration.config import PipelineConfig
 
         try:
             config = asdict(PipelineConfig.from_dict(config))
@@ -153,17 +156,17 @@ def is_hub_id(source: str) -> bool:
 def lookup_revision(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
     """The checkpoint's content identity, as resolve_model reports it, fetched as cheaply as possible.
 
-    Hub ids: the commit sha from the hub API (HfApi().model_info), without downloading weights; if the
-    hub cannot be reached, resolve_model (a cached snapshot works offline). Embedded and local
-    checkpoints: resolve_model's content hash (file digests are cached by size and mtime).
+    Hub ids: the commit sha from the hub API, without downloading weights; if the hub cannot be
+    reached, resolve_model (a cached snapshot works offline). Embedded, GGUF and local checkpoints:
+    their content hash (file digests are cached by size and mtime), without converting anything.
     """
-    from tasks.model_io import resolve_model
+    from tasks.model_io import identify_model
 
     if is_hub_id(source):
         sha = _hub_sha(source, revision)
         if sha:
             return sha
-    return resolve_model(source, revision, cache_dir).revision
+    return identify_model(source, revision, cache_dir)
 
 
 def _hub_sha(repo_id: str, revision: str | None) -> str | None:
@@ -171,14 +174,34 @@ def _hub_sha(repo_id: str, revision: str | None) -> str | None:
         from httpx import HTTPError as TransportError  # huggingface_hub 1.x talks through httpx
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    except ImportError:
-        return None
+    except ImportError:  # the Airflow image: the hub's REST API directly
+        return _hub_sha_rest(repo_id, revision)
     try:
         return HfApi().model_info(repo_id, revision=revision).sha
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise PipelineError(f"model {repo_id!r} revision {revision or 'main'!r} not found on the hub: {type(exc).__name__}") from None
     except (OSError, HfHubHTTPError, TransportError) as exc:  # offline, rate limited, proxy: use the cache
         log.info("hub lookup of %s failed (%s); resolving through the model cache", repo_id, type(exc).__name__)
+        return None
+
+
+def _hub_sha_rest(repo_id: str, revision: str | None) -> str | None:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/models/{repo_id}/revision/{urllib.parse.quote(revision or 'main', safe='')}"
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return json.load(response).get("sha")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 404):
+            raise PipelineError(f"model {repo_id!r} revision {revision or 'main'!r} not found on the hub (HTTP {exc.code})") from None
+        return None
+    except (OSError, ValueError):
         return None
 
 
@@ -241,51 +264,51 @@ def plan_zoo(
     return items
 
 
-def run_entry(item: dict, artifact_root: str | Path | None = None, runner=None) -> dict:
-    """Run the pipeline in-process for one planned entry, then write its completion marker.
+def trigger_requests(items: list[dict], zoo_run_id: str) -> list[dict]:
+    """TriggerDagRunOperator arguments, one per pending entry: the entry's config as conf, and a run id
+    of the entry, its key and this zoo run (a retry of the trigger finds its own run, not a new one)."""
+    from tasks.artifacts import stable_hash
 
-    A "done"/"duplicate" item does nothing ({"ran": False}); an "error" item raises its error. Idempotent:
-    a marker written meanwhile (a retry, a concurrent run) also makes this a no-op.
-    """
-    from tasks.pipeline import PipelineConfig
+    suffix = stable_hash(zoo_run_id, 8)
+    return [
+        {"trigger_run_id": f"zoo__{item['name']}__{item['key']}__{suffix}", "conf": item["config"]}
+        for item in items
+        if item["status"] == "pending"
+    ]
 
-    if item["status"] == "error":
-        raise PipelineError(f"zoo entry {item['name']!r}: {item['reason']}")
-    if item["status"] != "pending":
-        log.info("zoo: skip %s: %s", item["name"], item["reason"])
-        return {"name": item["name"], "ran": False, "reason": item["reason"]}
-    config = item["config"]
-    out = marker(config, item["revision"], artifact_root)
-    if out.key != item["key"]:  # the plan and this run must agree on what is being marked
-        raise PipelineError(f"zoo entry {item['name']!r}: planned key {item['key']} but computed {out.key}")
+
+def failed_lookups(items: list[dict]) -> list[str]:
+    return [f"{i['name']}: {i['reason']}" for i in items if i["status"] == "error"]
+
+
+def record_completion(artifact_root: str | Path, config: dict, model: dict, parent_run_id: str, reports: Path, rows: list) -> str:
+    """Mark `config` done for the checkpoint `model` (a finished pipeline run's last act); returns the
+    marker's URI. Idempotent: a marker already there (a rerun, a concurrent run) is kept."""
+    out = marker(config, model["revision"], artifact_root)
     if out.is_complete():
-        log.info("zoo: skip %s: already done (key %s)", item["name"], out.key)
-        return {"name": item["name"], "ran": False, "reason": "done meanwhile", "parent_run_id": out.manifest().get("parent_run_id")}
-    if runner is None:
-        from tasks.pipeline import run_inprocess as runner
-    PipelineConfig.from_dict(config)
-    log.info("zoo: %s: running the pipeline for %s at %s", item["name"], item["model"], item["revision"])
-    result = runner(config)
-    reports = Path(result["reports"])
-    parent = result.get("parent_run_id") or reports.name  # finish() writes reports/<parent run id>/
-    rows = _read_rows(reports / "results.json")
+        return out.uri
     with out.build() as tmp:
         write_json_atomic(tmp / "results.json", rows)
         write_json_atomic(
             tmp / "manifest.json",
-            {"entry": item["name"], "model": item["model"], "revision": item["revision"], "parent_run_id": parent, "reports": str(reports)},
+            {"model": model.get("source"), "revision": model["revision"], "parent_run_id": parent_run_id, "reports": str(reports)},
         )
-    log.info("zoo: %s: done, parent run %s, marker %s", item["name"], parent, out.uri)
-    return {"name": item["name"], "ran": True, "key": out.key, "parent_run_id": parent, "marker": out.uri}
+    log.info("zoo: marked %s at %s done (parent run %s): %s", model.get("source"), model["revision"], parent_run_id, out.uri)
+    return out.uri
 
 
-def _read_rows(path: Path) -> list:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
+def run_pending(items: list[dict], runner=None) -> list[dict]:
+    """`python -m tasks zoo run`: the pending entries' pipelines in this process, without Airflow."""
+    if runner is None:
+        from tasks.orchestration.runner import run_inprocess as runner
+    results = []
+    for item in items:
+        if item["status"] != "pending":
+            continue
+        log.info("zoo: %s: running the pipeline for %s at %s", item["name"], item["model"], item["revision"])
+        result = runner(item["config"])
+        results.append({"name": item["name"], "parent_run_id": result.get("parent_run_id"), "reports": result.get("reports")})
+    return results
 
 
 # ---- CLI (python -m tasks zoo ...) ---------------------------------------------------------------
@@ -309,9 +332,8 @@ def run_cli(args) -> int:
         for item in items:
             print(f"{item['status']:9} {item['name']}: {item['reason']}")
         return 0
-    results = [run_entry(item) for item in items if item["status"] == "pending"]
-    print(json.dumps(results, indent=2))
-    errors = [f"{i['name']}: {i['reason']}" for i in items if i["status"] == "error"]
+    print(json.dumps(run_pending(items), indent=2))
+    errors = failed_lookups(items)
     if errors:
         raise PipelineError("zoo: " + "; ".join(errors))
     return 0

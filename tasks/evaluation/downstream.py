@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.errors import PipelineError
+from tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "lm_eval"
+TASK_DIR = REPO_ROOT / "data" / "lm_eval"
 DEFAULT_TASKS = ("quant_facts",)
 
 

@@ -1,0 +1,54 @@
+"""What the pipeline knows about each allocation method without running it: its budget kind, its default
+options and its label. One table, read by the allocator registry, the variant planner, the DAG's Params
+and the benchmarks; light on purpose (no numpy, no torch), so that planning runs in the Airflow image.
+
+Budget kinds:
+  rung   the budget must be a ladder rung; boost methods may exceed it (the extra memory is reported)
+  exact  any real bits-per-parameter budget, never exceeded
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    budget: str  # "rung" or "exact"
+    defaults: dict = field(default_factory=dict)  # the pipeline's defaults (the papers' settings)
+    boost: bool = False  # spends extra memory on outlier layers above the budget rung
+    summary: str = ""
+
+    def label(self, options: dict | None = None) -> str:
+        """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
+        (S/K B + boost_stop + top_m, as the papers write them), else the method's name."""
+        if not self.boost:
+            return self.name
+        options = {**self.defaults, **(options or {})}
+        return f"{self.name[0].upper()}B{options.get('boost_stop', '')}{options.get('top_m', '')}"
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("uniform", "rung", summary="every module at the budget rung"),
+        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True,
+                   summary="boosts layers after jumps in activation sensitivity (SB30)"),
+        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True,
+                   summary="boosts layers after jumps in weight kurtosis (KB21)"),
+        MethodSpec("lim", "exact", summary="least important layers (layer input modification) to the low rung"),
+        MethodSpec("zd", "exact", summary="least important layers (z-score distribution) to the low rung"),
+        MethodSpec("mxq", "exact", summary="MILP minimizing the sum of Frobenius errors"),
+        MethodSpec("optimal", "exact", summary="MILP minimizing the Fisher estimate of the loss increase"),
+    )
+}
+BOOST_METHODS = tuple(n for n, s in METHODS.items() if s.boost)
+
+
+def method_spec(name: str) -> MethodSpec:
+    from tasks.errors import PipelineError
+
+    if name not in METHODS:
+        raise PipelineError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
+    return METHODS[name]

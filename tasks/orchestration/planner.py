@@ -1,0 +1,86 @@
+"""Which variants a configuration asks for, and their bit maps.
+
+`plan_variants(config)` is pure (no scores, no torch): the (method, budget, options) of every bit map,
+uniform baselines first, then the boost methods (whose reached memory sets the equal-memory target of
+the budget-exact methods), then the rest. `allocate_variants` turns the plan into bit maps on a scores
+table. The pipeline's allocate step and the benchmarks both use these two, so a variant means the same
+thing everywhere; its one name is `variant_name(backend, label, budget_label)`, e.g. `hqq/SB30/3.25`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tasks.allocation.methods import METHODS, method_spec
+from tasks.ladder import Rung, parse_rung
+from tasks.orchestration.config import PipelineConfig, budget_label, parse_budget
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    method: str
+    budget: Rung | float
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, method: str, budget, options: dict | None = None) -> "VariantSpec":
+        """The method's defaults under the given options."""
+        spec = method_spec(method)
+        return cls(method, budget if isinstance(budget, (Rung, float)) else parse_budget(budget), {**spec.defaults, **(options or {})})
+
+    @property
+    def label(self) -> str:
+        return METHODS[self.method].label(self.options)
+
+    @property
+    def budget_label(self) -> str:
+        return budget_label(self.budget)
+
+    @property
+    def name(self) -> str:
+        """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25'."""
+        return f"{self.label}-{self.budget_label}"
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    spec: VariantSpec
+    target: float  # the bpp the allocator was given
+    bitmap: object  # tasks.bitmap.BitMap
+
+
+def variant_name(backend: str, label: str, budget: str) -> str:
+    return f"{backend}/{label}/{budget}"
+
+
+def plan_variants(config: PipelineConfig) -> list[VariantSpec]:
+    specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
+    methods = sorted((m for m in config.methods if m != "uniform"), key=lambda m: not METHODS[m].boost)
+    for method in methods:
+        for raw in config.budgets:
+            specs.append(VariantSpec.of(method, parse_budget(raw), config.method_options.get(method)))
+    return specs
+
+
+def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True) -> list[PlannedVariant]:
+    """Every spec's bit map. With match_boost_memory, a budget-exact method given a rung gets the memory
+    the first boost method reached at that rung (equal-memory comparison)."""
+    from tasks.allocation import allocate
+    from tasks.bitmap import uniform_bitmap
+
+    reached: dict[str, float] = {}  # rung label -> bpp the first boost method reached there
+    out = []
+    for spec in specs:
+        method = METHODS[spec.method]
+        if method.budget == "exact" and isinstance(spec.budget, Rung) and match_boost_memory and spec.budget.label in reached:
+            target = reached[spec.budget.label]
+        else:
+            target = spec.budget.bpp if isinstance(spec.budget, Rung) else float(spec.budget)
+        if spec.method == "uniform":
+            bitmap = uniform_bitmap(params, spec.budget)
+        else:
+            bitmap = allocate(scores, spec.method, target, spec.options)
+        if method.boost:
+            reached.setdefault(spec.budget.label, bitmap.nominal_bpp)
+        out.append(PlannedVariant(spec, target, bitmap))
+    return out

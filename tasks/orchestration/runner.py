@@ -1,0 +1,84 @@
+"""Runs steps of the step table: one (`run_step`, what every DAG task and container does) or the whole
+graph in this process (`run_inprocess`, `python -m tasks pipeline`, the same order as the DAG)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tasks.errors import PipelineError
+from tasks.orchestration.context import StepContext
+from tasks.orchestration.step_table import CONF, STEPS, Step
+
+log = logging.getLogger(__name__)
+
+
+def run_step(step: Step, *inputs, ctx: StepContext | None = None):
+    """Call the step's function with its context (from the environment unless given) and inputs."""
+    ctx = ctx or StepContext.from_env(gpu=step.gpu)
+    return step.resolve()(ctx, *inputs)
+
+
+def run_inprocess(config: dict, ctx: StepContext | None = None) -> dict:
+    """The whole pipeline in this process, without Airflow; returns the last step's result."""
+    results: dict = {CONF: config}
+    for step in STEPS:
+        args = [results[name] for name in step.inputs]
+        if step.mapped:
+            items = list(args[0])
+            results[step.name] = []
+            for i, item in enumerate(items):
+                log.info("%s %d/%d: %s", step.name, i + 1, len(items), item.get("name", ""))
+                results[step.name].append(run_step(step, item, ctx=ctx))
+        else:
+            log.info("%s", step.name)
+            results[step.name] = run_step(step, *args, ctx=ctx)
+    return results[STEPS[-1].name]
+
+
+# ---- CLI (python -m tasks pipeline ...) -------------------------------------------------------------
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--config", default=None, help="JSON file or inline JSON with PipelineConfig fields")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--eval-tokens", type=int, default=None)
+    parser.add_argument("--check", action="store_true", help="validate the config and resolve the model, then stop")
+
+
+def read_config_arg(text: str | None) -> dict:
+    if not text:
+        return {}
+    raw = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"--config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PipelineError("--config must be a JSON object of PipelineConfig fields")
+    return config
+
+
+def run_cli(args) -> int:
+    config = read_config_arg(args.config)
+    if args.model:
+        config["model"] = args.model
+    if args.eval_tokens is not None:
+        config["eval_tokens"] = args.eval_tokens
+    if args.check:
+        from tasks.calibration import read_sources
+        from tasks.model_io import resolve_model
+        from tasks.orchestration.config import PipelineConfig
+        from tasks.orchestration.steps import calibration_params
+        from tasks.settings import Settings
+
+        cfg = PipelineConfig.from_dict(config)
+        read_sources(calibration_params(cfg))  # empty or missing texts stop here, before Airflow starts
+        model = resolve_model(cfg.model, cfg.revision, Settings.from_env().cache_dir)
+        print(f"ok: {model.name} ({model.revision}) at {model.path}")
+        return 0
+    result = run_inprocess(config)
+    print(result["table"])
+    print(f"\nreports: {result['reports']}")
+    return 0

@@ -1,0 +1,337 @@
+"""The pipeline's steps: plain functions over a StepContext and small JSON-able manifests. Each calls
+one stage; which step feeds which, where it runs and whether it is mapped over the variants is the step
+table's business (tasks/orchestration/step_table.py), not theirs.
+
+    prepare (model + calibration + parent run) -> profile -> allocate (every variant's bit map)
+    -> quantize (per variant) -> evaluate (per variant) -> record (MLflow run + version per variant)
+    -> finish (promote, reports, parent run closed, completion marker)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TypedDict
+
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
+from tasks.errors import PipelineError
+from tasks.orchestration.config import PipelineConfig
+from tasks.orchestration.context import StepContext
+from tasks.orchestration.planner import allocate_variants, plan_variants, variant_name
+
+log = logging.getLogger(__name__)
+
+BASELINE_METHOD = "unquantized"
+
+
+class Prepared(TypedDict):
+    """prepare's manifest: the validated config, the resolved model, the token sets, the parent run."""
+
+    config: dict
+    model: dict  # ResolvedModel.to_json(): name, path, revision, source
+    calibration: str  # the calibration stage's output directory (local path or s3:// URI)
+    parent_run_id: str
+
+
+class Variant(TypedDict, total=False):
+    """One variant, as allocate plans it; quantize, evaluate and record each return it with more keys."""
+
+    name: str  # backend/label/budget: the one name in MLflow, tables and plots
+    backend: str
+    method: str
+    label: str
+    budget_label: str
+    budget: float | None
+    options: dict
+    bitmap: str | None
+    nominal_bpp: float
+    extra_pct: float
+    model: dict
+    calibration: str
+    parent_run_id: str
+    scores: str | None
+    eval: dict
+    model_hash: str  # the quantized weights (one registered version each)
+    config_hash: str  # weights + calibration + evaluation settings (one MLflow run each)
+    model_dir: str  # quantize
+    model_key: str
+    metrics: dict  # evaluate
+    run_id: str  # record
+    reused_run: bool
+    version: str | None
+
+
+def prepare(ctx: StepContext, config: dict) -> Prepared:
+    """Resolve the model, tokenize calibration/evaluation sets and open the MLflow parent run."""
+    from tasks.calibration import run_calibration
+    from tasks.model_io import resolve_model
+    from tasks.registry.tracking import start_pipeline_run
+
+    cfg = PipelineConfig.from_dict(config)
+    model = resolve_model(cfg.model, cfg.revision, ctx.settings.cache_dir)
+    calibration = run_calibration(model.path, calibration_params(cfg), ctx.settings.artifact_root, model.revision)
+    parent = start_pipeline_run(
+        ctx.settings.tracking_uri, model.name, model.revision, cfg.to_dict(), str(ctx.settings.mlflow_artifacts), tags=ctx.run_tags
+    )
+    return {"config": cfg.to_dict(), "model": model.to_json(), "calibration": calibration, "parent_run_id": parent}
+
+
+def calibration_params(cfg: PipelineConfig):
+    from tasks.calibration import CalibrationParams
+
+    return CalibrationParams(
+        samples=cfg.calibration_samples,
+        seq_len=cfg.calibration_seq_len,
+        seed=cfg.seed,
+        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
+    )
+
+
+def profile(ctx: StepContext, prep: Prepared) -> str | None:
+    """The scores table (cached by model and calibration); None when only uniform variants run."""
+    cfg = PipelineConfig.from_dict(prep["config"])
+    if not any(m != "uniform" for m in cfg.methods) or not cfg.budgets:
+        return None
+    from tasks.profiling import SCORES_FORMAT, run_profiling
+
+    calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
+    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.fisher_samples, "format": SCORES_FORMAT}
+    out = StageOutput(ctx.settings.artifact_root, "profiling", key)
+    if not out.is_complete():
+        with out.build() as tmp:
+            run_profiling(prep["model"]["path"], calib, tmp, fisher_samples=cfg.fisher_samples, device=ctx.device)
+    else:
+        log.info("profiling: cache hit %s", out.uri)
+    return str(out.path / "scores.csv")
+
+
+def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Variant]:
+    """Every variant's bit map (one stage output), crossed with the backends that can express it;
+    the baseline first."""
+    from tasks.model_io import linear_param_counts, read_config
+    from tasks.quantize.registry import get_backend
+
+    cfg = PipelineConfig.from_dict(prep["config"])
+    model = prep["model"]
+    table = None
+    if scores:
+        from tasks.allocation import read_scores
+
+        table = read_scores(ensure_local(scores))
+    planned = allocate_variants(plan_variants(cfg), table, linear_param_counts(read_config(model["path"])), cfg.match_boost_memory)
+    out = StageOutput(
+        ctx.settings.artifact_root,
+        "allocation",
+        {"model": model["revision"], "scores": scores and file_sha256(ensure_local(scores)), "bitmaps": {p.spec.name: stable_hash(p.bitmap.to_json()) for p in planned}},
+    )
+    if not out.is_complete():
+        with out.build() as tmp:
+            for p in planned:
+                p.bitmap.save(tmp / f"{p.spec.name}.json")
+
+    variants: list[Variant] = []
+    if cfg.include_baseline:
+        variants.append({"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None})
+    backends = {name: get_backend(name) for name in cfg.backends}
+    for p in planned:
+        for backend in cfg.backends:
+            try:  # the cross product asks every backend for every map: skip what one cannot express
+                backends[backend].check(p.bitmap)
+            except PipelineError as exc:
+                log.warning("allocate: skipping %s with %s: %s", p.spec.name, backend, exc)
+                continue
+            variants.append(
+                {
+                    "backend": backend,
+                    "method": p.spec.method,
+                    "label": p.spec.label,
+                    "budget_label": p.spec.budget_label,
+                    "budget": round(float(p.target), 6),
+                    "options": p.spec.options,
+                    "bitmap": str(out.path / f"{p.spec.name}.json"),
+                    "nominal_bpp": p.bitmap.nominal_bpp,
+                    "extra_pct": p.bitmap.extra_pct,
+                }
+            )
+    evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}
+    for v in variants:
+        v.update(name=variant_name(v["backend"], v["label"], v["budget_label"]), model=model, calibration=prep["calibration"],
+                 parent_run_id=prep["parent_run_id"], scores=scores, eval=evaluation)  # fmt: skip
+        v["model_hash"] = stable_hash({"model": model["revision"], "backend": v["backend"], "bitmap": v["bitmap"] and file_sha256(v["bitmap"])})
+        v["config_hash"] = stable_hash({"model_hash": v["model_hash"], "calibration": Path(prep["calibration"]).name, "eval": v["eval"]})
+    log.info("allocate: %d variants", len(variants))
+    return variants
+
+
+def quantize(ctx: StepContext, variant: Variant) -> Variant:
+    from tasks.quantize.stage import run_quantize
+
+    if variant["backend"] == "none":
+        return {**variant, "model_dir": variant["model"]["path"], "model_key": variant["model"]["revision"]}
+    uri = run_quantize(
+        variant["model"]["path"],
+        variant["model"]["revision"],
+        variant["bitmap"],
+        variant["backend"],
+        ctx.settings.artifact_root,
+        Path(variant["calibration"]) / "calibration.safetensors",
+        {},
+    )
+    return {**variant, "model_dir": uri, "model_key": Path(uri).name}
+
+
+def evaluate(ctx: StepContext, variant: Variant) -> Variant:
+    from tasks.artifacts import read_json
+    from tasks.evaluation.stage import EvalParams, run_evaluation
+
+    ev = variant["eval"]
+    params = EvalParams(
+        eval_tokens=ev["eval_tokens"],
+        protocols=tuple(ev["protocols"]),
+        lm_eval_tasks=tuple(ev.get("lm_eval_tasks", ())),
+        lm_eval_limit=ev.get("lm_eval_limit"),
+    )
+    metrics = run_evaluation(
+        variant["model_dir"], variant["backend"], variant["calibration"], params, ctx.settings.artifact_root,
+        variant["model_key"], tokenizer_dir=variant["model"]["path"], device=ctx.device,
+    )
+    for key in ("nominal_bpp", "extra_pct"):
+        if variant.get(key) is not None:
+            metrics[key] = variant[key]
+    quant_manifest = Path(variant["model_dir"]) / "manifest.json"
+    if variant["backend"] != "none" and quant_manifest.exists():
+        facts = read_json(quant_manifest).get("facts", {})
+        if "quant_seconds" in facts:
+            metrics["quant_seconds"] = facts["quant_seconds"]
+    return {**variant, "metrics": metrics}
+
+
+def record(ctx: StepContext, variant: Variant) -> Variant:
+    """The variant's MLflow child run and, for quantized variants, its registered model version."""
+    from tasks.registry.tracking import log_variant
+    from tasks.registry.versions import register_version
+
+    model = variant["model"]
+    info = {
+        "name": variant["name"],
+        "backend": variant["backend"],
+        "method": variant["method"],
+        "budget_label": variant["budget_label"],
+        "base_model": model["name"],
+        "base_revision": model["revision"],
+        "config_hash": variant["config_hash"],
+        "options": variant["options"],
+    }
+    files = {"bitmap": variant["bitmap"]}
+    quantized = variant["backend"] != "none"
+    if quantized:
+        files["manifest"] = str(Path(variant["model_dir"]) / "manifest.json")
+    run_id, reused = log_variant(
+        ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, variant["model_dir"] if quantized else None
+    )
+    version = None
+    if quantized:
+        m = variant["metrics"]
+        version, _ = register_version(
+            ctx.settings.tracking_uri,
+            model["name"],
+            run_id,
+            {
+                "method": variant["method"],
+                "backend": variant["backend"],
+                "budget": variant["budget_label"],
+                "nominal_bpp": m.get("nominal_bpp"),
+                "extra_pct": m.get("extra_pct"),
+                "ppl_wikitext2": m.get("ppl_wikitext2"),
+                "ppl_c4": m.get("ppl_c4"),
+                "saved_bytes": m.get("saved_bytes"),
+                "variant": variant["name"],
+                "config_hash": variant["config_hash"],
+                "model_hash": variant["model_hash"],
+                "base_revision": model["revision"],
+            },
+        )
+    return {**variant, "run_id": run_id, "reused_run": reused, "version": version}
+
+
+def results_rows(variants: list[Variant]) -> list[dict]:
+    rows = []
+    for v in variants:
+        m = v.get("metrics", {})
+        rows.append(
+            {
+                "variant": v["name"],
+                "backend": v["backend"],
+                "method": v["method"],
+                "label": v["label"],
+                "budget": v["budget_label"],
+                "nominal_bpp": m.get("nominal_bpp"),
+                "extra_pct": m.get("extra_pct"),
+                **{k: m.get(k) for k in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "peak_mem_bytes", "tokens_per_s", "quant_seconds")},
+                **{k: val for k, val in m.items() if k.startswith("lmeval_")},
+                "run_id": v.get("run_id"),
+                "version": v.get("version"),
+            }
+        )
+    return rows
+
+
+def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
+    """Promote the champion, write the reports, log them on the parent run, close it, and mark this
+    configuration done for this checkpoint (the zoo's completion marker)."""
+    from tasks.artifacts import write_json_atomic, write_text_atomic
+    from tasks.orchestration.zoo import record_completion
+    from tasks.registry.naming import registered_model_name
+    from tasks.registry.tracking import finish_pipeline_run
+    from tasks.reports.table import results_table
+
+    cfg = PipelineConfig.from_dict(prep["config"])
+    recorded = list(recorded)
+    rows = results_rows(recorded)
+    reports = ctx.settings.home / "reports"
+    out = reports / prep["parent_run_id"]
+    table = results_table(rows)
+    write_text_atomic(out / "results.md", table + "\n")
+    write_json_atomic(out / "results.json", rows)
+    decision = None
+    if any(v["backend"] != "none" for v in recorded):
+        from tasks.registry.promotion import run_promotion
+
+        decision = run_promotion(
+            ctx.settings.tracking_uri,
+            registered_model_name(prep["model"]["name"]),
+            max_saved_bytes=cfg.promote_max_bytes,
+            min_improvement_pct=cfg.promote_min_improvement_pct,
+        )
+        write_json_atomic(out / "promotion.json", decision)
+    _write_reports(rows, recorded, out)
+    finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out)
+    _point_latest(reports, out)
+    record_completion(ctx.settings.artifact_root, prep["config"], prep["model"], prep["parent_run_id"], out, rows)
+    log.info("results:\n%s", table)
+    return {"reports": str(out), "promotion": decision, "table": table, "parent_run_id": prep["parent_run_id"]}
+
+
+def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None:
+    import pandas as pd
+
+    from tasks.bitmap import BitMap
+    from tasks.reports import write_reports
+
+    scores = next((v.get("scores") for v in recorded if v.get("scores")), None)
+    bitmaps = [BitMap.load(v["bitmap"]) for v in recorded if v.get("bitmap")]
+    write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out)
+
+
+def _point_latest(reports: Path, out: Path) -> None:
+    """reports/latest -> this run's directory, swapped atomically (a symlink replaced by rename)."""
+    import os
+    import shutil
+
+    latest = reports / "latest"
+    tmp = reports / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(out.name, target_is_directory=True)
+    if latest.is_dir() and not latest.is_symlink():  # a copy left by an older version
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)

@@ -1,0 +1,156 @@
+"""The pipeline's wiring: the step table (written once, consistent with the step functions), the pure
+variant planner, the method table, the config's validation, the step CLI and the step context."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.allocation.methods import METHODS
+from tasks.errors import PipelineError
+from tasks.ladder import parse_rung
+from tasks.orchestration.config import BACKEND_NAMES, PROTOCOL_NAMES, PipelineConfig
+from tasks.orchestration.context import StepContext
+from tasks.orchestration.planner import VariantSpec, allocate_variants, plan_variants
+from tasks.orchestration.step_table import CONF, STEPS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- the step table ------------------------------------------------------------------------------
+
+
+def test_every_step_function_takes_a_context_and_its_inputs():
+    for step in STEPS:
+        params = list(inspect.signature(step.resolve()).parameters)
+        assert params[0] == "ctx", step.name
+        assert len(params) == 1 + len(step.inputs), (step.name, params, step.inputs)
+
+
+def test_the_step_order_is_written_in_one_place():
+    """No file but the step table lists the steps in order (the DAG, the runner, the step CLI, the
+    image table and the docs derive from it)."""
+    names = [s.name for s in STEPS]
+    pattern = re.compile(r"""["']prepare["'],\s*["']profile["'],\s*["']allocate["']""")
+    hits = []
+    for path in [*REPO.glob("tasks/**/*.py"), *REPO.glob("dags/*.py"), *REPO.glob("containers/**/*.json"), *REPO.glob("benchmarks/*.py")]:
+        if path.name != "step_table.py" and pattern.search(path.read_text()):
+            hits.append(str(path.relative_to(REPO)))
+    assert hits == [], f"step lists outside the step table: {hits}"
+    assert names[0] == "prepare" and names[-1] == "finish"
+
+
+def test_a_gpu_step_gets_the_gpu_only_where_torch_sees_one(monkeypatch):
+    monkeypatch.delenv("QUANT_DEVICE", raising=False)
+    assert StepContext.from_env(gpu=False).device == "cpu"
+    import torch
+
+    assert StepContext.from_env(gpu=True).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    env = {"QUANT_DEVICE": "cuda:1", "AIRFLOW_CTX_DAG_ID": "quantization_pipeline", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1"}
+    ctx = StepContext.from_env(gpu=False, env=env)
+    assert ctx.device == "cuda:1"
+    assert ctx.run_tags == {"airflow_dag_id": "quantization_pipeline", "airflow_dag_run_id": "manual__1"}
+
+
+def test_the_step_cli_says_in_one_line_what_a_step_takes(tmp_path):
+    def step(*args):
+        return subprocess.run([sys.executable, "-m", "tasks", "step", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    out = step("allocate", "--input", json.dumps({"config": {}}), "--output", str(tmp_path / "x.json"))
+    assert out.returncode == 2 and out.stderr.strip() == "error: step allocate takes 2 inputs (prepare, profile) as a JSON list"
+    out = step("profile", "--input", "{not json", "--output", str(tmp_path / "x.json"))
+    assert out.returncode == 2 and out.stderr.startswith("error: --input is not valid JSON") and "Traceback" not in out.stderr
+
+
+def test_run_inprocess_walks_the_table(monkeypatch, state):
+    """The in-process runner feeds each step what the table says: mapped steps once per variant,
+    unmapped steps after a mapped one the whole list."""
+    from tasks.orchestration import runner
+    from tasks.orchestration.step_table import Step
+
+    calls = []
+    table = (
+        Step("a", "x:a", (CONF,)),
+        Step("b", "x:b", ("a",)),
+        Step("c", "x:c", ("b",), mapped=True),
+        Step("d", "x:d", ("a", "c")),
+    )
+    fns = {
+        "a": lambda ctx, conf: {"conf": conf},
+        "b": lambda ctx, a: [{"name": "v1"}, {"name": "v2"}],
+        "c": lambda ctx, v: {**v, "done": True},
+        "d": lambda ctx, a, cs: {"a": a, "cs": cs},
+    }
+    monkeypatch.setattr(runner, "STEPS", table)
+    monkeypatch.setattr(Step, "resolve", lambda self: lambda ctx, *args: calls.append(self.name) or fns[self.name](ctx, *args))
+    result = runner.run_inprocess({"model": "m"}, ctx=StepContext.from_env())
+    assert calls == ["a", "b", "c", "c", "d"]
+    assert result == {"a": {"conf": {"model": "m"}}, "cs": [{"name": "v1", "done": True}, {"name": "v2", "done": True}]}
+
+
+# ---- variants and methods ------------------------------------------------------------------------
+
+
+def test_plan_variants_uniform_first_then_boost_then_the_rest():
+    config = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], "methods": ["mxq", "kurtboost", "optimal"], "budgets": ["b3g64"],
+                                       "method_options": {"kurtboost": {"top_m": 0}}})  # fmt: skip
+    specs = plan_variants(config)
+    assert [s.name for s in specs] == ["uniform-4.25", "KB20-3.25", "mxq-3.25", "optimal-3.25"]
+    assert specs[1].options == {"boost_stop": 2, "top_m": 0}, "the user's options over the method's defaults"
+    assert specs[1].budget == parse_rung("b3g64")
+    exact = plan_variants(PipelineConfig.from_dict({"uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.4"]}))
+    assert [(s.name, s.budget) for s in exact] == [("optimal-3.40", 3.4)]
+
+
+def test_budget_exact_methods_get_the_memory_the_boost_method_reached():
+    from tasks.allocation.scores import scores_from_frame
+    from test_allocation import make_table
+
+    table = scores_from_frame(make_table(n_layers=12, seed=1))
+    specs = [VariantSpec.of("sensiboost", parse_rung("b3g64")), VariantSpec.of("mxq", parse_rung("b3g64"))]
+    sb, mxq = allocate_variants(specs, table, table.params)
+    assert mxq.target == sb.bitmap.nominal_bpp
+    assert mxq.bitmap.nominal_bpp <= sb.bitmap.nominal_bpp + 1e-9
+    _, alone = allocate_variants(specs, table, table.params, match_boost_memory=False)
+    assert alone.target == parse_rung("b3g64").bpp
+
+
+def test_the_method_table_matches_the_allocators():
+    from tasks.allocation.registry import ALLOCATORS
+
+    assert set(ALLOCATORS) == set(METHODS)
+    for name, spec in METHODS.items():
+        signature = inspect.signature(ALLOCATORS[name]).parameters
+        for option, value in spec.defaults.items():
+            assert signature[option].default == value, (name, option)
+    assert METHODS["sensiboost"].label() == "SB30" and METHODS["kurtboost"].label({"boost_stop": 3}) == "KB31"
+
+
+def test_the_config_names_what_the_stages_accept():
+    from tasks.evaluation.perplexity import PROTOCOLS
+    from tasks.quantize.registry import BACKENDS
+
+    assert set(BACKEND_NAMES) == set(BACKENDS)
+    assert set(PROTOCOL_NAMES) == set(PROTOCOLS)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"methods": ["sensiboost"], "budgets": ["3.4"]}, "sensiboost needs a ladder rung as budget"),
+        ({"protocols": ["lambada"]}, "unknown perplexity protocol"),
+        ({"budgets": "b3g64"}, "budgets must be a list"),
+        ({"method_options": []}, "method_options must be a mapping"),
+        ({"eval_tokens": "many"}, "eval_tokens must be an integer"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(bad, message):
+    with pytest.raises(PipelineError, match=message):
+        PipelineConfig.from_dict(bad)
