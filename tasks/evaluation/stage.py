@@ -29,7 +29,6 @@ class EvalParams:
     eval_tokens: int = 2048  # per stream; 0 = the full stream
     protocols: tuple[str, ...] = ("paper", "gptq")
     datasets: tuple[str, ...] = EVAL_SETS
-    threads: int = 0  # 0 = torch's default
     lm_eval_tasks: tuple[str, ...] = ()  # downstream tasks through lm-eval (data/lm_eval/ or lm-eval's registry)
     lm_eval_limit: int | None = None  # documents per task, for quick runs
 
@@ -99,8 +98,6 @@ def run_evaluation(
         log.info("evaluate %s: cache hit %s", model_key, out.uri)
         return read_json(out.path / "metrics.json")
     streams = {d: load_ids(p) for d, p in token_files.items()}
-    if params.threads:
-        torch.set_num_threads(params.threads)
     with PeakRSS() as memory:
         started = time.perf_counter()
         model = load_for_eval(model_dir, backend, device)

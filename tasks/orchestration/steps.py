@@ -226,9 +226,15 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
     quantized = variant["backend"] != "none"
     if quantized:
         files["manifest"] = str(Path(variant["model_dir"]) / "manifest.json")
-    run_id, reused = log_variant(
-        ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, variant["model_dir"] if quantized else None
-    )
+    build = None
+    if quantized:
+        from tasks.registry.mlflow_model import build_mlflow_model
+        from tasks.registry.naming import registered_model_name
+
+        local = {**variant, "model_dir": str(ensure_local(variant["model_dir"]))}
+        name = registered_model_name(model["name"])
+        build = lambda out: build_mlflow_model(local, variant["metrics"], name, out)  # noqa: E731
+    run_id, reused = log_variant(ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build)
     version = None
     if quantized:
         m = variant["metrics"]

@@ -8,6 +8,7 @@ weights, scales, zeros, quant config) for the quantized linears and 16-bit copie
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -89,7 +90,10 @@ class HQQBackend(Backend):
 
         out_dir = Path(out_dir)
         bitmap = BitMap.load(out_dir / BITMAP)
-        config = AutoConfig.from_pretrained(out_dir)
+        raw = json.loads((out_dir / "config.json").read_text())
+        if "quantpipe_model_type" in raw:  # a registered copy: the registry hides the model type from transformers
+            raw["model_type"] = raw.pop("quantpipe_model_type")
+        config = AutoConfig.for_model(**raw)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         from hqq.core.quantize import HQQLinear

@@ -79,12 +79,13 @@ def _finite(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
-def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: dict, files: dict[str, str | Path], model_dir: str | Path | None) -> tuple[str, bool]:
+def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: dict, files: dict[str, str | Path],
+                build_model=None) -> tuple[str, bool]:
     """Create (or reuse) the child run of a variant; return (run_id, reused).
 
     `variant` holds name, backend, method, budget_label, base_model, base_revision, config_hash, options.
-    `files` are small artifacts (bit map, manifests) logged at the run root; `model_dir` is logged
-    under `model/` so the registered version can be downloaded from the registry.
+    `files` are small artifacts (bit map, manifests) logged at the run root; `build_model(path)` writes
+    the variant's MLflow model there, logged under `model/`: what the registered version points to.
     """
     client = client_for(tracking_uri)
     parent = client.get_run(parent_run_id)
@@ -126,8 +127,9 @@ def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: d
     for path in files.values():
         if path and Path(path).exists():
             client.log_artifact(run_id, str(path))
-    if model_dir:
-        client.log_artifacts(run_id, str(model_dir), "model")
+    if build_model is not None:
+        with tempfile.TemporaryDirectory(prefix="quant-model-") as tmp:
+            client.log_artifacts(run_id, str(build_model(Path(tmp) / "model")), "model")
     client.set_terminated(run_id, "FINISHED")
     return run_id, False
 

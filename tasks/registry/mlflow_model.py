@@ -1,0 +1,183 @@
+"""Every registered version is an MLflow model: `mlflow.pyfunc.load_model("models:/<name>@champion")`
+loads it in a fresh process and `.predict(["The capital of France is"])` returns generated text.
+
+The model directory (what `mlflow.artifacts.download_artifacts("models:/...")` gives):
+
+    MLmodel, python_env.yaml, requirements.txt   the pyfunc flavor: text in, greedy continuation out
+    README.md                                    the model card: method, backend, bit map, bpp, perplexity, how to load
+    artifacts/checkpoint/                        the backend's saved checkpoint + the base model's tokenizer,
+                                                 bitmap.json, manifest.json (the stage's) and metrics.json
+    code/tasks/                                  this project's loaders (on sys.path when MLflow loads the model)
+
+The pyfunc wrapper loads the checkpoint with the backend's own loader (`tasks.quantize.<backend>`), so
+every backend serves through `mlflow models serve` the same way. Which clients load the bare checkpoint
+directory without this project is in BACKEND_CLIENTS (and the README's backend table); where no
+standard loader can, the checkpoint's config.json names a quantization method transformers does not
+know as its model type, so `AutoModelForCausalLM.from_pretrained` refuses it with an error instead of
+silently returning random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from tasks.settings import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")  # fmt: skip
+EXAMPLE = ["The capital of France is"]
+MAX_NEW_TOKENS = 32
+# Who loads a backend's saved checkpoint directory, besides this project's loader (README, backend table).
+BACKEND_CLIENTS = {
+    "hqq": "this project's loader only (no standard loader reads a mixed-precision HQQ model; transformers refuses it)",
+    "gptq": "GPTQModel (GPTQModel.load), transformers with gptqmodel installed, vLLM (reads the same `dynamic` field)",
+    "awq": "transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
+    "bnb": "transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
+}
+# Libraries the loaded model needs, by backend (pinned to what this environment runs).
+BACKEND_LIBRARIES = {"hqq": ["hqq"], "gptq": ["gptqmodel"], "awq": ["compressed-tensors"], "bnb": ["bitsandbytes"]}
+# An HQQ checkpoint's config.json names a model type transformers does not know, so that it refuses the
+# directory (it would load the architecture with random weights); our loader reads the true one.
+FOREIGN_MODEL_TYPE, TRUE_MODEL_TYPE = "quantpipe-hqq", "quantpipe_model_type"
+
+
+class QuantizedCausalLM(mlflow.pyfunc.PythonModel):
+    """Prompts (a list of strings, or a one-column DataFrame) -> greedy continuations (strings)."""
+
+    def load_context(self, context):
+        from tasks.model_io import load_tokenizer
+        from tasks.quantize.registry import get_backend
+
+        checkpoint = Path(context.artifacts[CHECKPOINT])
+        self.model = get_backend(_backend_of(checkpoint)).load(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        prompts = _prompts(model_input)
+        max_new = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
+        out = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+                generated = self.model.generate(ids, max_new_tokens=max_new, do_sample=False,
+                                                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)  # fmt: skip
+                out.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+
+def _prompts(model_input) -> list[str]:
+    if hasattr(model_input, "iloc"):  # a DataFrame (what a served model receives): its first column
+        return [str(v) for v in model_input.iloc[:, 0].tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(v) for v in model_input]
+
+
+def _backend_of(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "quantpipe.json").read_text())["backend"]
+
+
+def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metrics: dict, out: Path) -> Path:
+    """The checkpoint as it is registered: the backend's files, the tokenizer, the metrics, and a
+    config.json that a standard loader cannot mistake for a plain checkpoint where it cannot read it."""
+    shutil.copytree(model_dir, out)
+    for name in TOKENIZER_FILES:
+        if (Path(base_model_path) / name).exists() and not (out / name).exists():
+            shutil.copy2(Path(base_model_path) / name, out / name)
+    (out / "quantpipe.json").write_text(json.dumps({"backend": backend, "loader": loader_line(backend, "<dir>")}, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    if backend == "hqq":  # no standard loader reads it: make transformers refuse (it ignores unknown quant methods)
+        config = json.loads((out / "config.json").read_text())
+        config[TRUE_MODEL_TYPE] = config["model_type"]
+        config["model_type"] = FOREIGN_MODEL_TYPE
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def loader_line(backend: str, path: str) -> str:
+    return f"from tasks.quantize.registry import get_backend; model = get_backend({backend!r}).load({path!r})"
+
+
+def model_card(variant: dict, metrics: dict, registered_name: str) -> str:
+    from tasks.bitmap import BitMap
+
+    lines = [f"# {registered_name}: {variant['name']}", ""]
+    lines += [f"Quantized from `{variant['model']['name']}` (revision `{variant['model']['revision']}`) by quantpipe.", ""]
+    facts = [("method", f"{variant['method']} ({variant['label']})"), ("backend", variant["backend"]),
+             ("budget", variant["budget_label"]), ("nominal bits per parameter", _fmt(metrics.get("nominal_bpp"))),
+             ("extra memory over the budget rung", f"{_fmt(metrics.get('extra_pct'))} %"),
+             ("WikiText-2 perplexity", _fmt(metrics.get("ppl_wikitext2"))), ("C4 perplexity", _fmt(metrics.get("ppl_c4"))),
+             ("saved size", f"{(metrics.get('saved_bytes') or 0) / 2**20:.1f} MiB")]  # fmt: skip
+    lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts), ""]
+    if variant.get("bitmap"):
+        bitmap = BitMap.load(variant["bitmap"])
+        counts: dict[str, int] = {}
+        for rung in bitmap.modules.values():
+            counts[rung.name] = counts.get(rung.name, 0) + 1
+        summary = ", ".join(f"{n} modules at {r}" for r, n in sorted(counts.items()))
+        lines += [f"Bit map: {summary} (`artifacts/checkpoint/bitmap.json`).", ""]
+    lines += [
+        "## Load it", "",
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pyfunc.load_model("models:/{registered_name}/<version>")  # or @champion',
+        'model.predict(["The capital of France is"])',
+        "```", "",
+        f"The checkpoint alone (`artifacts/checkpoint/`): {BACKEND_CLIENTS[variant['backend']]}.",
+        f"With this project installed: `{loader_line(variant['backend'], 'artifacts/checkpoint')}`.", "",
+        "Perplexities: paper protocol (sliding window 1024, stride 512) on the evaluated tokens "
+        f"({_fmt(metrics.get('eval_tokens_wikitext2'))} of WikiText-2, {_fmt(metrics.get('eval_tokens_c4'))} of C4).",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def requirements(backend: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in ("torch", "transformers", "safetensors", "accelerate", *BACKEND_LIBRARIES.get(backend, [])):
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def build_mlflow_model(variant: dict, metrics: dict, registered_name: str, out: Path) -> Path:
+    """Write the MLflow model directory of a quantized variant into `out` (which must not exist)."""
+    from mlflow.models import infer_signature
+
+    staging = out.parent / CHECKPOINT  # its name is the artifact's directory in the model
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        checkpoint = stage_checkpoint(Path(variant["model_dir"]), variant["backend"], Path(variant["model"]["path"]), metrics, staging)
+        mlflow.pyfunc.save_model(
+            path=str(out),
+            python_model=QuantizedCausalLM(),
+            artifacts={CHECKPOINT: str(checkpoint)},
+            code_paths=[str(REPO_ROOT / "tasks")],
+            signature=infer_signature(EXAMPLE, ["Paris."], params={"max_new_tokens": MAX_NEW_TOKENS}),
+            input_example=EXAMPLE,
+            pip_requirements=requirements(variant["backend"]),
+            metadata={"backend": variant["backend"], "method": variant["method"], "variant": variant["name"]},
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (out / "README.md").write_text(model_card(variant, metrics, registered_name))
+    return out

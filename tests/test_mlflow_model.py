@@ -1,0 +1,71 @@
+"""Registered versions are MLflow models: after a pipeline run, the champion loads with
+`mlflow.pyfunc.load_model` in a fresh process and generates text; the downloaded version holds the
+tokenizer and a model card; transformers refuses a checkpoint it cannot read instead of returning
+random weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a pipeline run and three fresh Python processes
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = {"uniform_budgets": ["b4g64"], "methods": [], "budgets": [], "calibration_samples": 4, "calibration_seq_len": 128,
+        "eval_tokens": 1024, "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, tiny_model_dir):
+    """One pipeline run (HQQ b4g64) in a private state directory; returns (state, registered model name)."""
+    import os
+
+    state = tmp_path_factory.mktemp("mlflow-model-state")
+    env = {**os.environ, "QUANT_HOME": str(state), "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}"}
+    env.pop("QUANT_ARTIFACT_ROOT", None)
+    proc = subprocess.run([sys.executable, "-m", "tasks", "pipeline", "--config", json.dumps({**CONF, "model": str(tiny_model_dir)})],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return state, env, f"{tiny_model_dir.name}-quant"
+
+
+def in_fresh_process(env: dict, code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_champion_loads_with_pyfunc_in_a_fresh_process_and_generates(registered):
+    state, env, name = registered
+    code = (
+        "import json, mlflow; "
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
+        "out = m.predict(['The capital of France is'], params={'max_new_tokens': 5}); "
+        "print(json.dumps(out))"
+    )
+    out = json.loads(in_fresh_process(env, code))
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str) and out[0].strip(), out
+
+
+def test_the_version_directory_has_the_tokenizer_a_card_and_no_silent_random_weights(registered):
+    state, env, name = registered
+    code = f"import mlflow; print(mlflow.artifacts.download_artifacts('models:/{name}@champion'))"
+    root = Path(in_fresh_process(env, code))
+    assert (root / "MLmodel").is_file()
+    card = (root / "README.md").read_text()
+    assert "hqq" in card and "b4g64" in card and "WikiText-2 perplexity" in card and "mlflow.pyfunc.load_model" in card
+    checkpoint = root / "artifacts" / "checkpoint"
+    assert {"tokenizer.json", "bitmap.json", "metrics.json", "config.json"} <= {p.name for p in checkpoint.iterdir()}
+    probe = (
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(checkpoint)!r})\n"
+        "    print('loaded')\n"
+        "except Exception as exc:\n"
+        "    print('refused: ' + str(exc).splitlines()[0])\n"
+    )
+    assert in_fresh_process(env, probe).startswith("refused"), "transformers must not return random weights for HQQ"
