@@ -22,6 +22,7 @@ STAGES = {
     "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
     "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
     "promote": ("tasks.registry.promotion", "move the champion alias to the best registered version"),
+    "verify": ("tasks.registry.load_check", "reload a registered version in this process and reproduce its perplexity"),
     "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
     "pipeline": ("tasks.orchestration.runner", "run the whole pipeline in-process, without Airflow"),
     "downstream": ("tasks.evaluation.downstream", "lm-eval task scores of a model variant"),

@@ -69,3 +69,71 @@ def test_the_version_directory_has_the_tokenizer_a_card_and_no_silent_random_wei
         "    print('refused: ' + str(exc).splitlines()[0])\n"
     )
     assert in_fresh_process(env, probe).startswith("refused"), "transformers must not return random weights for HQQ"
+
+
+def test_mlflow_serves_the_champion(registered):
+    """`mlflow models serve -m models:/<name>@champion --env-manager local` answers a generation request;
+    the server and its workers are stopped afterwards."""
+    import os
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    state, env, name = registered
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(2)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
+                                 json={"inputs": ["The capital of France is"], "params": {"max_new_tokens": 5}})  # fmt: skip
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0].strip()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+def test_the_reload_check_rejects_a_corrupted_version(registered):
+    """A version whose weights no longer load fails its check, says why, and cannot be champion."""
+    from mlflow import MlflowClient
+
+    from tasks.registry.load_check import check_version
+    from tasks.registry.promotion import run_promotion
+
+    state, env, name = registered
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["load_check"] == "passed" and "within" in version.tags["load_check_detail"]
+    stored = next(Path(state, "mlflow", "artifacts").rglob("model/artifacts/checkpoint/model.safetensors"))
+    stored.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])  # truncated, as a failed upload leaves it
+    calibration = next(Path(state, "artifacts", "calibration").glob("*/"))
+    result = check_version(env["MLFLOW_TRACKING_URI"], name, version.version, str(calibration), 1024, float(version.tags["ppl_wikitext2"]))
+    assert not result["passed"] and result["detail"].startswith("does not reload")
+    tags = client.get_model_version(name, version.version).tags
+    assert tags["load_check"] == "failed" and tags["load_check_detail"] == result["detail"][:500]
+    decision = run_promotion(env["MLFLOW_TRACKING_URI"], name)
+    assert decision["action"] == "demote" and "failed" in decision["reason"], decision
+    assert "champion" not in client.get_registered_model(name).aliases, "a version that fails is never champion"
+    assert len(client.search_model_versions(f"name='{name}'")) == 1, "nothing deleted but the alias"

@@ -8,6 +8,8 @@ import pytest
 from tasks.allocation.methods import METHODS
 from tasks.orchestration.runner import run_inprocess
 
+pytestmark = pytest.mark.slow  # a whole pipeline with every allocator, and a reload check per version
+
 
 def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
     from mlflow import MlflowClient

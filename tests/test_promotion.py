@@ -62,6 +62,13 @@ def test_higher_is_better_for_scores():
     assert d.improvement_pct == pytest.approx(20.0)
 
 
+def test_a_version_that_failed_its_reload_check_is_never_champion():
+    cands = [C(1, 20.0, 100, "failed"), C(2, 25.0, 100, "passed"), C(3, 19.0, 100, None)]
+    assert decide(cands, None).champion == 2
+    demoted = decide(cands, 1)
+    assert demoted.champion == 2 and "reload check failed" in demoted.reason
+
+
 def test_ties_prefer_fewer_bytes_then_the_older_version():
     assert decide([C(1, 30.0, 100), C(2, 30.0, 90)], None).champion == 2
     assert decide([C(3, 30.0, 90), C(2, 30.0, 90)], None).champion == 2
@@ -81,13 +88,14 @@ def store(tmp_path_factory):
     return uri, client, exp
 
 
-def _add_version(client, exp, model, ppl, saved, method="sensiboost"):
+def _add_version(client, exp, model, ppl, saved, method="sensiboost", load_check="passed"):
     run = client.create_run(exp, run_name=f"hqq/{method}/4.25", tags={"mlflow.parentRunId": "x"})
     rid = run.info.run_id
     client.log_metric(rid, "ppl_wikitext2", ppl)
     client.log_metric(rid, "saved_bytes", saved)
     client.set_terminated(rid)
-    tags = {"method": method, "backend": "hqq", "ppl_wikitext2": str(ppl), "saved_bytes": str(int(saved)), "run_id": rid}
+    tags = {"method": method, "backend": "hqq", "ppl_wikitext2": str(ppl), "saved_bytes": str(int(saved)), "run_id": rid,
+            **({"load_check": load_check} if load_check else {})}
     return str(client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=rid, tags=tags).version)
 
 
@@ -150,6 +158,20 @@ def test_promotion_moves_the_alias_records_why_and_is_idempotent(store, monkeypa
     assert old["superseded_by"] == v5 and old["champion_reason"] == tags["champion_reason"]  # history kept
     assert len(client.search_model_versions(f"name='{model}'")) == 5  # nothing deleted
     assert {v1, v2, v4}.isdisjoint({third["champion"]})
+
+
+def test_only_versions_that_passed_the_reload_check_become_champion(store):
+    from tasks.registry.promotion import run_promotion
+
+    uri, client, exp = store
+    model = "Checked-quant"
+    client.create_registered_model(model)
+    broken = _add_version(client, exp, model, 20.0, 1000, load_check="failed")  # the best, but it does not reload
+    unchecked = _add_version(client, exp, model, 21.0, 1000, load_check=None)
+    ok = _add_version(client, exp, model, 25.0, 1000)
+    decision = run_promotion(uri, model)
+    assert decision["champion"] == ok and decision["eligible"] == 1 and decision["considered"] == 3
+    assert {broken, unchecked}.isdisjoint({decision["champion"]})
 
 
 def test_no_eligible_version_and_unknown_model_are_errors(store):

@@ -47,7 +47,8 @@ STEPS: tuple[Step, ...] = (
     Step("quantize", f"{_STEPS}:quantize", ("allocate",), mapped=True, backend_image=True, gpu=True, serial=True, retries=1),
     Step("evaluate", f"{_STEPS}:evaluate", ("quantize",), mapped=True, backend_image=True, gpu=True, serial=True, retries=1),
     Step("record", f"{_STEPS}:record", ("evaluate",), mapped=True, retries=2),
-    Step("finish", f"{_STEPS}:finish", ("prepare", "record"), retries=2),
+    Step("verify", f"{_STEPS}:verify", ("record",), mapped=True, backend_image=True, gpu=True, serial=True, retries=1),
+    Step("finish", f"{_STEPS}:finish", ("prepare", "verify"), retries=2),
 )
 BY_NAME = {s.name: s for s in STEPS}
 

@@ -4,6 +4,7 @@ table's business (tasks/orchestration/step_table.py), not theirs.
 
     prepare (model + calibration + parent run) -> profile -> allocate (every variant's bit map)
     -> quantize (per variant) -> evaluate (per variant) -> record (MLflow run + version per variant)
+    -> verify (per variant: the version reloads in a fresh process and reproduces its perplexity)
     -> finish (promote, reports, parent run closed, completion marker)
 """
 
@@ -59,6 +60,8 @@ class Variant(TypedDict, total=False):
     run_id: str  # record
     reused_run: bool
     version: str | None
+    load_check: str  # verify: "passed" or "failed"
+    load_check_detail: str
 
 
 def prepare(ctx: StepContext, config: dict) -> Prepared:
@@ -260,6 +263,26 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
     return {**variant, "run_id": run_id, "reused_run": reused, "version": version}
 
 
+def verify(ctx: StepContext, variant: Variant) -> Variant:
+    """The reload check of the variant's registered version (tasks/registry/load_check.py), unless it
+    passed before; only versions that pass may become champion."""
+    if variant["backend"] == "none" or not variant.get("version"):
+        return variant
+    from tasks.registry.load_check import DETAIL_TAG, TAG, check_version
+    from tasks.registry.naming import registered_model_name
+    from tasks.registry.tracking import client_for
+
+    name = registered_model_name(variant["model"]["name"])
+    tags = client_for(ctx.settings.tracking_uri).get_model_version(name, variant["version"]).tags
+    if tags.get(TAG) == "passed":
+        return {**variant, "load_check": "passed", "load_check_detail": tags.get(DETAIL_TAG, "")}
+    protocol = "paper" if "ppl_wikitext2" in variant["metrics"] else "gptq"
+    expected = variant["metrics"]["ppl_wikitext2" if protocol == "paper" else "ppl_wikitext2_gptq"]
+    result = check_version(ctx.settings.tracking_uri, name, variant["version"], variant["calibration"],
+                           variant["eval"]["eval_tokens"], expected, protocol)  # fmt: skip
+    return {**variant, "load_check": "passed" if result["passed"] else "failed", "load_check_detail": result["detail"]}
+
+
 def results_rows(variants: list[Variant]) -> list[dict]:
     rows = []
     for v in variants:
@@ -277,6 +300,7 @@ def results_rows(variants: list[Variant]) -> list[dict]:
                 **{k: val for k, val in m.items() if k.startswith("lmeval_")},
                 "run_id": v.get("run_id"),
                 "version": v.get("version"),
+                "load_check": v.get("load_check"),
             }
         )
     return rows
@@ -303,12 +327,16 @@ def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
     if any(v["backend"] != "none" for v in recorded):
         from tasks.registry.promotion import run_promotion
 
-        decision = run_promotion(
-            ctx.settings.tracking_uri,
-            registered_model_name(prep["model"]["name"]),
-            max_saved_bytes=cfg.promote_max_bytes,
-            min_improvement_pct=cfg.promote_min_improvement_pct,
-        )
+        try:
+            decision = run_promotion(
+                ctx.settings.tracking_uri,
+                registered_model_name(prep["model"]["name"]),
+                max_saved_bytes=cfg.promote_max_bytes,
+                min_improvement_pct=cfg.promote_min_improvement_pct,
+            )
+        except PipelineError as exc:  # e.g. no version passed its reload check: recorded, not fatal
+            log.warning("promotion: %s", exc)
+            decision = {"action": "none", "changed": False, "reason": str(exc)}
         write_json_atomic(out / "promotion.json", decision)
     _write_reports(rows, recorded, out)
     finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out)

@@ -1,9 +1,11 @@
 """Promotion: move the `champion` alias to the best registered version under a memory cap.
 
-The rule (mlflow/CONVENTIONS.md): among versions whose `saved_bytes` fit the cap and that have the
-metric, take the best (lowest by default); it replaces the current champion only if better by at least
+The rule (mlflow/CONVENTIONS.md): among versions that passed their reload check (tag `load_check`,
+tasks/registry/load_check.py), whose `saved_bytes` fit the cap and that have the metric, take the best
+(lowest by default); it replaces the current champion only if better by at least
 `min_improvement_pct` percent, or if the current champion is no longer eligible. The alias is moved with
-`MlflowClient.set_registered_model_alias` and the reason is written to tags; nothing is ever deleted.
+`MlflowClient.set_registered_model_alias` and the reason is written to tags; no version is ever deleted (a
+champion that fails its reload check with nothing eligible to replace it loses the alias, and says why).
 A decision to keep writes nothing, so promotion is idempotent.
 
 The decision itself (`decide`) is a pure function over plain candidate records, testable without MLflow.
@@ -30,6 +32,7 @@ class Candidate:
     version: int
     value: float | None  # the metric; None when the version has none
     saved_bytes: float | None
+    load_check: str | None = "passed"  # the version's reload check: only "passed" may be champion
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def rule_text(metric: str, max_saved_bytes: float | None, min_improvement_pct: f
 
 
 def _eligible(c: Candidate, max_saved_bytes: float | None) -> bool:
-    if c.value is None or not math.isfinite(c.value):
+    if c.value is None or not math.isfinite(c.value) or c.load_check != "passed":
         return False
     if max_saved_bytes is None:
         return True
@@ -74,7 +77,8 @@ def decide(
     eligible = [c for c in candidates if _eligible(c, max_saved_bytes)]
     if not eligible:
         cap = f" with saved_bytes <= {int(max_saved_bytes)}" if max_saved_bytes is not None else ""
-        raise PipelineError(f"no eligible version to promote: none of {len(candidates)} version(s) has metric {metric!r}{cap}")
+        raise PipelineError(f"no eligible version to promote: none of {len(candidates)} version(s) has metric {metric!r}{cap} "
+                            "and a passed reload check")
     sign = 1.0 if lower_is_better else -1.0
     # Ties: fewer saved bytes, then the older version, so the choice is deterministic.
     best = min(eligible, key=lambda c: (sign * c.value, c.saved_bytes if c.saved_bytes is not None else math.inf, c.version))
@@ -91,7 +95,8 @@ def decide(
                         reason=f"champion v{cur.version} is the best eligible version ({metric} {cur.value:.6g})", **common)
     if not _eligible(cur, max_saved_bytes):
         return Decision("promote", best.version, cur.version, previous_value=cur.value, improvement_pct=None,
-                        reason=f"champion v{cur.version} is no longer eligible (no {metric} or over the memory cap); "
+                        reason=f"champion v{cur.version} is no longer eligible (no {metric}, over the memory cap or "
+                        f"reload check {cur.load_check or 'not run'}); "
                         f"v{best.version} has the best {metric} {best.value:.6g}", **common)
     improvement = 100.0 * sign * (cur.value - best.value) / abs(cur.value) if cur.value else math.inf
     if improvement > 0 and improvement >= min_improvement_pct:
@@ -140,7 +145,7 @@ def load_candidates(client, registered_model: str, metric: str) -> list[Candidat
         tags = v.tags or {}
         value = _float(metrics.get(metric, tags.get(metric)))
         saved = _float(metrics.get("saved_bytes", tags.get("saved_bytes")))
-        found.append(Candidate(int(v.version), value, saved))
+        found.append(Candidate(int(v.version), value, saved, tags.get("load_check")))
     return found
 
 
@@ -175,8 +180,14 @@ def run_promotion(
     current = _current_champion(client, registered_model)
     candidates = load_candidates(client, registered_model, metric)
     rule = rule_text(metric, max_saved_bytes, min_improvement_pct, lower_is_better)
-    d = decide(candidates, current, max_saved_bytes=max_saved_bytes, min_improvement_pct=min_improvement_pct,
-               lower_is_better=lower_is_better, metric=metric)
+    try:
+        d = decide(candidates, current, max_saved_bytes=max_saved_bytes, min_improvement_pct=min_improvement_pct,
+                   lower_is_better=lower_is_better, metric=metric)
+    except PipelineError:
+        failed = next((c for c in candidates if c.version == current and c.load_check == "failed"), None)
+        if failed is None:
+            raise
+        return _demote(client, registered_model, failed, rule)
     changed = d.action == "promote"
     if changed:
         _record(client, registered_model, d, rule)
@@ -201,6 +212,18 @@ def run_promotion(
         "reason": d.reason,
         "rule": rule,
     }
+
+
+def _demote(client, name: str, champion: Candidate, rule: str) -> dict:
+    """The champion failed its reload check and no other version may replace it: the alias goes (the
+    version and its history stay), so nothing serves a model that does not load."""
+    detail = client.get_model_version(name, str(champion.version)).tags.get("load_check_detail", "")
+    reason = f"champion v{champion.version} failed its reload check ({detail}) and no other version is eligible"
+    client.set_model_version_tag(name, str(champion.version), "demoted_reason", reason)
+    client.delete_registered_model_alias(name, ALIAS)
+    log.warning("demote %s@%s (v%s): %s", name, ALIAS, champion.version, reason)
+    return {"model": name, "alias": ALIAS, "action": "demote", "changed": True, "champion": None,
+            "previous_champion": str(champion.version), "reason": reason, "rule": rule}
 
 
 def _record(client, name: str, d: Decision, rule: str) -> None:
@@ -250,5 +273,8 @@ def run_cli(args) -> int:
         min_improvement_pct=args.min_improvement_pct,
         lower_is_better=not args.higher_is_better,
     )
-    print(f"{d['action']}: {d['model']}@{d['alias']} = v{d['champion']} ({d['metric']} {d['value']:.6g}); {d['reason']}")
+    if d["action"] == "demote":
+        print(f"demote: {d['model']}@{d['alias']} removed from v{d['previous_champion']}; {d['reason']}")
+    else:
+        print(f"{d['action']}: {d['model']}@{d['alias']} = v{d['champion']} ({d['metric']} {d['value']:.6g}); {d['reason']}")
     return 0
