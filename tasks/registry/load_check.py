@@ -34,7 +34,7 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
         from tasks.calibration import load_ids
         from tasks.evaluation.perplexity import PROTOCOLS, perplexity
 
-        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+        model = load_torch_model(model_uri)
         ids = load_ids(ensure_local(calibration_dir) / "wikitext2.safetensors").reshape(-1)
         ids = ids[:eval_tokens] if eval_tokens else ids
         import torch
@@ -47,6 +47,18 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
     diff = abs(ppl - expected) / expected
     verdict = "within" if diff <= TOLERANCE else "outside"
     return {"passed": diff <= TOLERANCE, "ppl": ppl, "detail": f"reloaded ppl {ppl:.4f} vs recorded {expected:.4f} ({100 * diff:.3f}%, {verdict} {100 * TOLERANCE:g}%)"}
+
+
+def load_torch_model(model_uri: str):
+    """The model inside a registered version, through MLflow's own loader for its flavor."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    if "transformers" in Model.load(model_uri).flavors:
+        import mlflow.transformers
+
+        return mlflow.transformers.load_model(model_uri, return_type="components")["model"]
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
 def check_version(tracking_uri: str, name: str, version: str, calibration_dir: str, eval_tokens: int, expected: float,

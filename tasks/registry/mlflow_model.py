@@ -1,16 +1,18 @@
 """Every registered version is an MLflow model: `mlflow.pyfunc.load_model("models:/<name>@champion")`
 loads it in a fresh process and `.predict(["The capital of France is"])` returns generated text.
 
-The model directory (what `mlflow.artifacts.download_artifacts("models:/...")` gives):
+Where the backend's checkpoint is a standard transformers checkpoint (AWQ's compressed-tensors, bnb
+without int8 modules) the model has the transformers flavor (a text-generation pipeline over that
+checkpoint, plus pyfunc); otherwise (HQQ, GPTQ, bnb with int8 modules) a small pyfunc model that loads
+the checkpoint with the backend's own loader (`tasks.quantize.<backend>`), with this project's code
+under `code/`. GPTQ stays pyfunc although transformers reads uniform GPTQ checkpoints: with per-module
+overrides, transformers 5.17 + gptqmodel 7.6 compute other logits on CPU (see BACKEND_CLIENTS). Either way:
 
-    MLmodel, python_env.yaml, requirements.txt   the pyfunc flavor: text in, greedy continuation out
-    README.md                                    the model card: method, backend, bit map, bpp, perplexity, how to load
-    artifacts/checkpoint/                        the backend's saved checkpoint + the base model's tokenizer,
-                                                 bitmap.json, manifest.json (the stage's) and metrics.json
-    code/tasks/                                  this project's loaders (on sys.path when MLflow loads the model)
-
-The pyfunc wrapper loads the checkpoint with the backend's own loader (`tasks.quantize.<backend>`), so
-every backend serves through `mlflow models serve` the same way. Which clients load the bare checkpoint
+    MLmodel, requirements.txt      the flavor(s)
+    README.md                      the model card: method, backend, bit map, bpp, perplexity, how to load
+    artifacts/checkpoint/ (pyfunc) or model/ (transformers)   the checkpoint with the base model's
+                                   tokenizer, bitmap.json, manifest.json (the stage's) and metrics.json
+ Which clients load the bare checkpoint
 directory without this project is in BACKEND_CLIENTS (and the README's backend table); where no
 standard loader can, the checkpoint's config.json names a quantization method transformers does not
 know as its model type, so `AutoModelForCausalLM.from_pretrained` refuses it with an error instead of
@@ -38,7 +40,8 @@ MAX_NEW_TOKENS = 32
 # Who loads a backend's saved checkpoint directory, besides this project's loader (README, backend table).
 BACKEND_CLIENTS = {
     "hqq": "this project's loader only (no standard loader reads a mixed-precision HQQ model; transformers refuses it)",
-    "gptq": "GPTQModel (GPTQModel.load), transformers with gptqmodel installed, vLLM (reads the same `dynamic` field)",
+    "gptq": ("GPTQModel (GPTQModel.load); transformers with gptqmodel for uniform maps (on CPU with quantization_config "
+             "backend 'torch'), not for maps with per-module overrides (other logits on CPU); vLLM reads the same `dynamic` field"),
     "awq": "transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
     "bnb": "transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
 }
@@ -108,7 +111,7 @@ def loader_line(backend: str, path: str) -> str:
     return f"from tasks.quantize.registry import get_backend; model = get_backend({backend!r}).load({path!r})"
 
 
-def model_card(variant: dict, metrics: dict, registered_name: str) -> str:
+def model_card(variant: dict, metrics: dict, registered_name: str, checkpoint_dir: str) -> str:
     from tasks.bitmap import BitMap
 
     lines = [f"# {registered_name}: {variant['name']}", ""]
@@ -125,7 +128,7 @@ def model_card(variant: dict, metrics: dict, registered_name: str) -> str:
         for rung in bitmap.modules.values():
             counts[rung.name] = counts.get(rung.name, 0) + 1
         summary = ", ".join(f"{n} modules at {r}" for r, n in sorted(counts.items()))
-        lines += [f"Bit map: {summary} (`artifacts/checkpoint/bitmap.json`).", ""]
+        lines += [f"Bit map: {summary} (`{checkpoint_dir}/bitmap.json`).", ""]
     lines += [
         "## Load it", "",
         "```python",
@@ -133,8 +136,8 @@ def model_card(variant: dict, metrics: dict, registered_name: str) -> str:
         f'model = mlflow.pyfunc.load_model("models:/{registered_name}/<version>")  # or @champion',
         'model.predict(["The capital of France is"])',
         "```", "",
-        f"The checkpoint alone (`artifacts/checkpoint/`): {BACKEND_CLIENTS[variant['backend']]}.",
-        f"With this project installed: `{loader_line(variant['backend'], 'artifacts/checkpoint')}`.", "",
+        f"The checkpoint alone (`{checkpoint_dir}/`): {BACKEND_CLIENTS[variant['backend']]}.",
+        f"With this project installed: `{loader_line(variant['backend'], checkpoint_dir)}`.", "",
         "Perplexities: paper protocol (sliding window 1024, stride 512) on the evaluated tokens "
         f"({_fmt(metrics.get('eval_tokens_wikitext2'))} of WikiText-2, {_fmt(metrics.get('eval_tokens_c4'))} of C4).",
     ]  # fmt: skip
@@ -159,25 +162,47 @@ def requirements(backend: str) -> list[str]:
     return pins
 
 
+def transformers_flavored(checkpoint: Path, backend: str) -> bool:
+    """Whether the checkpoint is one transformers loads and runs as it is (see the module docstring)."""
+    if backend == "awq":
+        return True
+    if backend == "bnb":
+        layout = checkpoint / "bnb_layout.json"
+        return not (layout.exists() and json.loads(layout.read_text()).get("int8_modules"))
+    return False
+
+
 def build_mlflow_model(variant: dict, metrics: dict, registered_name: str, out: Path) -> Path:
     """Write the MLflow model directory of a quantized variant into `out` (which must not exist)."""
     from mlflow.models import infer_signature
 
     staging = out.parent / CHECKPOINT  # its name is the artifact's directory in the model
     shutil.rmtree(staging, ignore_errors=True)
+    checkpoint_dir = f"artifacts/{CHECKPOINT}"
+    signature = infer_signature(EXAMPLE, ["Paris."], params={"max_new_tokens": MAX_NEW_TOKENS})
+    metadata = {"backend": variant["backend"], "method": variant["method"], "variant": variant["name"]}
     try:
         checkpoint = stage_checkpoint(Path(variant["model_dir"]), variant["backend"], Path(variant["model"]["path"]), metrics, staging)
-        mlflow.pyfunc.save_model(
-            path=str(out),
-            python_model=QuantizedCausalLM(),
-            artifacts={CHECKPOINT: str(checkpoint)},
-            code_paths=[str(REPO_ROOT / "tasks")],
-            signature=infer_signature(EXAMPLE, ["Paris."], params={"max_new_tokens": MAX_NEW_TOKENS}),
-            input_example=EXAMPLE,
-            pip_requirements=requirements(variant["backend"]),
-            metadata={"backend": variant["backend"], "method": variant["method"], "variant": variant["name"]},
-        )
+        if transformers_flavored(checkpoint, variant["backend"]):
+            from mlflow import transformers as mlflow_transformers
+
+            checkpoint_dir = "model"  # where the transformers flavor keeps the checkpoint's files
+            mlflow_transformers.save_model(
+                transformers_model=str(checkpoint), path=str(out), task="text-generation", signature=signature,
+                input_example=EXAMPLE, pip_requirements=requirements(variant["backend"]), metadata=metadata,
+            )  # fmt: skip
+        else:
+            mlflow.pyfunc.save_model(
+                path=str(out),
+                python_model=QuantizedCausalLM(),
+                artifacts={CHECKPOINT: str(checkpoint)},
+                code_paths=[str(REPO_ROOT / "tasks")],
+                signature=signature,
+                input_example=EXAMPLE,
+                pip_requirements=requirements(variant["backend"]),
+                metadata=metadata,
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    (out / "README.md").write_text(model_card(variant, metrics, registered_name))
+    (out / "README.md").write_text(model_card(variant, metrics, registered_name, checkpoint_dir))
     return out
