@@ -24,6 +24,21 @@ MODULES = (
     "mlp.down_proj",
 )
 
+# The linears a serving engine (vLLM, TensorRT-LLM) fuses into one kernel, so they must share one
+# precision there: the attention input projections and the MLP's gate and up projections.
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def fused_groups(keys) -> list[list[int]]:
+    """Indices of `keys` ("<layer>.<module>") grouped as a serving engine fuses them; every other key alone."""
+    keys = list(keys)
+    group_of = {}
+    for i, key in enumerate(keys):
+        layer, module = split_key(key)
+        fused = next((g for g in FUSED if module in g), None)
+        group_of.setdefault((layer, fused) if fused else (key,), []).append(i)
+    return list(group_of.values())
+
 
 @dataclass(frozen=True)
 class Rung:

@@ -398,3 +398,22 @@ def test_frontier_cli(tmp_path, capsys):
     assert "infeasible" in capsys.readouterr().err
     assert main(["frontier", "--scores", str(path), "--budgets", "4:3:0.5", "--out-dir", str(out)]) == 2
     assert "start <= stop" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["optimal", "mxq", "sensiboost", "kurtboost"])
+def test_tie_fused_puts_each_fused_group_on_one_rung_within_the_budget(method):
+    from tasks.ladder import FUSED
+
+    s = scores_from_frame(make_table(n_layers=8, seed=3))
+    budget = "b3g64" if method in ("sensiboost", "kurtboost") else 3.4
+    free = allocate(s, method, budget, {})
+    tied = allocate(s, method, budget, {"tie_fused": True})
+    for layer in range(8):
+        for group in FUSED:
+            assert len({tied.modules[f"{layer}.{m}"] for m in group}) == 1, (method, layer, group)
+    assert tied.options["tie_fused"] is True
+    if method in ("optimal", "mxq"):  # exact under the same budget: a constraint can only cost objective
+        assert tied.nominal_bpp <= 3.4 + 1e-12
+        assert tied.options["objective"] >= free.options["objective"] - 1e-12
+    else:  # a boost spreads to its fused group: never fewer bits than the plain boost
+        assert all(tied.modules[k].bpp >= free.modules[k].bpp for k in free.modules)

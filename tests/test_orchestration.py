@@ -154,3 +154,16 @@ def test_the_config_names_what_the_stages_accept():
 def test_bad_configs_are_one_line_errors(bad, message):
     with pytest.raises(PipelineError, match=message):
         PipelineConfig.from_dict(bad)
+
+
+def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
+    config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal", "lim"]})
+    plan = {s.name: s for s in plan_variants(config)}
+    assert set(plan) == {"uniform-4.25", "SB30-3.25", "SB30-3.25-tied", "optimal-3.25", "optimal-3.25-tied", "lim-3.25"}
+    assert plan["optimal-3.25-tied"].backends == ("gptq", "awq") and plan["optimal-3.25-tied"].options["tie_fused"] is True
+    assert plan["optimal-3.25"].backends == ("hqq",) and "tie_fused" not in plan["optimal-3.25"].options
+    assert plan["lim-3.25"].backends is None, "whole layers move together: nothing to tie"
+    explicit = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"], "method_options": {"optimal": {"tie_fused": False}}})
+    assert [(s.name, s.backends) for s in plan_variants(explicit) if s.method == "optimal"] == [("optimal-3.25", None)]
+    hqq_only = PipelineConfig.from_dict({"methods": ["optimal"]})
+    assert [(s.name, s.backends, s.options) for s in plan_variants(hqq_only) if s.method == "optimal"] == [("optimal-3.25", None, {})]

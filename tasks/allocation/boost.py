@@ -19,7 +19,7 @@ from tasks.allocation.budget import as_rung
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap, uniform_bitmap
 from tasks.errors import PipelineError
-from tasks.ladder import Rung, boost, split_key
+from tasks.ladder import Rung, boost, fused_groups, split_key
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def boosted_bitmap(scores: Scores, method: str, base: Rung, outliers: dict[str, 
     return BitMap(method=method, modules=modules, params=dict(scores.params), budget=base.bpp, options=options)
 
 
-def _boost(scores: Scores, budget, method: str, column: str, diff: str, boost_stop: int, top_m: int, ablation: bool, seed: int) -> BitMap:
+def _boost(scores: Scores, budget, method: str, column: str, diff: str, boost_stop: int, top_m: int, ablation: bool, seed: int,
+           tie_fused: bool = False) -> BitMap:  # fmt: skip
     base = as_rung(budget)
     if int(boost_stop) < 1:
         raise PipelineError(f"boost_stop must be at least 1 (got {boost_stop})")
@@ -118,20 +119,37 @@ def _boost(scores: Scores, budget, method: str, column: str, diff: str, boost_st
         outliers = random_control(scores, outliers, exclude, int(seed))
         options.update(ablation=True, seed=int(seed))
     log.info("%s: %d outlier module(s) boosted %s -> %s", method, sum(map(len, outliers.values())), base.name, boost(base, int(boost_stop)).name)
-    return boosted_bitmap(scores, method, base, outliers, int(boost_stop), options)
+    bitmap = boosted_bitmap(scores, method, base, outliers, int(boost_stop), options)
+    return tie_boosts(bitmap) if tie_fused else bitmap
 
 
-def allocate_sensiboost(scores: Scores, budget, boost_stop: int = 3, top_m: int = 0, ablation: bool = False, seed: int = 0) -> BitMap:
+def tie_boosts(bitmap: BitMap) -> BitMap:
+    """A boost spreads to the modules fused with a boosted one (q/k/v, gate/up of a layer): each fused
+    group takes its highest rung, so a serving engine can run it as one kernel. It costs memory above
+    the plain boost's, reported like the boost's own (extra_pct)."""
+    keys = list(bitmap.modules)
+    for group in fused_groups(keys):
+        top = max((bitmap.modules[keys[i]] for i in group), key=lambda r: r.bpp)
+        for i in group:
+            bitmap.modules[keys[i]] = top
+    bitmap.options["tie_fused"] = True
+    return bitmap
+
+
+def allocate_sensiboost(scores: Scores, budget, boost_stop: int = 3, top_m: int = 0, ablation: bool = False, seed: int = 0,
+                        tie_fused: bool = False) -> BitMap:  # fmt: skip
     """SensiBoost: jumps in activation sensitivity (ratio of consecutive layers). Paper: SB30.
 
     ablation=True is the authors' random control (as many random non-outlier layers per module type).
+    tie_fused=True boosts the whole fused group of a boosted module (`tie_boosts`).
     """
-    return _boost(scores, budget, "sensiboost", "sensitivity", "ratio", boost_stop, top_m, ablation, seed)
+    return _boost(scores, budget, "sensiboost", "sensitivity", "ratio", boost_stop, top_m, ablation, seed, tie_fused)
 
 
-def allocate_kurtboost(scores: Scores, budget, boost_stop: int = 2, top_m: int = 1, ablation: bool = False, seed: int = 0) -> BitMap:
+def allocate_kurtboost(scores: Scores, budget, boost_stop: int = 2, top_m: int = 1, ablation: bool = False, seed: int = 0,
+                       tie_fused: bool = False) -> BitMap:  # fmt: skip
     """KurtBoost: jumps in weight kurtosis (difference of consecutive layers). Paper: KB21."""
-    return _boost(scores, budget, "kurtboost", "kurtosis", "difference", boost_stop, top_m, ablation, seed)
+    return _boost(scores, budget, "kurtboost", "kurtosis", "difference", boost_stop, top_m, ablation, seed, tie_fused)
 
 
 def allocate_uniform(scores: Scores, budget) -> BitMap:

@@ -29,9 +29,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     solver.add_argument("--objective", help="optimal: fisher (default), sensitivity or output")
     solver.add_argument("--time-limit", type=float, help="solver time limit in seconds (default 60)")
     solver.add_argument("--mip-gap", type=float, help="relative optimality gap (default 0: proven optimal)")
+    parser.add_argument("--tie-fused", action="store_true", default=None,
+                        help="sensiboost/kurtboost/mxq/optimal: q/k/v and gate/up of a layer on one rung (vLLM's fused kernels)")
 
 
-OPTION_ARGS = ("boost_stop", "top_m", "ablation", "seed", "low", "high", "zd_direction", "tolerance", "rungs", "objective", "time_limit", "mip_gap", "model")
+OPTION_ARGS = ("boost_stop", "top_m", "ablation", "seed", "low", "high", "zd_direction", "tolerance", "rungs", "objective", "time_limit",
+               "mip_gap", "tie_fused", "model")  # fmt: skip
 
 
 def summary(bitmap: BitMap) -> str:

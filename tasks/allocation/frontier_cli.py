@@ -44,6 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", default="fisher", help="fisher (default), sensitivity or output")
     parser.add_argument("--rungs", default=None, help="candidate rungs, comma-separated (default: all in the table)")
     parser.add_argument("--model", default=None, help="which model of a table that holds several")
+    parser.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up of a layer on one rung (vLLM's fused kernels)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from tasks.allocation.scores import read_scores
 
     budgets = parse_budgets(args.budgets)
-    maps = frontier(read_scores(args.scores, model=args.model), budgets, objective=args.objective, rungs=args.rungs)
+    maps = frontier(read_scores(args.scores, model=args.model), budgets, objective=args.objective, rungs=args.rungs, tie_fused=args.tie_fused)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -19,6 +19,7 @@ class MethodSpec:
     defaults: dict = field(default_factory=dict)  # the pipeline's defaults (the papers' settings)
     boost: bool = False  # spends extra memory on outlier layers above the budget rung
     summary: str = ""
+    ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -33,14 +34,14 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("uniform", "rung", summary="every module at the budget rung"),
-        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True,
+        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True, ties=True,
                    summary="boosts layers after jumps in activation sensitivity (SB30)"),
-        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True,
+        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True, ties=True,
                    summary="boosts layers after jumps in weight kurtosis (KB21)"),
         MethodSpec("lim", "exact", summary="least important layers (layer input modification) to the low rung"),
         MethodSpec("zd", "exact", summary="least important layers (z-score distribution) to the low rung"),
-        MethodSpec("mxq", "exact", summary="MILP minimizing the sum of Frobenius errors"),
-        MethodSpec("optimal", "exact", summary="MILP minimizing the Fisher estimate of the loss increase"),
+        MethodSpec("mxq", "exact", ties=True, summary="MILP minimizing the sum of Frobenius errors"),
+        MethodSpec("optimal", "exact", ties=True, summary="MILP minimizing the Fisher estimate of the loss increase"),
     )
 }
 BOOST_METHODS = tuple(n for n, s in METHODS.items() if s.boost)

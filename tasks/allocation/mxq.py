@@ -14,10 +14,12 @@ from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 
 
-def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> BitMap:
+def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
+                 tie_fused: bool = False) -> BitMap:  # fmt: skip
     """MXQ bit map for a real-valued budget in bits per parameter.
 
     mip_gap 0 proves optimality (see tasks.allocation.knapsack); the authors ran HiGHS's default 1e-4.
+    tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need).
     """
     bpp = as_bpp(budget)
     tolerance = float(tolerance)
@@ -25,5 +27,6 @@ def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, tim
         raise PipelineError(f"tolerance must be >= 0 (a fraction: 0.01 = 1%), got {tolerance}")
     scores.require(["fnorm"], "mxq")
     cand = candidate_rungs(scores, as_rungs(rungs))
-    program = RungProgram(scores, scores.rung_matrix("fnorm", cand), cand, "mxq", time_limit=time_limit, mip_gap=float(mip_gap))
+    program = RungProgram(scores, scores.rung_matrix("fnorm", cand), cand, "mxq", time_limit=time_limit, mip_gap=float(mip_gap),
+                          tie_fused=bool(tie_fused))  # fmt: skip
     return program.allocate(bpp, tolerance, options={"cost": "fnorm"})

@@ -132,21 +132,25 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
     return rows.reindex(list(scores.keys)).to_numpy(dtype=float)  # NA stays NA: the median weight covers it
 
 
-def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> tuple[RungProgram, dict]:
+def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
+                  tie_fused: bool = False) -> tuple[RungProgram, dict]:  # fmt: skip
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
     cand = candidate_rungs(scores, as_rungs(rungs))
     costs, facts = objective_costs(scores, objective, cand)
-    return RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap)), facts
+    return RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap), tie_fused=bool(tie_fused)), facts
 
 
-def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> BitMap:
-    """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap)
+def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
+                     tie_fused: bool = False) -> BitMap:  # fmt: skip
+    """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter.
+    tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need)."""
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused)
     return program.allocate(as_bpp(budget), options=facts)
 
 
-def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0) -> list[BitMap]:
+def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
+             tie_fused: bool = False) -> list[BitMap]:  # fmt: skip
     """`allocate_optimal` for each budget of a list, sharing one set-up; every budget is checked first
     (one below the cheapest allocation is a one-line error naming that minimum)."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap)
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)

@@ -14,16 +14,22 @@ from tasks.allocation.knapsack import UNITS_PER_BIT, ChoiceKnapsack, capacity_un
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
-from tasks.ladder import Rung
+from tasks.ladder import Rung, fused_groups
 
 log = logging.getLogger(__name__)
 
 
 class RungProgram:
-    def __init__(self, scores: Scores, costs: np.ndarray, rungs: tuple[Rung, ...], method: str, time_limit: float | None = 60.0, mip_gap: float = 0.0):
-        self.scores, self.rungs, self.method = scores, tuple(rungs), method
-        sizes = size_matrix([scores.params[k] for k in scores.keys], self.rungs)
-        self.knapsack = ChoiceKnapsack(costs, sizes, time_limit=time_limit, mip_rel_gap=mip_gap)
+    """With tie_fused, the modules a serving engine fuses (q/k/v, gate/up of a layer) are one knapsack
+    item: their costs and sizes add up and they get one rung, so the solve stays exact."""
+
+    def __init__(self, scores: Scores, costs: np.ndarray, rungs: tuple[Rung, ...], method: str, time_limit: float | None = 60.0,
+                 mip_gap: float = 0.0, tie_fused: bool = False):  # fmt: skip
+        self.scores, self.rungs, self.method, self.tie_fused = scores, tuple(rungs), method, bool(tie_fused)
+        self.groups = fused_groups(scores.keys) if tie_fused else [[i] for i in range(len(scores.keys))]
+        params = [sum(scores.params[scores.keys[i]] for i in g) for g in self.groups]
+        costs = np.stack([np.asarray(costs)[g].sum(axis=0) for g in self.groups])
+        self.knapsack = ChoiceKnapsack(costs, size_matrix(params, self.rungs), time_limit=time_limit, mip_rel_gap=mip_gap)
 
     def _bpp(self, units: int) -> float:
         return units / UNITS_PER_BIT / self.scores.total_params
@@ -69,9 +75,11 @@ class RungProgram:
         return [results[i] for i in range(len(budgets))]
 
     def _bitmap(self, choice, budget: float, tolerance: float, facts: dict, options: dict | None) -> BitMap:
-        modules = {k: self.rungs[j] for k, j in zip(self.scores.keys, choice)}
+        modules = {self.scores.keys[i]: self.rungs[j] for group, j in zip(self.groups, choice) for i in group}
+        modules = {k: modules[k] for k in self.scores.keys}
         options = {
             **(options or {}),
+            **({"tie_fused": True} if self.tie_fused else {}),
             "rungs": [r.name for r in self.rungs],
             "objective": self.knapsack.cost(choice),
             "solver": facts,

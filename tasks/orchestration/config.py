@@ -15,6 +15,9 @@ from tasks.ladder import LADDER, Rung, parse_rung
 RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+"
 BUDGET_PATTERN = r"^(b[2348]g(32|64|128)|[0-9]+(\.[0-9]+)?)$"
 BACKEND_NAMES = ("hqq", "gptq", "awq", "bnb")  # tasks.quantize.registry.BACKENDS (checked by a test)
+# Backends whose checkpoints serving engines (vLLM) run with fused q/k/v and gate/up kernels, which need one
+# precision per fused group: their bit maps tie those modules unless method_options say otherwise.
+TIE_FUSED_BACKENDS = ("gptq", "awq")
 PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.ladder import Rung, parse_rung
-from tasks.orchestration.config import PipelineConfig, budget_label, parse_budget
+from tasks.orchestration.config import TIE_FUSED_BACKENDS, PipelineConfig, budget_label, parse_budget
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,14 @@ class VariantSpec:
     method: str
     budget: Rung | float
     options: dict = field(default_factory=dict)
+    backends: tuple[str, ...] | None = None  # the backends this bit map is for (None: every backend)
 
     @classmethod
-    def of(cls, method: str, budget, options: dict | None = None) -> "VariantSpec":
+    def of(cls, method: str, budget, options: dict | None = None, backends: tuple[str, ...] | None = None) -> "VariantSpec":
         """The method's defaults under the given options."""
         spec = method_spec(method)
-        return cls(method, budget if isinstance(budget, (Rung, float)) else parse_budget(budget), {**spec.defaults, **(options or {})})
+        budget = budget if isinstance(budget, (Rung, float)) else parse_budget(budget)
+        return cls(method, budget, {**spec.defaults, **(options or {})}, backends)
 
     @property
     def label(self) -> str:
@@ -38,8 +40,8 @@ class VariantSpec:
 
     @property
     def name(self) -> str:
-        """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25'."""
-        return f"{self.label}-{self.budget_label}"
+        """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused)."""
+        return f"{self.label}-{self.budget_label}" + ("-tied" if self.options.get("tie_fused") else "")
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,23 @@ def variant_name(backend: str, label: str, budget: str) -> str:
 
 
 def plan_variants(config: PipelineConfig) -> list[VariantSpec]:
+    """Uniform first, then the boost methods, then the rest. A method that can tie fused modules gets
+    one bit map per tie setting its backends need (tied for TIE_FUSED_BACKENDS), unless the user's
+    method_options set tie_fused."""
     specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
     methods = sorted((m for m in config.methods if m != "uniform"), key=lambda m: not METHODS[m].boost)
+    tied = tuple(b for b in config.backends if b in TIE_FUSED_BACKENDS)
+    untied = tuple(b for b in config.backends if b not in TIE_FUSED_BACKENDS)
     for method in methods:
+        options = config.method_options.get(method) or {}
         for raw in config.budgets:
-            specs.append(VariantSpec.of(method, parse_budget(raw), config.method_options.get(method)))
+            budget = parse_budget(raw)
+            if not METHODS[method].ties or "tie_fused" in options or not tied:
+                specs.append(VariantSpec.of(method, budget, options))
+                continue
+            if untied:
+                specs.append(VariantSpec.of(method, budget, options, untied))
+            specs.append(VariantSpec.of(method, budget, {**options, "tie_fused": True}, tied))
     return specs
 
 
@@ -68,12 +82,13 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
     from tasks.allocation import allocate
     from tasks.bitmap import uniform_bitmap
 
-    reached: dict[str, float] = {}  # rung label -> bpp the first boost method reached there
+    reached: dict[tuple, float] = {}  # (rung label, tied) -> bpp the first boost method reached there
     out = []
     for spec in specs:
         method = METHODS[spec.method]
-        if method.budget == "exact" and isinstance(spec.budget, Rung) and match_boost_memory and spec.budget.label in reached:
-            target = reached[spec.budget.label]
+        where = (spec.budget.label, bool(spec.options.get("tie_fused"))) if isinstance(spec.budget, Rung) else None
+        if method.budget == "exact" and where in reached and match_boost_memory:
+            target = reached[where]
         else:
             target = spec.budget.bpp if isinstance(spec.budget, Rung) else float(spec.budget)
         if spec.method == "uniform":
@@ -81,6 +96,6 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
         else:
             bitmap = allocate(scores, spec.method, target, spec.options)
         if method.boost:
-            reached.setdefault(spec.budget.label, bitmap.nominal_bpp)
+            reached.setdefault(where, bitmap.nominal_bpp)
         out.append(PlannedVariant(spec, target, bitmap))
     return out

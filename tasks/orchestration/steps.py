@@ -137,7 +137,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
         variants.append({"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None})
     backends = {name: get_backend(name) for name in cfg.backends}
     for p in planned:
-        for backend in cfg.backends:
+        for backend in p.spec.backends or cfg.backends:
             try:  # the cross product asks every backend for every map: skip what one cannot express
                 backends[backend].check(p.bitmap)
             except PipelineError as exc:

@@ -17,6 +17,7 @@ RESULT_COLUMNS = (
     ("saved_mib", "saved MiB", "{:.1f}"),
     ("tokens_per_s", "eval tok/s", "{:.0f}"),
     ("version", "version", "{}"),
+    ("load_check", "reload", "{}"),
 )
 
 
@@ -47,6 +48,6 @@ def results_table(rows: list[dict]) -> str:
     rows = [{**r, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None} for r in rows]
     downstream = sorted({k for r in rows for k in r if k.startswith("lmeval_") and k.endswith("_acc")})
     extra = [(k, k[len("lmeval_"):].replace("_", " "), "{:.3f}") for k in downstream]
-    cols = [c for c in RESULT_COLUMNS[:-1] + tuple(extra) + RESULT_COLUMNS[-1:] if any(r.get(c[0]) not in (None, "") for r in rows)]
+    cols = [c for c in RESULT_COLUMNS[:-2] + tuple(extra) + RESULT_COLUMNS[-2:] if any(r.get(c[0]) not in (None, "") for r in rows)]
     cells = [[format_cell(r.get(key), fmt) for key, _, fmt in cols] for r in rows]
     return markdown([title for _, title, _ in cols], cells, [i > 0 for i in range(len(cols))], pad=True)
