@@ -19,10 +19,9 @@ from tasks.ladder import Rung
 pytestmark = pytest.mark.slow  # four quantizations and a dozen fresh processes
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = {  # name -> (backend, boosted map?, options, does transformers read the bare checkpoint? None: no claim)
+CASES = {  # name -> (backend, boosted map?, options, does transformers read the bare checkpoint?)
     "hqq": ("hqq", True, {}, False),
-    # transformers 5.17 + gptqmodel 7.6 on CPU compute other logits for per-module overrides (README)
-    "gptq": ("gptq", True, {}, None),
+    "gptq": ("gptq", True, {}, False),  # transformers' GPTQ integration drops per-module overrides: refused
     "gptq-uniform": ("gptq", False, {}, True),
     "awq": ("awq", True, {"n_grid": 4}, True),
     "bnb-mixed": ("bnb", True, {}, False),
@@ -95,7 +94,7 @@ def test_each_backend_registers_a_loadable_mlflow_model(case, word_llama, tmp_pa
         quant_error = (ours - word_llama["reference"]).abs().max().item()
         print(f"{case}: transformers vs the pipeline's loader, max abs logit diff {diff:.4g} (quantization moved them {quant_error:.4g})")
         assert diff <= max(1e-4, 0.5 * quant_error), (diff, quant_error)
-    elif standard is False:
+    else:
         probe = ("import sys\nfrom transformers import AutoModelForCausalLM\nimport torch\n"
                  "try:\n    m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n    m(torch.load(sys.argv[2]))\n    print('ran')\n"
                  "except Exception as exc:\n    print('refused')\n")  # fmt: skip

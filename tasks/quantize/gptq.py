@@ -42,7 +42,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import Backend, Capabilities
+from tasks.quantize.base import Backend, Capabilities, plain_checkpoint
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     base_rung,
@@ -174,12 +174,13 @@ class GPTQBackend(Backend):
         if not (out_dir / "quantize_config.json").exists():
             raise PipelineError(f"{out_dir} holds no GPTQ model (quantize_config.json is missing)")
         on_cpu = str(device).startswith("cpu")
-        wrapped = GPTQModel.load(
-            str(out_dir),
-            device=device,
-            backend=BACKEND.TORCH if on_cpu else BACKEND.AUTO,
-            dtype=torch.bfloat16 if on_cpu else torch.float16,
-        )
+        with plain_checkpoint(out_dir) as path:  # a registered copy with overrides hides its model type
+            wrapped = GPTQModel.load(
+                str(path),
+                device=device,
+                backend=BACKEND.TORCH if on_cpu else BACKEND.AUTO,
+                dtype=torch.bfloat16 if on_cpu else torch.float16,
+            )
         model = wrapped.model
         model.lm_head.register_forward_hook(lambda _module, _inputs, output: output.float())
         model.eval()

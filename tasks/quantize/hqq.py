@@ -8,7 +8,6 @@ weights, scales, zeros, quant config) for the quantized linears and 16-bit copie
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
-from tasks.quantize.base import Backend, Capabilities
+from tasks.quantize.base import Backend, Capabilities, true_config
 from tasks.quantize.hqq_ops import hqq_config, hqq_linear
 
 log = logging.getLogger(__name__)
@@ -90,10 +89,7 @@ class HQQBackend(Backend):
 
         out_dir = Path(out_dir)
         bitmap = BitMap.load(out_dir / BITMAP)
-        raw = json.loads((out_dir / "config.json").read_text())
-        if "quantpipe_model_type" in raw:  # a registered copy: the registry hides the model type from transformers
-            raw["model_type"] = raw.pop("quantpipe_model_type")
-        config = AutoConfig.for_model(**raw)
+        config = AutoConfig.for_model(**true_config(out_dir))  # a registered copy hides its model type
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         from hqq.core.quantize import HQQLinear

@@ -5,8 +5,8 @@ Where the backend's checkpoint is a standard transformers checkpoint (AWQ's comp
 without int8 modules) the model has the transformers flavor (a text-generation pipeline over that
 checkpoint, plus pyfunc); otherwise (HQQ, GPTQ, bnb with int8 modules) a small pyfunc model that loads
 the checkpoint with the backend's own loader (`tasks.quantize.<backend>`), with this project's code
-under `code/`. GPTQ stays pyfunc although transformers reads uniform GPTQ checkpoints: with per-module
-overrides, transformers 5.17 + gptqmodel 7.6 compute other logits on CPU (see BACKEND_CLIENTS). Either way:
+under `code/`. GPTQ stays pyfunc although transformers reads uniform GPTQ checkpoints: its GPTQ
+integration (optimum) drops per-module overrides (see BACKEND_CLIENTS). Either way:
 
     MLmodel, requirements.txt      the flavor(s)
     README.md                      the model card: method, backend, bit map, bpp, perplexity, how to load
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from tasks.quantize.base import HIDDEN_MODEL_TYPE
 from tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,20 @@ MAX_NEW_TOKENS = 32
 # Who loads a backend's saved checkpoint directory, besides this project's loader (README, backend table).
 BACKEND_CLIENTS = {
     "hqq": "this project's loader only (no standard loader reads a mixed-precision HQQ model; transformers refuses it)",
-    "gptq": ("GPTQModel (GPTQModel.load); transformers with gptqmodel for uniform maps (on CPU with quantization_config "
-             "backend 'torch'), not for maps with per-module overrides (other logits on CPU); vLLM reads the same `dynamic` field"),
+    "gptq": ("uniform maps: GPTQModel, and transformers with gptqmodel (on CPU with quantization_config backend 'torch'); "
+             "maps with per-module overrides: GPTQModel through this project's loader only, since transformers drops the "
+             "overrides and its config.json therefore names a model type transformers refuses (for vLLM, which reads "
+             f"`dynamic`, set model_type back from {HIDDEN_MODEL_TYPE!r})"),
     "awq": "transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
     "bnb": "transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
 }
 # Libraries the loaded model needs, by backend (pinned to what this environment runs).
 BACKEND_LIBRARIES = {"hqq": ["hqq"], "gptq": ["gptqmodel"], "awq": ["compressed-tensors"], "bnb": ["bitsandbytes"]}
-# An HQQ checkpoint's config.json names a model type transformers does not know, so that it refuses the
-# directory (it would load the architecture with random weights); our loader reads the true one.
-FOREIGN_MODEL_TYPE, TRUE_MODEL_TYPE = "quantpipe-hqq", "quantpipe_model_type"
+# A checkpoint transformers would load wrongly (HQQ: random weights; GPTQ with per-module overrides: the
+# overridden modules at the base precision, since transformers' GPTQ integration drops `dynamic`) names
+# in config.json a model type transformers does not know, so that it refuses the directory; our loaders
+# read the true one (tasks.quantize.base.HIDDEN_MODEL_TYPE).
+FOREIGN_MODEL_TYPE = "quantpipe-checkpoint"
 
 
 class QuantizedCausalLM(mlflow.pyfunc.PythonModel):
@@ -99,12 +104,21 @@ def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metri
             shutil.copy2(Path(base_model_path) / name, out / name)
     (out / "quantpipe.json").write_text(json.dumps({"backend": backend, "loader": loader_line(backend, "<dir>")}, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    if backend == "hqq":  # no standard loader reads it: make transformers refuse (it ignores unknown quant methods)
+    if transformers_misreads(out, backend):  # make transformers refuse (it ignores unknown quant methods)
         config = json.loads((out / "config.json").read_text())
-        config[TRUE_MODEL_TYPE] = config["model_type"]
+        config[HIDDEN_MODEL_TYPE] = config["model_type"]
         config["model_type"] = FOREIGN_MODEL_TYPE
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def transformers_misreads(checkpoint: Path, backend: str) -> bool:
+    if backend == "hqq":
+        return True
+    if backend == "gptq":
+        config = json.loads((checkpoint / "config.json").read_text())
+        return bool((config.get("quantization_config") or {}).get("dynamic"))
+    return False
 
 
 def loader_line(backend: str, path: str) -> str:
