@@ -11,7 +11,9 @@ the run if a revision lookup failed, after the other entries were triggered.
 
 A second run with nothing new triggers nothing. The schedule is `$QUANT_ZOO_SCHEDULE` (a cron
 expression or preset, default `@daily`; `none` for manual and REST triggers only); the triggered runs
-are polled every `$QUANT_ZOO_POLL_SECONDS` (default 60). Logic: `tasks.orchestration.zoo`.
+are polled every `$QUANT_ZOO_POLL_SECONDS` (default 60). `airflow dags test model_zoo` has no scheduler
+to run the triggered runs: set `QUANT_ZOO_WAIT=false` there (the runs stay queued for a scheduler), or use
+`python -m tasks zoo run` to run the pending entries in one process. Logic: `tasks.orchestration.zoo`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tasks.orchestration import zoo
 
 SCHEDULE = os.environ.get("QUANT_ZOO_SCHEDULE", "@daily").strip() or "@daily"
 POLL_SECONDS = int(os.environ.get("QUANT_ZOO_POLL_SECONDS") or 60)
+WAIT = (os.environ.get("QUANT_ZOO_WAIT") or "true").strip().lower() not in ("0", "false", "no")
 
 
 @dag(
@@ -56,7 +59,7 @@ def model_zoo():
     triggered = TriggerDagRunOperator.partial(
         task_id="trigger",
         trigger_dag_id="quantization_pipeline",
-        wait_for_completion=True,
+        wait_for_completion=WAIT,
         deferrable=True,
         poke_interval=POLL_SECONDS,
         skip_when_already_exists=True,
