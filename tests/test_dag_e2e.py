@@ -45,8 +45,8 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     conf = {
         "model": str(tiny_model_dir),
         "uniform_budgets": ["b4g64", "b3g128"],
-        "methods": [],
-        "budgets": [],
+        "methods": ["optimal"],  # so the profile's scores path travels between tasks
+        "budgets": ["3.4"],
         "calibration_samples": 4,
         "calibration_seq_len": 128,
         "eval_tokens": 2048,
@@ -64,7 +64,7 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["airflow_dag_id"] == "quantization_pipeline"  # traceable to its DAG run
     assert parents[0].data.tags["airflow_dag_run_id"].startswith("manual__")
-    assert {r.data.tags["variant"] for r in children} == {"none/unquantized/fp32", "hqq/uniform/4.25", "hqq/uniform/3.13"}
+    assert {r.data.tags["variant"] for r in children} == {"none/unquantized/fp32", "hqq/uniform/4.25", "hqq/uniform/3.13", "hqq/optimal/3.40"}
     for run in children:
         m = run.data.metrics
         for key in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "tokens_per_s"):
@@ -80,7 +80,7 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "reports")} >= {"reports/results.md"}
 
     versions = client.search_model_versions(f"name = '{name}-quant'")
-    assert len(versions) == 2
+    assert len(versions) == 3 and all(v.tags["load_check"] == "passed" for v in versions)
     for v in versions:
         for tag in ("method", "backend", "budget", "nominal_bpp", "ppl_wikitext2", "ppl_c4", "saved_bytes", "run_id", "config_hash"):
             assert v.tags.get(tag), (v.version, tag)
@@ -90,9 +90,9 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     # A rerun hits every cache: no new variant runs, no duplicate versions, same champion.
     again = dags_test(airflow_env, conf)
     assert again.returncode == 0, again.stdout[-3000:]
-    assert len(client.search_model_versions(f"name = '{name}-quant'")) == 2
+    assert len(client.search_model_versions(f"name = '{name}-quant'")) == 3
     runs2 = client.search_runs([exp.experiment_id])
-    assert len([r for r in runs2 if "mlflow.parentRunId" in r.data.tags]) == 3
+    assert len([r for r in runs2 if "mlflow.parentRunId" in r.data.tags]) == 4
     assert "cache hit" in again.stdout + again.stderr
     assert client.get_model_version_by_alias(f"{name}-quant", "champion").version == champion.version
 

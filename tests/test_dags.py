@@ -188,8 +188,30 @@ def test_docker_runtime_launches_containers_with_a_gpu(monkeypatch):
     assert allocate.device_requests == [] and allocate.command[:2] == ["step", "allocate"]
 
 
-def test_steps_read_each_others_results():
-    """The glue between steps: XComs arrive as dicts (Kubernetes), JSON text (Docker) or lazy lists."""
+def test_in_process_tasks_hand_each_step_its_inputs_as_they_are(monkeypatch):
+    """TaskFlow passes native values: a path string stays a string (the profile's scores.csv), a lazy
+    sequence of mapped results becomes a list."""
+    from tasks.orchestration import dag_factory, runner
+    from tasks.orchestration.step_table import BY_NAME
+
+    seen = []
+    monkeypatch.setattr(runner, "run_step", lambda step, *inputs: seen.append((step.name, inputs)))
+
+    class Lazy(__import__("collections.abc").abc.Sequence):  # what Airflow hands over for mapped results
+        def __getitem__(self, i):
+            return [{"name": "a"}, {"name": "b"}][i]
+
+        def __len__(self):
+            return 2
+
+    dag_factory._callable(BY_NAME["allocate"])({"config": {}}, "/artifacts/profiling/k/scores.csv")
+    dag_factory._callable(BY_NAME["finish"])({"config": {}}, Lazy())
+    assert seen == [("allocate", ({"config": {}}, "/artifacts/profiling/k/scores.csv")),
+                    ("finish", ({"config": {}}, [{"name": "a"}, {"name": "b"}]))]  # fmt: skip
+
+
+def test_container_steps_read_each_others_results():
+    """The glue between container steps: XComs arrive as dicts (Kubernetes), JSON text (Docker) or lazy lists."""
     from tasks.orchestration.dag_factory import _data, run_conf
 
     assert _data('{"a": 1}') == {"a": 1} and _data({"a": 1}) == {"a": 1}

@@ -44,9 +44,17 @@ def _policy(step: Step) -> dict:
     return kwargs
 
 
+def _native(value):
+    """An in-process upstream result as the step takes it: a lazy sequence of mapped results becomes a
+    list; anything else (a dict, a path string, None) is already the step's value."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, list, tuple)):
+        return list(value)
+    return value
+
+
 def _data(value):
-    """An upstream result as plain data: a JSON string (Docker XCom), a dict, or a lazy sequence of
-    mapped results (a list)."""
+    """A container step's upstream result as plain data: a JSON string (Docker XCom), a dict, or a lazy
+    sequence of mapped results (a list)."""
     if isinstance(value, str):
         return json.loads(value)
     if value is None or isinstance(value, dict):
@@ -78,7 +86,7 @@ def _callable(step: Step):
             return run_step(step, item)
     else:
         def call(*inputs):
-            return run_step(step, *(_data(i) for i in inputs))
+            return run_step(step, *(_native(i) for i in inputs))
     call.__name__ = call.__qualname__ = step.name
     call.__doc__ = f"Step {step.name} of the step table ({step.function})."
     return call
