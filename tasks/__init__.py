@@ -1,1 +1,1 @@
-"""Layer-sensitive mixed-precision quantization pipeline: one module per stage (see DESIGN.md)."""
+"""Layer-sensitive mixed-precision quantization pipeline: one package per stage (the README's *Layout*)."""

@@ -1,4 +1,4 @@
-"""The bit map: module -> rung, the interface between allocation and every backend (DESIGN.md)."""
+"""The bit map: module -> rung, the interface between allocation and every backend."""
 
 from __future__ import annotations
 

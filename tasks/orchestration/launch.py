@@ -1,6 +1,6 @@
 """Where a stage runs: in-process (default), in a Docker container, or in a Kubernetes pod with a GPU.
 
-The choice is configuration, not code (DESIGN.md, "Two ways to run the same DAG"). Every launched
+The choice is configuration, not code (QUANT_RUNTIME, below). Every launched
 container runs the same entry point, `python -m tasks <stage> <args...>`, in the image of the stage's
 dependency family (containers/images.json); a quantized model is quantized and evaluated in its
 backend's image. `python -m tasks step NAME --input JSON` (a DAG step in a container) is looked up by

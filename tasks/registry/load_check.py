@@ -28,8 +28,6 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
     """Load `model_uri` with the standard client, measure, compare. Never raises for a bad model: the
     result says why it failed."""
     try:
-        import mlflow.pyfunc
-
         from tasks.artifacts import ensure_local
         from tasks.calibration import load_ids
         from tasks.evaluation.perplexity import PROTOCOLS, perplexity
