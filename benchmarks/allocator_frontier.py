@@ -2,10 +2,15 @@
 
 Runs uniform at 3.13/3.25/3.51/4.13/4.25, SB30 and KB21 at the three 3-bit rungs, LIM, ZD and MXQ at the
 memory SB30 reached, and the `optimal` allocator at exactly the nominal bpp SB30 and KB21 reached and at
-each uniform rung; prints WikiText-2 and C4 perplexity and nominal bpp for each, then the verdicts of
-issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
+each uniform rung. Prints for each: nominal bpp, WikiText-2 and C4 perplexity with standard errors, KLD
+against the unquantized model, top-1 agreement, the measured NLL increase (dNLL) and the Fisher
+estimate `optimal` minimizes (pred dNLL), and the predicted perplexity base * exp(c * pred dNLL) with c
+calibrated on one measured row (--calibrate-on); then Spearman rank correlations (KLD vs perplexity,
+prediction vs measurement, and with --full-wikitext2 against the whole WikiText-2 test) and the verdicts
+of issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
 
-    python benchmarks/allocator_frontier.py [--eval-tokens 4096] [--protocol paper] [--samples 32] [--fisher-samples 16]
+    python benchmarks/allocator_frontier.py [--eval-tokens 16384] [--protocol paper] [--only 'uniform|optimal']
+                                            [--full-wikitext2] [--samples 32] [--fisher-samples 16]
 Stage outputs are cached under $QUANT_HOME/artifacts, so a rerun only evaluates what changed.
 """
 
@@ -13,13 +18,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.allocation.methods import BOOST_METHODS  # noqa: E402
+from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
+from tasks.evaluation.compare import spearman  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.config import PipelineConfig  # noqa: E402
@@ -33,12 +44,16 @@ BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--protocol", default="paper", choices=["paper", "gptq"])
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--fisher-samples", type=int, default=None, help="samples of the profiler's backward pass (default: the pipeline's)")
     ap.add_argument("--methods", default="sensiboost,kurtboost,lim,zd,mxq,optimal")
+    ap.add_argument("--only", default=None, help="regular expression: evaluate only the rows whose name matches")
+    ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; ~17 min per variant on 2 cores)")
+    ap.add_argument("--calibrate-on", default="optimal @uniform 4.25", help="the row whose measured dNLL scales the predicted perplexity")
     args = ap.parse_args()
+    key = "" if args.protocol == "paper" else "_gptq"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tasks.allocation import read_scores
     from tasks.model_io import linear_param_counts, read_config
@@ -71,25 +86,55 @@ def main() -> int:
 
     rows = []
     base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
-    baseline = steps.evaluate(ctx, steps.quantize(ctx, base))["metrics"]
-    rows.append(("unquantized", None, baseline))
+    baseline = measure(ctx, base, args.full_wikitext2)
+    rows.append(("unquantized", None, None, baseline))
     for name, p in named:
+        if args.only and not re.search(args.only, name):
+            continue
         path = out / f"{name.replace(' ', '_').replace('@', 'at-')}.json"
         p.bitmap.save(path)
         variant = {**base, "backend": "hqq", "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
-        metrics = steps.evaluate(ctx, steps.quantize(ctx, variant))["metrics"]
-        rows.append((name, p.bitmap.nominal_bpp, metrics))
-        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" if args.protocol == "paper" else "ppl_wikitext2_gptq"], metrics["ppl_c4" if args.protocol == "paper" else "ppl_c4_gptq"])
+        metrics = measure(ctx, variant, args.full_wikitext2)
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap), metrics))
+        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key], metrics["ppl_c4" + key])
     reached = {(p.spec.label, p.spec.budget.label): p.bitmap.nominal_bpp for _, p in named if p.spec.method in BOOST_METHODS}
 
-    key = "" if args.protocol == "paper" else "_gptq"
     print(f"\nSmolLM2 + HQQ, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")
-    print(f"| {'variant':<24} | {'bpp':>6} | {'wiki2 ppl':>9} | {'c4 ppl':>8} |")
-    print(f"|{'-' * 26}|{'-' * 7}:|{'-' * 10}:|{'-' * 9}:|")
-    for name, bpp, m in rows:
-        print(f"| {name:<24} | {bpp if bpp is None else f'{bpp:.4f}'!s:>6} | {m['ppl_wikitext2' + key]:>9.3f} | {m['ppl_c4' + key]:>8.3f} |")
+    calibration = calibrate_prediction(rows, args.calibrate_on, key)
+    full = " | full wiki2 ppl (gptq)" if args.full_wikitext2 else ""
+    print(f"| {'variant':<24} | {'bpp':>6} | wiki2 ppl ± se  | c4 ppl ± se     | wiki2 KLD ± se    | c4 KLD   | top-1 | dNLL    | pred dNLL | pred ppl{full} |")
+    print("|" + "---|" * (11 if full else 10))
+    for name, bpp, pred, m in rows:
+        predicted_ppl = baseline["ppl_wikitext2" + key] * math.exp(calibration * pred) if pred is not None and calibration else None
+        cells = [
+            f"{name:<24}", "-" if bpp is None else f"{bpp:.4f}",
+            f"{m['ppl_wikitext2' + key]:8.3f} ±{m['ppl_wikitext2' + key + '_se']:.3f}", f"{m['ppl_c4' + key]:8.3f} ±{m['ppl_c4' + key + '_se']:.3f}",
+            f"{m.get('kld_wikitext2' + key, 0):.4f} ±{m.get('kld_wikitext2' + key + '_se', 0):.4f}", f"{m.get('kld_c4' + key, 0):.4f}",
+            f"{m.get('top1_wikitext2' + key, 1):.3f}", f"{m.get('dnll_wikitext2' + key, 0):.4f}",
+            "-" if pred is None else f"{pred:.4f}", "-" if predicted_ppl is None else f"{predicted_ppl:.2f}",
+        ]  # fmt: skip
+        if full:
+            cells.append(f"{m['full_ppl_wikitext2_gptq']:.3f}")
+        print("| " + " | ".join(cells) + " |")
 
-    ppl = {name: (bpp, m["ppl_wikitext2" + key]) for name, bpp, m in rows}
+    quantized = rows[1:]
+    kld = [m.get("kld_wikitext2" + key) for *_, m in quantized]
+    ppl = [m["ppl_wikitext2" + key] for *_, m in quantized]
+    print(f"\nrank correlations over {len(quantized)} quantized variants (Spearman):")
+    print(f"  KLD (16k) vs perplexity ({args.eval_tokens} tokens): {spearman(kld, ppl)[0]:.3f}")
+    print(f"  predicted dNLL vs measured dNLL: {spearman([r[2] for r in quantized], [m.get('dnll_wikitext2' + key) for *_, m in quantized])[0]:.3f}")
+    if full:
+        whole = [m["full_ppl_wikitext2_gptq"] for *_, m in quantized]
+        print(f"  KLD (16k) vs full WikiText-2 perplexity: {spearman(kld, whole)[0]:.3f}")
+        print(f"  perplexity ({args.eval_tokens} tokens) vs full WikiText-2 perplexity: {spearman(ppl, whole)[0]:.3f}")
+        print(f"  predicted dNLL vs full WikiText-2 perplexity: {spearman([r[2] for r in quantized], whole)[0]:.3f}")
+    if calibration:
+        errors = [abs(baseline["ppl_wikitext2" + key] * math.exp(calibration * pred) / m["ppl_wikitext2" + key] - 1)
+                  for name, _, pred, m in quantized if pred is not None and name.startswith("optimal")]  # fmt: skip
+        print(f"  predicted perplexity of `optimal` (calibrated on {args.calibrate_on}, factor {calibration:.3f}): "
+              f"median error {100 * float(np.median(errors)):.1f}%, max {100 * max(errors):.1f}% over {len(errors)} rows")  # fmt: skip
+
+    ppl_of = {name: (bpp, m["ppl_wikitext2" + key]) for name, bpp, _, m in rows}
     print("\nverdicts (optimal must have lower WikiText-2 perplexity at the same or lower bpp):")
     wins = 0
     checks = []
@@ -98,14 +143,37 @@ def main() -> int:
     for r in UNIFORM:
         checks.append((f"optimal @uniform {parse_rung(r).label}", f"uniform {parse_rung(r).label}"))
     for ours, theirs in checks:
-        if ours in ppl and theirs in ppl:
-            ok = ppl[ours][1] < ppl[theirs][1] and ppl[ours][0] <= ppl[theirs][0] + 1e-9
+        if ours in ppl_of and theirs in ppl_of:
+            ok = ppl_of[ours][1] < ppl_of[theirs][1] and ppl_of[ours][0] <= ppl_of[theirs][0] + 1e-9
             wins += ok
-            print(f"  {'WIN ' if ok else 'LOSS'} {ours:<24} {ppl[ours][1]:8.3f} @ {ppl[ours][0]:.4f}  vs  {theirs:<12} {ppl[theirs][1]:8.3f} @ {ppl[theirs][0]:.4f}")
+            print(f"  {'WIN ' if ok else 'LOSS'} {ours:<24} {ppl_of[ours][1]:8.3f} @ {ppl_of[ours][0]:.4f}  vs  {theirs:<12} {ppl_of[theirs][1]:8.3f} @ {ppl_of[theirs][0]:.4f}")
     print(f"  {wins}/{len(checks)} wins")
     return 0
 
 
+def measure(ctx, variant: dict, full_wikitext2: bool) -> dict:
+    """The pipeline's evaluation of a variant (KLD against the base model included) and, optionally,
+    its perplexity on the whole WikiText-2 test under the GPTQ protocol (every token scored once)."""
+    from tasks.evaluation.stage import EvalParams, run_evaluation
+
+    variant = steps.quantize(ctx, variant)
+    metrics = dict(steps.evaluate(ctx, variant)["metrics"])
+    if full_wikitext2:
+        whole, _ = run_evaluation(variant["model_dir"], variant["backend"], variant["calibration"],
+                                  EvalParams(eval_tokens=0, protocols=("gptq",), datasets=("wikitext2",)),
+                                  ctx.settings.artifact_root, variant["model_key"], device=ctx.device)  # fmt: skip
+        metrics["full_ppl_wikitext2_gptq"] = whole["ppl_wikitext2_gptq"]
+    return metrics
+
+
+def calibrate_prediction(rows, calibrate_on: str, key: str) -> float | None:
+    """The factor c with measured dNLL = c * predicted dNLL on one row (the Fisher estimate's scale error,
+    e.g. from the calibration set differing from the evaluation set); the predicted perplexity of every
+    row is then base * exp(c * predicted dNLL)."""
+    for name, _, pred, m in rows:
+        if name == calibrate_on and pred:
+            return m["dnll_wikitext2" + key] / pred
+    return None
 def _name(p) -> str:
     """The benchmark's row names: 'uniform 3.25', 'SB30 3.25', 'mxq @SB30 3.25'."""
     if p.spec.method == "uniform" or p.spec.method in BOOST_METHODS:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from tasks.errors import PipelineError
 from tasks.ladder import MODULES, module_key
+from tasks.model_files import check_gguf, check_safetensors
 
 if TYPE_CHECKING:  # torch is imported where a model is built: resolving and identifying need none
     import torch
@@ -106,9 +107,11 @@ def _resolve_embedded(cache: Path) -> ResolvedModel:
 def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedModel:
     if not gguf.is_file():
         raise PipelineError(f"model file not found: {gguf}")
+    check_gguf(gguf, full=False)
     digest = _file_digest(gguf)
     target = cache / "models" / f"{name}-{digest[:12]}"
     if not (target / "config.json").exists():
+        check_gguf(gguf)  # the whole index, before the converter reads it (a converted file was whole)
         log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
         _convert_gguf(gguf, target)
     return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
@@ -159,6 +162,8 @@ def _resolve_local(path: Path, source: str) -> ResolvedModel:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise PipelineError(f"model path {source!r} has no *.safetensors weights (only safetensors are loaded)")
+    for w in weights:
+        check_safetensors(w)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for w in weights:
         digest.update(w.name.encode())
@@ -185,6 +190,8 @@ def _resolve_hub(repo_id: str, revision: str | None, cache: Path) -> ResolvedMod
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"model {repo_id!r} could not be fetched from the hub: {first}") from None
     path = Path(path)
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     return ResolvedModel(name=repo_id.split("/")[-1], path=path, revision=path.name, source=repo_id)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +395,15 @@ def test_frontier_cli(tmp_path, capsys):
     assert np.allclose(curve.est_ppl_ratio, np.exp(curve.objective))
     for row in curve.itertuples():  # each bit map is the single-budget allocation
         assert BitMap.load(row.bitmap).modules == allocate_optimal(read_scores(path), row.budget).modules
+    # one measured point scales every estimate: the point itself comes out exactly as measured
+    assert main(["frontier", "--scores", str(path), "--budgets", "3.0:4.0:0.5", "--out-dir", str(out), "--calibrate", "3.5:1.2"]) == 0
+    assert "calibrated at 3.5 bpp" in capsys.readouterr().out
+    calibrated = pd.read_csv(out / "frontier.csv")
+    assert calibrated.est_ppl_ratio[1] == pytest.approx(1.2) and calibrated.est_ppl_ratio.is_monotonic_decreasing
+    scale = math.log(1.2) / curve.objective[1]
+    assert np.allclose(calibrated.est_ppl_ratio, np.exp(scale * curve.objective))
+    assert main(["frontier", "--scores", str(path), "--budgets", "3.5", "--out-dir", str(out), "--calibrate", "3.5:0.9"]) == 2
+    assert "must be above 1" in capsys.readouterr().err
     assert main(["frontier", "--scores", str(path), "--budgets", "1.0", "--out-dir", str(out)]) == 2
     assert "infeasible" in capsys.readouterr().err
     assert main(["frontier", "--scores", str(path), "--budgets", "4:3:0.5", "--out-dir", str(out)]) == 2

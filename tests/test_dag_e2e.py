@@ -50,6 +50,7 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
         "calibration_samples": 4,
         "calibration_seq_len": 128,
         "eval_tokens": 2048,
+        "protocols": ["paper", "gptq"],
     }
     proc = dags_test(airflow_env, conf)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -67,9 +68,13 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     assert {r.data.tags["variant"] for r in children} == {"none/unquantized/fp32", "hqq/uniform/4.25", "hqq/uniform/3.13", "hqq/optimal/3.40"}
     for run in children:
         m = run.data.metrics
-        for key in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "tokens_per_s"):
+        for key in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "tokens_per_s",
+                    "ppl_wikitext2_se", "top1_wikitext2", "reload_ppl"):
             assert m[key] > 0, (run.data.tags["variant"], key)
     by_variant = {r.data.tags["variant"]: r for r in children}
+    assert by_variant["none/unquantized/fp32"].data.metrics["kld_wikitext2"] == 0.0
+    assert by_variant["hqq/uniform/3.13"].data.metrics["kld_c4_gptq"] > by_variant["hqq/uniform/4.25"].data.metrics["kld_c4_gptq"] > 0
+    assert by_variant["hqq/optimal/3.40"].data.metrics["predicted_dnll"] > 0
     q4 = by_variant["hqq/uniform/4.25"]
     assert q4.data.metrics["nominal_bpp"] == pytest.approx(4.2539, abs=1e-3)
     assert q4.data.metrics["saved_bytes"] < by_variant["none/unquantized/fp32"].data.metrics["saved_bytes"]

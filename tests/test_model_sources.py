@@ -1,4 +1,5 @@
 import json
+import struct
 import subprocess
 import sys
 
@@ -38,7 +39,7 @@ def test_bad_model_sources_are_one_line_errors(source, message, state):
 
 def test_unsupported_architecture(tmp_path, state):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # a valid, empty safetensors file
     with pytest.raises(PipelineError, match="unsupported architecture 'bert'"):
         resolve_model(str(tmp_path))
 

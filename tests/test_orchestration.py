@@ -145,9 +145,9 @@ def test_the_config_names_what_the_stages_accept():
     [
         ({"methods": ["sensiboost"], "budgets": ["3.4"]}, "sensiboost needs a ladder rung as budget"),
         ({"protocols": ["lambada"]}, "unknown perplexity protocol"),
-        ({"budgets": "b3g64"}, "budgets must be a list"),
-        ({"method_options": []}, "method_options must be a mapping"),
-        ({"eval_tokens": "many"}, "eval_tokens must be an integer"),
+        ({"budgets": "b3g64"}, "Param budgets: must be a list"),
+        ({"method_options": []}, "Param method_options: must be a mapping"),
+        ({"eval_tokens": "many"}, "Param eval_tokens: must be an integer"),
         ([1, 2], "must be a JSON object"),
     ],
 )

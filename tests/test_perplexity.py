@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from tasks.errors import PipelineError
-from tasks.evaluation.perplexity import PROTOCOLS, perplexity, windows
+from tasks.evaluation.perplexity import PROTOCOLS, model_forward, perplexity, score_stream, scored_prefix, windows
+from tasks.evaluation.stats import block_se, paired_difference, within_noise
 
 
 @pytest.mark.parametrize("total", [600, 1024, 1500, 4096, 5000])
@@ -53,3 +55,102 @@ def test_nan_logits_are_refused():
     forward = lambda ids: torch.full((1, ids.shape[1], 5), math.nan)  # noqa: E731
     with pytest.raises(PipelineError, match="not finite"):
         perplexity(forward, torch.ones(1, 64, dtype=torch.long), PROTOCOLS["paper"])
+
+
+# ---- batched scoring, KL divergence, standard errors -------------------------------------------------
+
+
+def _tiny_lm(vocab=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("proto", ["paper", "gptq"])
+def test_batched_scoring_equals_one_window_at_a_time_with_all_logits(proto):
+    model = _tiny_lm()
+    ids = torch.randint(0, 64, (5000,), generator=torch.Generator().manual_seed(1))
+    batched = score_stream(model_forward(model), ids, PROTOCOLS[proto])
+    one_by_one = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids, PROTOCOLS[proto])
+    assert batched.nll.shape == one_by_one.nll.shape == (sum(n for _, _, n in windows(5000, PROTOCOLS[proto])),)
+    np.testing.assert_allclose(batched.nll, one_by_one.nll, rtol=1e-4, atol=1e-5)
+
+
+def test_a_prefix_of_the_stream_scores_as_the_short_stream():
+    model = _tiny_lm()
+    ids = torch.randint(0, 64, (6000,), generator=torch.Generator().manual_seed(2))
+    for proto in PROTOCOLS.values():
+        long, short = score_stream(model_forward(model), ids, proto), score_stream(model_forward(model), ids[:2048], proto)
+        n = scored_prefix(2048, proto)
+        assert n == short.tokens_scored
+        np.testing.assert_allclose(long.nll[:n], short.nll, rtol=1e-4, atol=1e-5)
+
+
+def test_kld_against_itself_is_zero_and_against_another_model_matches_the_exact_value():
+    base, other = _tiny_lm(seed=0), _tiny_lm(seed=3)
+    ids = torch.randint(0, 64, (2500,), generator=torch.Generator().manual_seed(4))
+    proto = PROTOCOLS["paper"]
+    full = score_stream(model_forward(base), ids, proto, capture_top_k=64).captured  # k = vocab: exact
+    top8 = score_stream(model_forward(base), ids, proto, capture_top_k=8).captured
+    sampled = score_stream(model_forward(base), ids, proto, capture_top_k=8, capture_tail=32).captured
+    same = score_stream(model_forward(base), ids, proto, reference=full)
+    assert np.abs(same.kld).max() < 1e-6 and same.top1.all()
+
+    exact = score_stream(model_forward(other), ids, proto, reference=full)
+    merged = score_stream(model_forward(other), ids, proto, reference=top8)
+    estimated = score_stream(model_forward(other), ids, proto, reference=sampled)
+    # by hand, for the first window's tokens: sum p (log p - log q) over the whole vocabulary
+    with torch.inference_mode():
+        chunk = ids[:1024][None]
+        p = torch.log_softmax(base(input_ids=chunk).logits[0, :-1].double(), -1)
+        q = torch.log_softmax(other(input_ids=chunk).logits[0, :-1].double(), -1)
+    by_hand = (p.exp() * (p - q)).sum(-1).numpy()
+    np.testing.assert_allclose(exact.kld[:1023], by_hand, rtol=1e-3, atol=1e-6)
+    assert exact.kld.mean() > 0.01
+    assert (merged.kld <= exact.kld + 1e-6).all(), "merging the tail never raises the divergence (log-sum inequality)"
+    assert merged.kld.mean() < 0.95 * exact.kld.mean(), "and here it visibly lowers it"
+    assert estimated.kld.mean() == pytest.approx(exact.kld.mean(), rel=0.03), "the sampled tail is unbiased"
+    assert np.array_equal(exact.top1, estimated.top1)
+    again = score_stream(model_forward(base), ids, proto, capture_top_k=8, capture_tail=32).captured
+    assert torch.equal(again.tail_ids, sampled.tail_ids), "the tail samples are seeded: a reference is reproducible"
+
+
+def test_block_standard_error_matches_iid_theory_and_grows_with_correlation():
+    rng = np.random.default_rng(0)
+    iid = rng.normal(3.0, 1.0, 65536)
+    assert block_se(iid) == pytest.approx(1.0 / math.sqrt(iid.size), rel=0.15)
+    correlated = np.repeat(rng.normal(3.0, 1.0, 65536 // 64), 64)  # runs of 64 equal values
+    assert block_se(correlated) > 5 * correlated.std() / math.sqrt(correlated.size)
+    assert math.isnan(block_se(iid[:300])), "one block says nothing about the spread"
+
+
+def test_paired_differences_see_what_separate_errors_hide():
+    rng = np.random.default_rng(1)
+    shared = rng.gamma(2.0, 1.5, 16384)  # per-token difficulty, common to both variants
+    a, b = shared + rng.normal(0, 0.05, shared.size), shared + 0.01 + rng.normal(0, 0.05, shared.size)
+    diff, se = paired_difference(b, a)
+    assert diff == pytest.approx(0.01, abs=3 * se) and not within_noise(a, b)
+    assert within_noise(a, shared + rng.normal(0, 0.05, shared.size))
+    assert 0.01 < block_se(a), "the unpaired standard error is larger than the difference itself"
+
+
+def test_run_comparisons_mark_ties_and_check_the_kld_ranking():
+    from tasks.evaluation.compare import ranking_agreement, run_summary
+
+    rng = np.random.default_rng(2)
+    shared = rng.gamma(2.0, 1.5, 8192)
+    noise = lambda: rng.normal(0, 0.05, shared.size)  # noqa: E731
+    tokens = [
+        {"nll/wikitext2": shared + noise(), "kld/wikitext2": np.zeros(shared.size)},
+        {"nll/wikitext2": shared + 0.3 + noise(), "kld/wikitext2": np.full(shared.size, 0.3)},
+        {"nll/wikitext2": shared + 0.3 + noise(), "kld/wikitext2": np.full(shared.size, 0.31)},
+        {"nll/wikitext2": shared + 0.9 + noise(), "kld/wikitext2": np.full(shared.size, 0.2)},  # KLD disagrees
+    ]
+    cells, metrics, lines = run_summary(tokens, [0.0, 0.3, 0.3, 0.9], [None, 0.2, 0.25, 0.8])
+    assert cells == ["", "3", "2", ""]
+    agreement = ranking_agreement(tokens)
+    assert agreement["pairs"] == 5 and agreement["agree"] == 3 and set(agreement["disagreeing"]) == {(1, 3), (2, 3)}
+    assert metrics["kld_ppl_pairs"] == 5 and "pred_dnll_spearman" in metrics and any("#2/#4" in line for line in lines)

@@ -87,8 +87,8 @@ def test_zoo_file_from_the_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("entries:\n  - {name: bad, model: embedded, methods: [magic]}\n", r"zoo entry 'bad': unknown method\(s\) \['magic'\]"),
-        ("entries:\n  - {name: neg, model: embedded, budgets: ['-3']}\n", r"zoo entry 'neg': budget -3.0 bpp is outside"),
+        ("entries:\n  - {name: bad, model: embedded, methods: [magic]}\n", r"zoo entry 'bad': Param methods: unknown method\(s\) \['magic'\]"),
+        ("entries:\n  - {name: neg, model: embedded, budgets: ['-3']}\n", r"zoo entry 'neg': Param budgets: budget -3.0 bpp is outside"),
         ("entries:\n  - {name: nomodel}\n", r"zoo entry 'nomodel': no model given"),
         ("entries:\n  - {name: typo, model: embedded, eval_tokenz: 5}\n", r"zoo entry 'typo': unknown pipeline option\(s\): eval_tokenz"),
         ("entries:\n  - {name: w, model: embedded, watch: maybe}\n", r"zoo entry 'w': watch must be true or false"),

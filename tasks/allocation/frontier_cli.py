@@ -5,7 +5,11 @@
 Writes one bit map per budget (`optimal-<bpp>.json`) and `frontier.csv`, and prints the curve: budget,
 nominal bpp, the objective (with the default fisher objective: the estimated increase of the
 calibration loss in nats per token) and, for that objective, the estimated perplexity ratio
-exp(objective) against the unquantized model. Measure once, allocate many times: no model is loaded.
+exp(c * objective) against the unquantized model. c = 1 unless `--calibrate BPP:RATIO` gives one measured
+point (the perplexity ratio a quantized model at BPP showed): then c = ln(RATIO) / objective(BPP), which
+absorbs the estimate's scale error (calibration text vs evaluation text, second-order truncation;
+benchmarks/allocator_frontier.py reports the remaining error). Measure once, allocate many times: no
+model is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +41,20 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def parse_calibration(text: str) -> tuple[float, float]:
+    """'BPP:RATIO', e.g. '4.25:1.08': a measured perplexity ratio (quantized / base) at a budget."""
+    from tasks.allocation.budget import as_bpp
+
+    try:
+        bpp, ratio = text.split(":")
+        point = (as_bpp(bpp.strip()), float(ratio))
+    except ValueError:
+        raise PipelineError(f"--calibrate {text!r} is not BPP:RATIO (e.g. 4.25:1.08)") from None
+    if point[1] <= 1.0:
+        raise PipelineError(f"--calibrate ratio must be above 1 (a quantized model's perplexity over the base model's), got {point[1]}")
+    return point
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="scores table (the profiler's, or the authors' CSV)")
     parser.add_argument("--budgets", required=True, help="comma-separated bpp or rungs, or a range start:stop:step")
@@ -45,6 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rungs", default=None, help="candidate rungs, comma-separated (default: all in the table)")
     parser.add_argument("--model", default=None, help="which model of a table that holds several")
     parser.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up of a layer on one rung (vLLM's fused kernels)")
+    parser.add_argument("--calibrate", default=None, metavar="BPP:RATIO", help="one measured point: the perplexity ratio vs the base model at BPP")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -54,7 +73,15 @@ def run_cli(args: argparse.Namespace) -> int:
     from tasks.allocation.scores import read_scores
 
     budgets = parse_budgets(args.budgets)
-    maps = frontier(read_scores(args.scores, model=args.model), budgets, objective=args.objective, rungs=args.rungs, tie_fused=args.tie_fused)
+    point = parse_calibration(args.calibrate) if args.calibrate else None
+    maps = frontier(read_scores(args.scores, model=args.model), budgets + ([point[0]] if point else []), objective=args.objective,
+                    rungs=args.rungs, tie_fused=args.tie_fused)  # fmt: skip
+    scale = 1.0
+    if point:
+        anchor = maps.pop()
+        if anchor.options.get("objective_name") != "fisher" or anchor.options["objective"] <= 0:
+            raise PipelineError("--calibrate needs the fisher objective and a budget whose estimate is above zero")
+        scale = math.log(point[1]) / anchor.options["objective"]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -66,14 +93,15 @@ def run_cli(args: argparse.Namespace) -> int:
             "budget": budget,
             "nominal_bpp": round(bitmap.nominal_bpp, 6),
             "objective": bitmap.options["objective"],
-            "est_ppl_ratio": math.exp(bitmap.options["objective"]) if fisher else None,
+            "est_ppl_ratio": math.exp(scale * bitmap.options["objective"]) if fisher else None,
             "rungs": " ".join(f"{name}={n}" for name, n in bitmap.rung_counts().items()),
             "bitmap": str(path),
         })
     pd.DataFrame(rows).to_csv(out / "frontier.csv.tmp", index=False)
     (out / "frontier.csv.tmp").replace(out / "frontier.csv")  # a reader never sees half a curve
     name = maps[0].options.get("objective_name", args.objective)
-    print(f"optimal frontier ({name} objective), {len(rows)} budgets -> {out / 'frontier.csv'}")
+    print(f"optimal frontier ({name} objective), {len(rows)} budgets -> {out / 'frontier.csv'}"
+          + (f"; estimates calibrated at {point[0]:g} bpp (factor {scale:.3f})" if point else ""))  # fmt: skip
     print(f"{'budget':>8} {'bpp':>8} {'objective':>11} {'est ppl x':>9}  rungs")
     for r in rows:
         ratio = "-" if r["est_ppl_ratio"] is None else f"{r['est_ppl_ratio']:.3f}"

@@ -20,6 +20,7 @@ class MethodSpec:
     boost: bool = False  # spends extra memory on outlier layers above the budget rung
     summary: str = ""
     ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
+    options: dict = field(default_factory=dict)  # option -> JSON schema of its value (the allocator's keyword arguments)
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -30,18 +31,29 @@ class MethodSpec:
         return f"{self.name[0].upper()}B{options.get('boost_stop', '')}{options.get('top_m', '')}"
 
 
+RUNG_NAME = {"type": "string", "pattern": r"^b[2348]g(32|64|128)$"}
+_BOOST = {"boost_stop": {"type": "integer", "minimum": 0}, "top_m": {"type": "integer", "minimum": 0},
+          "ablation": {"type": "boolean"}, "seed": {"type": "integer"}, "tie_fused": {"type": "boolean"}}  # fmt: skip
+_LAYERWISE = {"low": RUNG_NAME, "high": RUNG_NAME}
+_MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}]},
+         "time_limit": {"type": "number", "exclusiveMinimum": 0}, "mip_gap": {"type": "number", "minimum": 0},
+         "tie_fused": {"type": "boolean"}}  # fmt: skip
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("uniform", "rung", summary="every module at the budget rung"),
-        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True, ties=True,
+        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True, ties=True, options=_BOOST,
                    summary="boosts layers after jumps in activation sensitivity (SB30)"),
-        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True, ties=True,
+        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True, ties=True, options=_BOOST,
                    summary="boosts layers after jumps in weight kurtosis (KB21)"),
-        MethodSpec("lim", "exact", summary="least important layers (layer input modification) to the low rung"),
-        MethodSpec("zd", "exact", summary="least important layers (z-score distribution) to the low rung"),
-        MethodSpec("mxq", "exact", ties=True, summary="MILP minimizing the sum of Frobenius errors"),
-        MethodSpec("optimal", "exact", ties=True, summary="MILP minimizing the Fisher estimate of the loss increase"),
+        MethodSpec("lim", "exact", options=_LAYERWISE, summary="least important layers (layer input modification) to the low rung"),
+        MethodSpec("zd", "exact", summary="least important layers (z-score distribution) to the low rung",
+                   options={**_LAYERWISE, "zd_direction": {"enum": ["fewer-large-is-important", "more-large-is-important"]}}),
+        MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0}, **_MILP},
+                   summary="MILP minimizing the sum of Frobenius errors"),
+        MethodSpec("optimal", "exact", ties=True, options={"objective": {"enum": ["fisher", "sensitivity", "output"]}, **_MILP},
+                   summary="MILP minimizing the Fisher estimate of the loss increase"),
     )
 }
 BOOST_METHODS = tuple(n for n, s in METHODS.items() if s.boost)

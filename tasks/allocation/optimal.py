@@ -154,3 +154,17 @@ def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, tim
     (one below the cheapest allocation is a one-line error naming that minimum)."""
     program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)
+
+
+def predicted_loss_increase(scores: Scores, bitmap: BitMap) -> float | None:
+    """The Fisher estimate of the calibration loss increase (nats per token) of any bit map: the sum of
+    `fisher_dloss` at each module's rung, what `optimal` minimizes. None when the table has no such
+    column or a module's rung was not profiled."""
+    if not scores.has("fisher_dloss"):
+        return None
+    rungs = tuple(sorted(set(bitmap.modules.values()), key=lambda r: r.bpp))
+    if any(r not in scores.rungs for r in rungs) or set(bitmap.modules) != set(scores.keys):
+        return None
+    matrix = scores.rung_matrix("fisher_dloss", rungs)
+    column = {r: j for j, r in enumerate(rungs)}
+    return float(sum(matrix[i, column[bitmap.modules[k]]] for i, k in enumerate(scores.keys)))

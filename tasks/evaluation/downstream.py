@@ -133,20 +133,12 @@ def run_downstream(
     tasks: lm-eval task or group names; local tasks are looked up in `task_dir` (None: lm-eval's only).
     limit: at most this many documents per task (a float < 1 is a fraction), for quick runs.
     """
-    lm_eval, HFLM, TaskManager = _require_lm_eval()
+    lm_eval, HFLM, _ = _require_lm_eval()
     tasks = list(tasks)
     if not tasks:
         raise PipelineError("no lm-eval task given")
     with tempfile.TemporaryDirectory(prefix="lmeval-tasks-") as tmp:
-        include = str(resolve_task_dir(task_dir, Path(tmp) / "tasks")) if task_dir else None
-        # Indexing lm-eval's thousands of built-in YAMLs takes seconds: only when a task is not local.
-        manager = TaskManager(include_path=include, include_defaults=False) if include else None
-        if manager is None or any(t not in manager.all_tasks for t in tasks):
-            manager = TaskManager(include_path=include)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            where = f" or in {task_dir}" if task_dir else ""
-            raise PipelineError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's registry{where}")
+        manager = task_manager(tasks, task_dir, Path(tmp))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)
         log.info("lm-eval: %s (limit %s)", ", ".join(tasks), limit)
         out = lm_eval.simple_evaluate(
@@ -165,6 +157,28 @@ def run_downstream(
     if not out or "results" not in out:
         raise PipelineError("lm-eval returned no results")
     return {task: clean_metrics(res) for task, res in out["results"].items()}
+
+
+def task_manager(tasks: Sequence[str], task_dir: str | Path | None, tmp: Path):
+    """lm-eval's TaskManager knowing `tasks` (local ones copied under `tmp`), or a one-line error naming
+    the tasks that are neither local nor in lm-eval's registry."""
+    _, _, TaskManager = _require_lm_eval()
+    include = str(resolve_task_dir(task_dir, tmp / "tasks")) if task_dir else None
+    # Indexing lm-eval's thousands of built-in YAMLs takes seconds: only when a task is not local.
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {task_dir}" if task_dir else ""
+        raise PipelineError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's registry{where}")
+    return manager
+
+
+def check_tasks(tasks: Sequence[str], task_dir: str | Path | None = TASK_DIR) -> None:
+    """Pre-flight: every task resolves (nothing is downloaded or run)."""
+    with tempfile.TemporaryDirectory(prefix="lmeval-tasks-") as tmp:
+        task_manager(tasks, task_dir, Path(tmp))
 
 
 def load_variant(model_dir: str | Path, backend: str = "none"):

@@ -1,9 +1,27 @@
-"""Perplexity under the two protocols of SPEC section 7, as exact token-level averages.
+"""Token-level scoring of a stream under the two perplexity protocols, batched, with the KL divergence
+from the base model where its reference is given.
 
+Protocols (exact token-level averages):
 - paper: Hugging Face sliding window (max_length 1024, stride 512). Each window scores only the tokens
   not scored by the previous one; ppl = exp(sum of their NLL / their count).
 - gptq: the stream cut into non-overlapping windows of 2048 tokens (a trailing partial window is
   dropped, as GPTQ does); ppl = exp(mean NLL over every predicted token).
+
+Speed: windows of one shape are forwarded together (up to `batch_tokens` tokens per forward), the model
+computes logits only at the positions that are scored (transformers' `logits_to_keep`), and the whole
+pass runs under `torch.inference_mode`.
+
+KL divergence: the reference holds, for every scored token, the base model's top-k log-probabilities
+with their token ids, and `tail` tokens drawn from the base distribution outside its top k (with
+replacement, seeded) with their log-probabilities. With p the base distribution, q the evaluated one,
+T the top k and R the rest of the vocabulary (p_R = 1 - sum_T p):
+
+    KLD(p || q) = sum_{i in T} p_i (log p_i - log q_i) + p_R * E_{i ~ p|R} [log p_i - log q_i]
+
+the first term exact, the second estimated by the mean over the tail samples: unbiased per token, its
+noise averaging out over the tokens (benchmarks/kld_topk_error.py measures both). Merging R into one
+outcome instead, as a top-k-only cache must, underestimates the divergence by p_R * KLD(p|R || q|R):
+13-20% on SmolLM2 at k = 64, whose distributions keep 13% of their mass outside the top 64.
 """
 
 from __future__ import annotations
@@ -13,8 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tasks.errors import PipelineError
 
@@ -30,15 +48,48 @@ PROTOCOLS = {
     "paper": Protocol("paper", max_length=1024, stride=512),
     "gptq": Protocol("gptq", max_length=2048, stride=2048),
 }
+BATCH_TOKENS = 4096  # tokens per forward: 4 paper windows, 2 GPTQ windows
+
+# forward(input_ids [B, n], keep) -> logits [B, keep, vocab] of the last `keep` positions
+Forward = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
-class PerplexityResult:
-    ppl: float
-    nll_sum: float
-    tokens_scored: int
+class ReferenceDist:
+    """The base model's distribution at each scored token: top-k and tail samples (see above)."""
+
+    top_logp: torch.Tensor  # [tokens, k] float32
+    top_ids: torch.Tensor  # [tokens, k] int32, column 0 the most likely token
+    tail_logp: torch.Tensor | None = None  # [tokens, s] float32
+    tail_ids: torch.Tensor | None = None  # [tokens, s] int32
+
+    @property
+    def tokens(self) -> int:
+        return self.top_logp.shape[0]
+
+    def rows(self, sl: slice) -> "ReferenceDist":
+        cut = lambda t: None if t is None else t[sl]  # noqa: E731
+        return ReferenceDist(self.top_logp[sl], self.top_ids[sl], cut(self.tail_logp), cut(self.tail_ids))
+
+
+@dataclass
+class StreamScores:
+    """Per scored token, in stream order: NLL, and against a reference KLD and top-1 agreement."""
+
+    nll: np.ndarray
     tokens_forwarded: int
     seconds: float
+    kld: np.ndarray | None = None
+    top1: np.ndarray | None = None
+    captured: ReferenceDist | None = None  # this model's distribution, when asked to capture it
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(float(self.nll.mean()))
+
+    @property
+    def tokens_scored(self) -> int:
+        return int(self.nll.size)
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,28 +115,120 @@ def windows(total: int, protocol: Protocol) -> Iterator[tuple[int, int, int]]:
             break
 
 
-@torch.no_grad()
-def perplexity(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, protocol: Protocol) -> PerplexityResult:
-    """`forward(input_ids [1, n]) -> logits [1, n, vocab]`; `ids` is the token stream [1, T] or [T]."""
-    ids = ids.reshape(1, -1)
-    total = ids.shape[1]
-    spans = list(windows(total, protocol))
+def scored_prefix(tokens: int, protocol: Protocol) -> int:
+    """How many scored tokens the first `tokens` tokens of a stream give: the same tokens, scored the same
+    way, open every longer stream (both protocols), so a prefix of a long evaluation is a short one."""
+    return sum(n for _, _, n in windows(tokens, protocol))
+
+
+def model_forward(model) -> Forward:
+    """A transformers causal LM as a Forward: logits only at the kept positions, no KV cache."""
+
+    def forward(ids: torch.Tensor, keep: int) -> torch.Tensor:
+        try:
+            return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+        except TypeError as exc:  # a model class without logits_to_keep: all logits, then the kept ones
+            if "logits_to_keep" not in str(exc):
+                raise
+            return model(input_ids=ids, use_cache=False).logits[:, -keep:]
+
+    return forward
+
+
+def score_stream(
+    forward: Forward,
+    ids: torch.Tensor,
+    protocol: Protocol,
+    reference: ReferenceDist | None = None,
+    capture_top_k: int = 0,
+    capture_tail: int = 0,
+    batch_tokens: int = BATCH_TOKENS,
+    seed: int = 0,
+) -> StreamScores:
+    """Score `ids` ([T] or [1, T]) under `protocol`. `reference`: the base model's distribution at every
+    scored token, as the base model's own pass returns it with `capture_top_k` (and `capture_tail`
+    samples from outside the top k, drawn with a generator seeded by `seed`)."""
+    ids = ids.reshape(-1)
+    spans = list(windows(ids.numel(), protocol))
     if not spans:
-        raise PipelineError(
-            f"evaluation stream has {total} tokens, too few for one {protocol.name} window of {protocol.max_length}"
-        )
-    nll_sum, scored_total, fed = 0.0, 0, 0
+        raise PipelineError(f"evaluation stream has {ids.numel()} tokens, too few for one {protocol.name} window of {protocol.max_length}")
+    offsets = np.cumsum([0] + [n for _, _, n in spans])
+    total = int(offsets[-1])
+    if reference is not None and reference.tokens != total:
+        raise PipelineError(f"the base model's reference has {reference.tokens} tokens where this stream scores {total}")
+    nll = torch.empty(total, dtype=torch.float64)
+    kld = torch.empty(total, dtype=torch.float64) if reference is not None else None
+    top1 = torch.empty(total, dtype=torch.bool) if reference is not None else None
+    captured = None
+    if capture_top_k:
+        captured = ReferenceDist(torch.empty(total, capture_top_k), torch.empty(total, capture_top_k, dtype=torch.int32))
+        if capture_tail:
+            captured.tail_logp, captured.tail_ids = torch.empty(total, capture_tail), torch.empty(total, capture_tail, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(seed)
+
+    # Windows of one shape go through the model together, each batch at most batch_tokens tokens.
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (begin, end, scored) in enumerate(spans):
+        by_shape.setdefault((end - begin, scored), []).append(i)
     started = time.perf_counter()
-    for begin, end, scored in spans:
-        chunk = ids[:, begin:end]
-        logits = forward(chunk)[0, :-1].float()
-        targets = chunk[0, 1:]
-        losses = F.cross_entropy(logits[-scored:], targets[-scored:], reduction="sum")
-        nll_sum += float(losses)
-        scored_total += scored
-        fed += end - begin
+    with torch.inference_mode():
+        for (length, scored), members in by_shape.items():
+            per_batch = max(1, batch_tokens // length)
+            for b in range(0, len(members), per_batch):
+                batch = members[b : b + per_batch]
+                chunk = torch.stack([ids[spans[i][0] : spans[i][1]] for i in batch])
+                logits = forward(chunk, scored + 1)[:, :-1]  # position t predicts token t+1
+                for row, i in enumerate(batch):
+                    sl = slice(int(offsets[i]), int(offsets[i + 1]))
+                    logp = torch.log_softmax(logits[row, -scored:].float(), dim=-1)
+                    targets = chunk[row, -scored:]
+                    nll[sl] = -logp.gather(1, targets[:, None])[:, 0].double()
+                    if reference is not None:
+                        kld[sl], top1[sl] = _kld(logp, reference.rows(sl))
+                    if captured is not None:
+                        _capture(logp, captured, sl, capture_top_k, capture_tail, generator)
+                del logits
     seconds = time.perf_counter() - started
-    ppl = math.exp(nll_sum / scored_total)
-    if not math.isfinite(ppl):
+    if not torch.isfinite(nll).all():
         raise PipelineError("perplexity is not finite: the model produces NaN or infinite logits")
-    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, tokens_scored=scored_total, tokens_forwarded=fed, seconds=seconds)
+    return StreamScores(
+        nll=nll.numpy(),
+        tokens_forwarded=sum(end - begin for begin, end, _ in spans),
+        seconds=seconds,
+        kld=None if kld is None else kld.numpy(),
+        top1=None if top1 is None else top1.numpy(),
+        captured=captured,
+    )
+
+
+def _capture(logp: torch.Tensor, into: ReferenceDist, sl: slice, k: int, tail: int, generator: torch.Generator) -> None:
+    values, indices = logp.topk(k, dim=-1)
+    into.top_logp[sl], into.top_ids[sl] = values, indices.to(torch.int32)
+    if tail:
+        rest = logp.exp().scatter(1, indices, 0.0)  # the distribution outside the top k (unnormalized)
+        drawn = torch.multinomial(rest.clamp_min(0.0) + 1e-30, tail, replacement=True, generator=generator)
+        into.tail_logp[sl], into.tail_ids[sl] = logp.gather(1, drawn), drawn.to(torch.int32)
+
+
+def _kld(logq: torch.Tensor, ref: ReferenceDist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: KLD(p || q) (exact over the top k, the tail estimated from its samples, or merged into
+    one outcome without them), and whether q's most likely token is p's."""
+    top_ids = ref.top_ids.long()
+    q_top = logq.gather(1, top_ids).double()
+    p_lp = ref.top_logp.double()
+    p_top = p_lp.exp()
+    head = (p_top * (p_lp - q_top)).sum(1)
+    p_rest = (1.0 - p_top.sum(1)).clamp_min(0.0)
+    if ref.tail_ids is not None:
+        q_tail = logq.gather(1, ref.tail_ids.long()).double()
+        tail = p_rest * (ref.tail_logp.double() - q_tail).mean(1)
+    else:
+        q_rest = (1.0 - q_top.exp().sum(1)).clamp_min(1e-30)
+        tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return head + tail, logq.argmax(1) == top_ids[:, 0]
+
+
+def perplexity(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, protocol: Protocol) -> StreamScores:
+    """One window at a time through `forward(input_ids [1, n]) -> logits [1, n, vocab]`: for callables
+    that are not a transformers model."""
+    return score_stream(lambda chunk, keep: forward(chunk)[:, -keep:], ids, protocol, batch_tokens=0)

@@ -7,35 +7,47 @@ and of the first 1100 C4 validation documents); `eval_tokens=0` evaluates the fu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
 from tasks.calibration import EVAL_SETS, load_ids
 from tasks.errors import PipelineError
 from tasks.evaluation.memory import PeakRSS, directory_bytes
-from tasks.evaluation.perplexity import PROTOCOLS, perplexity
+from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream, scored_prefix
+from tasks.evaluation.reference import TAIL, TOP_K, Reference
+from tasks.evaluation.stats import block_se, paired_difference, ppl_with_se
 
 log = logging.getLogger(__name__)
 
 UNQUANTIZED = "none"  # backend name of the full-precision baseline
+FORMAT = 2  # of the evaluation output: 2 added standard errors, KLD and per-token values
+TOKENS_FILE = "tokens.safetensors"
+RELOAD_TOKENS = 2048  # WikiText-2 tokens the reload check of a registered version re-evaluates
 
 
 @dataclass(frozen=True)
 class EvalParams:
-    eval_tokens: int = 2048  # per stream; 0 = the full stream
-    protocols: tuple[str, ...] = ("paper", "gptq")
+    eval_tokens: int = 16384  # per stream; 0 = the full stream
+    protocols: tuple[str, ...] = ("paper",)
     datasets: tuple[str, ...] = EVAL_SETS
     lm_eval_tasks: tuple[str, ...] = ()  # downstream tasks through lm-eval (data/lm_eval/ or lm-eval's registry)
     lm_eval_limit: int | None = None  # documents per task, for quick runs
 
 
+def suffix(dataset: str, protocol: str) -> str:
+    """wikitext2 / c4 for the paper protocol, <set>_gptq for the GPTQ protocol."""
+    return dataset if protocol == "paper" else f"{dataset}_{protocol}"
+
+
 def metric_name(dataset: str, protocol: str) -> str:
     """ppl_wikitext2 / ppl_c4 for the paper protocol, ppl_<set>_gptq for the GPTQ protocol."""
-    return f"ppl_{dataset}" if protocol == "paper" else f"ppl_{dataset}_{protocol}"
+    return f"ppl_{suffix(dataset, protocol)}"
 
 
 def load_for_eval(model_dir: str | Path, backend: str, device: str = "cpu"):
@@ -48,22 +60,61 @@ def load_for_eval(model_dir: str | Path, backend: str, device: str = "cpu"):
     return get_backend(backend).load(Path(model_dir), device=device)
 
 
-def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams, device: str = "cpu") -> dict:
-    metrics, fed, seconds = {}, 0, 0.0
-    forward = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+def eval_streams(calibration_dir: Path, params: EvalParams) -> dict[str, torch.Tensor]:
+    """The evaluated prefix of each evaluation stream."""
+    streams = {}
     for dataset in params.datasets:
-        ids = streams[dataset].reshape(-1).to(device)
-        if params.eval_tokens:
-            ids = ids[: params.eval_tokens]
+        ids = load_ids(calibration_dir / f"{dataset}.safetensors").reshape(-1)
+        streams[dataset] = ids[: params.eval_tokens] if params.eval_tokens else ids
+    return streams
+
+
+def check_window_fits(params: EvalParams, available: dict[str, int] | None = None) -> None:
+    """eval_tokens must give every protocol at least one window (GPTQ's is 2048 tokens)."""
+    for proto in params.protocols:
+        need = PROTOCOLS[proto].max_length if proto == "gptq" else 2
+        for dataset in params.datasets:
+            have = params.eval_tokens or (available or {}).get(dataset)
+            if available is not None and params.eval_tokens:
+                have = min(have, available.get(dataset, have))
+            if have is not None and have < need:
+                raise PipelineError(f"eval_tokens {have} is too few for one {proto} window of {need} tokens ({dataset})")
+
+
+def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams, device: str = "cpu",
+                   reference: Reference | None = None, capture: Reference | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics and per-token arrays (nll/kld/top1 per set and protocol). With `reference` (the base
+    model's), KLD, top-1 agreement and the NLL increase are measured too; `capture` receives this model's
+    own top-k (when this model is the base)."""
+    metrics, tokens, fed, seconds = {}, {}, 0, 0.0
+    forward = model_forward(model)
+    for dataset, ids in streams.items():
+        ids = ids.to(device)
         for proto in params.protocols:
-            result = perplexity(forward, ids, PROTOCOLS[proto])
-            metrics[metric_name(dataset, proto)] = result.ppl
+            s = suffix(dataset, proto)
+            ref = reference.dist(dataset, proto) if reference is not None else None
+            result = score_stream(forward, ids, PROTOCOLS[proto], reference=ref, capture_top_k=TOP_K if capture is not None else 0,
+                                  capture_tail=TAIL if capture is not None else 0)  # fmt: skip
+            if capture is not None:
+                capture.add(dataset, proto, result.captured, result.nll)
+            ppl, ppl_se = ppl_with_se(result.nll)
+            metrics[f"ppl_{s}"], metrics[f"ppl_{s}_se"] = ppl, ppl_se
+            tokens[f"nll/{s}"] = result.nll
+            if result.kld is not None:
+                base_nll = reference.nll(dataset, proto)
+                metrics[f"kld_{s}"] = float(result.kld.mean())
+                metrics[f"kld_{s}_se"] = block_se(result.kld)
+                metrics[f"kld99_{s}"] = float(np.percentile(result.kld, 99))
+                metrics[f"top1_{s}"] = float(result.top1.mean())
+                metrics[f"dnll_{s}"], metrics[f"dnll_{s}_se"] = paired_difference(result.nll, base_nll)
+                tokens[f"kld/{s}"], tokens[f"top1/{s}"] = result.kld, result.top1
             fed += result.tokens_forwarded
             seconds += result.seconds
-            log.info("%s %s protocol: ppl %.3f over %d tokens (%.0f tok/s)", dataset, proto, result.ppl, result.tokens_scored, result.tokens_per_s)
+            log.info("%s %s protocol: ppl %.3f +- %.3f%s over %d tokens (%.0f tok/s)", dataset, proto, ppl, ppl_se,
+                     f", KLD {metrics[f'kld_{s}']:.4f}" if result.kld is not None else "", result.tokens_scored, result.tokens_per_s)  # fmt: skip
         metrics[f"eval_tokens_{dataset}"] = int(ids.numel())
     metrics["tokens_per_s"] = fed / seconds if seconds else float("nan")
-    return metrics
+    return metrics, tokens
 
 
 def run_evaluation(
@@ -75,34 +126,60 @@ def run_evaluation(
     model_key: str,
     tokenizer_dir: str | Path | None = None,
     device: str = "cpu",
-) -> dict:
-    """Metrics dict: perplexities, saved_bytes, peak_mem_bytes, tokens_per_s, load_seconds. The model
-    runs on `device` (cpu, cuda, cuda:N)."""
+    base_dir: str | Path | None = None,
+    base_key: str | None = None,
+) -> tuple[dict, str]:
+    """(metrics, the stage output's location). Metrics: perplexities with standard errors, and with the
+    base model (`base_dir`, keyed `base_key`; the evaluated model itself for backend 'none') KLD, its
+    99th percentile, top-1 agreement and the NLL increase; saved_bytes, peak_mem_bytes, tokens_per_s,
+    load_seconds. The output also holds every scored token's values (tokens.safetensors) for paired
+    comparisons. The model runs on `device` (cpu, cuda, cuda:N)."""
     unknown = [p for p in params.protocols if p not in PROTOCOLS]
     if unknown:
         raise PipelineError(f"unknown evaluation protocol(s) {unknown}: one of {', '.join(PROTOCOLS)}")
     if params.eval_tokens < 0:
         raise PipelineError(f"eval_tokens must be >= 0 (0 = full set), got {params.eval_tokens}")
+    check_window_fits(params)
     calibration_dir = ensure_local(calibration_dir)
     model_dir = ensure_local(model_dir)
-    token_files = {d: calibration_dir / f"{d}.safetensors" for d in params.datasets}
+    if backend == UNQUANTIZED:
+        base_dir, base_key = model_dir, model_key
+    reference_out = None
+    if base_dir is not None:
+        reference_out = StageOutput(artifact_root, "reference", reference_inputs(base_key, calibration_dir, params))
     inputs = {
         "model": model_key,
         "backend": backend,
         "params": asdict(params),
-        "tokens": {d: file_sha256(p) for d, p in token_files.items()},
+        "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
+        "reference": reference_out and reference_out.key,
+        "format": FORMAT,
         **({"device": device} if device != "cpu" else {}),  # speed and memory differ; CPU keys stay as they were
     }
     out = StageOutput(artifact_root, "evaluation", inputs)
     if out.is_complete():
         log.info("evaluate %s: cache hit %s", model_key, out.uri)
-        return read_json(out.path / "metrics.json")
-    streams = {d: load_ids(p) for d, p in token_files.items()}
+        return read_json(out.path / "metrics.json"), out.uri
+    streams = eval_streams(calibration_dir, params)
+    reference = capture = None
+    if reference_out is not None:
+        if reference_out.is_complete():
+            reference = Reference.load(reference_out.path)
+        elif backend == UNQUANTIZED:
+            capture = Reference({})  # the base model's own pass is the reference: one forward, not two
+        else:
+            reference = build_reference(base_dir, reference_out, streams, params, device)
     with PeakRSS() as memory:
         started = time.perf_counter()
         model = load_for_eval(model_dir, backend, device)
         load_seconds = time.perf_counter() - started
-        metrics = evaluate_model(model, streams, params, device)
+        metrics, tokens = evaluate_model(model, streams, params, device, reference, capture)
+    if capture is not None:
+        with reference_out.build() as tmp:
+            capture.save(tmp)
+        reference = capture
+        metrics, tokens = _against_self(metrics, tokens, params)
+    metrics.update(reload_metrics(tokens, params))
     if params.lm_eval_tasks:
         from tasks.evaluation.downstream import metric_names, run_downstream
         from tasks.model_io import load_tokenizer
@@ -117,4 +194,68 @@ def run_evaluation(
     del model
     with out.build() as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
-    return metrics
+        save_tokens(tokens, tmp / TOKENS_FILE)
+    return metrics, out.uri
+
+
+def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalParams) -> dict:
+    return {
+        "model": base_key,
+        "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
+        "eval_tokens": params.eval_tokens,
+        "protocols": list(params.protocols),
+        "top_k": TOP_K,
+        "tail": TAIL,
+    }
+
+
+def build_reference(base_dir: str | Path, out: StageOutput, streams: dict, params: EvalParams, device: str) -> Reference:
+    """The base model's pass over the evaluation windows, cached (before a quantized variant's own
+    evaluation, so its memory is not counted as the variant's)."""
+    log.info("evaluate: computing the base model's reference distributions (once per model and evaluation set)")
+    model = load_for_eval(ensure_local(base_dir), UNQUANTIZED, device)
+    capture = Reference({})
+    evaluate_model(model, streams, params, device, capture=capture)
+    del model
+    with out.build() as tmp:
+        capture.save(tmp)
+    return capture
+
+
+def _against_self(metrics: dict, tokens: dict, params: EvalParams) -> tuple[dict, dict]:
+    """The base model measured against its own reference: zero divergence, full agreement, by definition."""
+    for dataset in params.datasets:
+        for proto in params.protocols:
+            s = suffix(dataset, proto)
+            n = tokens[f"nll/{s}"].size
+            metrics.update({f"kld_{s}": 0.0, f"kld_{s}_se": 0.0, f"kld99_{s}": 0.0, f"top1_{s}": 1.0, f"dnll_{s}": 0.0, f"dnll_{s}_se": 0.0})
+            tokens[f"kld/{s}"], tokens[f"top1/{s}"] = np.zeros(n), np.ones(n, dtype=bool)
+    return metrics, tokens
+
+
+def reload_metrics(tokens: dict, params: EvalParams) -> dict:
+    """The WikiText-2 perplexity of the first RELOAD_TOKENS tokens (a prefix of the evaluation, same
+    windows), which the reload check of a registered version reproduces at a fraction of the cost."""
+    proto = "paper" if "paper" in params.protocols else params.protocols[0]
+    nll = tokens.get(f"nll/{suffix('wikitext2', proto)}")
+    if nll is None:
+        return {}
+    check = min(RELOAD_TOKENS, params.eval_tokens or RELOAD_TOKENS)
+    n = scored_prefix(check, PROTOCOLS[proto])
+    if n == 0 or n > nll.size:
+        return {}
+    return {"reload_ppl": math.exp(float(nll[:n].mean())), "reload_tokens": check}
+
+
+def save_tokens(tokens: dict[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v.astype(np.uint8) if v.dtype == bool else v) for k, v in tokens.items()}, str(path))
+
+
+def load_tokens(evaluation_dir: str | Path) -> dict[str, np.ndarray]:
+    """Per-token values of an evaluation output: nll/<s>, kld/<s>, top1/<s> (s as in `suffix`)."""
+    from safetensors.numpy import load_file
+
+    path = ensure_local(evaluation_dir) / TOKENS_FILE
+    return load_file(str(path)) if path.is_file() else {}

@@ -19,6 +19,7 @@ BACKEND_NAMES = ("hqq", "gptq", "awq", "bnb")  # tasks.quantize.registry.BACKEND
 # precision per fused group: their bit maps tie those modules unless method_options say otherwise.
 TIE_FUSED_BACKENDS = ("gptq", "awq")
 PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
+PROTOCOL_MIN_TOKENS = {"paper": 2, "gptq": 2048}  # the shortest stream that gives one window
 
 
 def param(default, title: str, description: str = "", **schema):
@@ -48,7 +49,8 @@ class PipelineConfig:
     budgets: list[str] = param(["b3g64"], "Budgets for the layer-sensitive methods",
                                "rungs (required by sensiboost/kurtboost) or positive bits per parameter", **_strings(pattern=BUDGET_PATTERN))
     method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}}',
-                                 type="object")
+                                 type="object", additionalProperties=False,
+                                 properties={m: {"type": "object", "properties": s.options, "additionalProperties": False} for m, s in METHODS.items()})
     # Budget-exact methods given a rung budget get the memory the first boost method reached at that
     # rung, so that every layer-sensitive method is compared at equal memory.
     match_boost_memory: bool = param(True, "Compare at equal memory", "budget-exact methods at a rung get the memory SensiBoost reached there",
@@ -62,8 +64,12 @@ class PipelineConfig:
     calibration_seq_len: int = param(512, "Calibration window length", type="integer", minimum=16, maximum=8192)
     fisher_samples: int = param(8, "Gradient windows", "calibration windows of the profiler's backward pass (optimal's loss estimate); 0 = none",
                                 type="integer", minimum=0, maximum=4096)
-    eval_tokens: int = param(2048, "Evaluation tokens per set (0 = full set)", type="integer", minimum=0)
-    protocols: list[str] = param(["paper", "gptq"], "Perplexity protocols", minItems=1, **_strings(enum=list(PROTOCOL_NAMES)))
+    eval_tokens: int = param(16384, "Evaluation tokens per set (0 = full set)", "the first N tokens of WikiText-2 test and of C4 validation",
+                             type="integer", minimum=0)
+    # The paper protocol scores each token once but feeds it twice (stride 512 in 1024-token windows);
+    # adding "gptq" (2048-token windows) costs another half of the evaluation.
+    protocols: list[str] = param(["paper"], "Perplexity protocols", "paper (sliding window 1024/512) and/or gptq (2048-token windows)",
+                                 minItems=1, uniqueItems=True, **_strings(enum=list(PROTOCOL_NAMES)))
     # Downstream scores through lm-eval (the local task in data/lm_eval/ works offline; hub task names
     # such as "arc_easy" need a network). Empty = perplexity only.
     lm_eval_tasks: list[str] = param(["quant_facts"], "lm-eval tasks", "local (data/lm_eval/) or lm-eval registry task names; [] = none",
@@ -90,34 +96,80 @@ class PipelineConfig:
 
     def validate(self) -> None:
         if not self.model or not str(self.model).strip():
-            raise PipelineError("no model given")
+            raise PipelineError("Param model: no model given")
         for name in ("backends", "uniform_budgets", "methods", "budgets", "protocols", "lm_eval_tasks"):
             if not isinstance(getattr(self, name), list):
-                raise PipelineError(f"{name} must be a list, got {getattr(self, name)!r}")
+                raise PipelineError(f"Param {name}: must be a list, got {getattr(self, name)!r}")
         if not isinstance(self.method_options, dict):
-            raise PipelineError(f"method_options must be a mapping of method -> options, got {self.method_options!r}")
+            raise PipelineError(f"Param method_options: must be a mapping of method -> options, got {self.method_options!r}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
-            raise PipelineError(f"unknown method(s) {bad}: one of {', '.join(METHODS)}")
+            raise PipelineError(f"Param methods: unknown method(s) {bad}: one of {', '.join(METHODS)}")
         bad = [b for b in self.backends if b not in BACKEND_NAMES]
         if bad:
-            raise PipelineError(f"unknown backend(s) {bad}: one of {', '.join(BACKEND_NAMES)}")
+            raise PipelineError(f"Param backends: unknown backend(s) {bad}: one of {', '.join(BACKEND_NAMES)}")
         bad = [p for p in self.protocols if p not in PROTOCOL_NAMES]
         if bad:
-            raise PipelineError(f"unknown perplexity protocol(s) {bad}: one of {', '.join(PROTOCOL_NAMES)}")
+            raise PipelineError(f"Param protocols: unknown perplexity protocol(s) {bad}: one of {', '.join(PROTOCOL_NAMES)}")
         for budget in self.uniform_budgets:
-            parse_rung(budget)
+            named_error("uniform_budgets", parse_rung, budget)
         for raw in self.budgets:
-            budget = parse_budget(raw)
+            budget = named_error("budgets", parse_budget, raw)
             for method in self.methods:
                 if method != "uniform" and method_spec(method).budget == "rung" and not isinstance(budget, Rung):
-                    raise PipelineError(f"{method} needs a ladder rung as budget, got {raw!r}")
+                    raise PipelineError(f"Param budgets: {method} needs a ladder rung as budget, got {raw!r}")
         for name in ("eval_tokens", "calibration_samples", "calibration_seq_len", "fisher_samples", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise PipelineError(f"{name} must be an integer, got {value!r}")
+                raise PipelineError(f"Param {name}: must be an integer, got {value!r}")
         if self.eval_tokens < 0 or self.calibration_samples < 1 or self.fisher_samples < 0:
-            raise PipelineError("eval_tokens and fisher_samples must be >= 0 and calibration_samples >= 1")
+            raise PipelineError("Params eval_tokens and fisher_samples must be >= 0 and calibration_samples >= 1")
+        self._check_method_options()
+        self._check_schemas()
+        for raw in self.budgets:
+            for method in self.methods:
+                check_budget(method, parse_budget(raw), raw, self.method_options.get(method, {}))
+        if self.fisher_samples > self.calibration_samples:
+            raise PipelineError(f"Param fisher_samples: {self.fisher_samples} exceeds calibration_samples {self.calibration_samples}"
+                                " (the backward pass takes the first calibration windows)")  # fmt: skip
+        for proto in self.protocols:
+            if 0 < self.eval_tokens < PROTOCOL_MIN_TOKENS[proto]:
+                raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens)")
+
+    def _check_schemas(self) -> None:
+        """Every field against its Param's JSON schema: what Airflow checks on a triggered run, also for
+        the CLI and the zoo."""
+        import jsonschema
+
+        specs = param_specs()
+        for f in fields(self):
+            schema = {k: v for k, v in specs[f.name].items() if k not in ("default", "title", "description")}
+            try:
+                jsonschema.validate(getattr(self, f.name), schema)
+            except jsonschema.ValidationError as exc:
+                where = "".join(f"[{p!r}]" for p in exc.absolute_path)
+                raise PipelineError(f"Param {f.name}{where}: {exc.message}") from None
+
+    def _check_method_options(self) -> None:
+        for method, options in self.method_options.items():
+            if method not in METHODS:
+                raise PipelineError(f"Param method_options: unknown method {method!r} (one of {', '.join(METHODS)})")
+            if method not in self.methods:
+                raise PipelineError(f"Param method_options: options for {method!r}, which is not among the selected methods {self.methods}")
+            if not isinstance(options, dict):
+                raise PipelineError(f"Param method_options: the options of {method!r} must be a mapping, got {options!r}")
+            accepted = METHODS[method].options
+            unknown = sorted(set(options) - set(accepted))
+            if unknown:
+                raise PipelineError(f"Param method_options: {method} does not take {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})")
+
+
+def named_error(param_name: str, parse, value):
+    """parse(value), its error prefixed with the Param it came from."""
+    try:
+        return parse(value)
+    except PipelineError as exc:
+        raise PipelineError(f"Param {param_name}: {exc}") from None
 
 
 def parse_budget(text) -> float | Rung:
@@ -133,6 +185,26 @@ def parse_budget(text) -> float | Rung:
     if not (LADDER[0].bpp * 0.5 < value <= LADDER[-1].bpp):
         raise PipelineError(f"budget {value} bpp is outside the ladder's range ({LADDER[0].bpp:.2f}..{LADDER[-1].bpp:.2f})")
     return value
+
+
+def check_budget(method: str, budget: float | Rung, raw, options: dict) -> None:
+    """Whether `method` can meet `budget`: a budget-exact method needs at least its cheapest allocation
+    (every module on its cheapest candidate rung); lim/zd also need a rung above their low rung."""
+    spec = method_spec(method)
+    if spec.budget == "rung":
+        return
+    bpp = budget.bpp if isinstance(budget, Rung) else float(budget)
+    rungs = options.get("rungs") or [r.name for r in LADDER]
+    candidates = [parse_rung(r.strip()) for r in (rungs.split(",") if isinstance(rungs, str) else rungs) if str(r).strip()]
+    cheapest = min(candidates, key=lambda r: r.bpp)
+    if bpp < cheapest.bpp - 1e-9:
+        raise PipelineError(f"Param budgets: {method} cannot meet {raw!r} ({bpp:.4f} bpp): its cheapest allocation, every module at"
+                            f" {cheapest.name}, takes {cheapest.bpp:.4f} bpp")  # fmt: skip
+    if method in ("lim", "zd") and not options.get("high"):
+        low = parse_rung(options["low"]) if options.get("low") else max((r for r in LADDER if r.bpp <= bpp + 1e-9), key=lambda r: r.bpp)
+        if not any(r.group_size == low.group_size and r.bits > low.bits for r in LADDER):
+            raise PipelineError(f"Param budgets: {method} at {raw!r} puts layers at {low.name}, and no rung above it keeps the"
+                                " important ones: give a lower budget or method_options high")  # fmt: skip
 
 
 def budget_label(budget: float | Rung) -> str:

@@ -67,15 +67,12 @@ def run_cli(args) -> int:
     if args.eval_tokens is not None:
         config["eval_tokens"] = args.eval_tokens
     if args.check:
-        from tasks.calibration import read_sources
-        from tasks.model_io import resolve_model
-        from tasks.orchestration.config import PipelineConfig
-        from tasks.orchestration.steps import calibration_params
+        from tasks.orchestration.preflight import preflight
         from tasks.settings import Settings
 
-        cfg = PipelineConfig.from_dict(config)
-        read_sources(calibration_params(cfg))  # empty or missing texts stop here, before Airflow starts
-        model = resolve_model(cfg.model, cfg.revision, Settings.from_env().cache_dir)
+        _, model, notes = preflight(config, Settings.from_env().cache_dir)
+        for note in notes:
+            print(f"note: {note}")
         print(f"ok: {model.name} ({model.revision}) at {model.path}")
         return 0
     result = run_inprocess(config)

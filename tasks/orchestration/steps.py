@@ -23,6 +23,8 @@ from tasks.orchestration.planner import allocate_variants, plan_variants, varian
 log = logging.getLogger(__name__)
 
 BASELINE_METHOD = "unquantized"
+# The evaluation's quality metrics, with their standard errors, that the results table and JSON carry.
+QUALITY_PREFIXES = ("ppl_", "kld_", "kld99_", "top1_", "dnll_", "lmeval_")
 
 
 class Prepared(TypedDict):
@@ -47,6 +49,7 @@ class Variant(TypedDict, total=False):
     bitmap: str | None
     nominal_bpp: float
     extra_pct: float
+    predicted_dnll: float | None  # the Fisher estimate of the loss increase (nats/token), when profiled
     model: dict
     calibration: str
     parent_run_id: str
@@ -57,6 +60,7 @@ class Variant(TypedDict, total=False):
     model_dir: str  # quantize
     model_key: str
     metrics: dict  # evaluate
+    evaluation: str  # the evaluation's stage output (per-token values for paired comparisons)
     run_id: str  # record
     reused_run: bool
     version: str | None
@@ -121,6 +125,8 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
         from tasks.allocation import read_scores
 
         table = read_scores(ensure_local(scores))
+    from tasks.allocation.optimal import predicted_loss_increase
+
     planned = allocate_variants(plan_variants(cfg), table, linear_param_counts(read_config(model["path"])), cfg.match_boost_memory)
     out = StageOutput(
         ctx.settings.artifact_root,
@@ -154,6 +160,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                     "bitmap": str(out.path / f"{p.spec.name}.json"),
                     "nominal_bpp": p.bitmap.nominal_bpp,
                     "extra_pct": p.bitmap.extra_pct,
+                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap),
                 }
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}
@@ -194,11 +201,12 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
         lm_eval_tasks=tuple(ev.get("lm_eval_tasks", ())),
         lm_eval_limit=ev.get("lm_eval_limit"),
     )
-    metrics = run_evaluation(
+    metrics, evaluation = run_evaluation(
         variant["model_dir"], variant["backend"], variant["calibration"], params, ctx.settings.artifact_root,
         variant["model_key"], tokenizer_dir=variant["model"]["path"], device=ctx.device,
+        base_dir=variant["model"]["path"], base_key=variant["model"]["revision"],
     )
-    for key in ("nominal_bpp", "extra_pct"):
+    for key in ("nominal_bpp", "extra_pct", "predicted_dnll"):
         if variant.get(key) is not None:
             metrics[key] = variant[key]
     quant_manifest = Path(variant["model_dir"]) / "manifest.json"
@@ -206,7 +214,7 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
         facts = read_json(quant_manifest).get("facts", {})
         if "quant_seconds" in facts:
             metrics["quant_seconds"] = facts["quant_seconds"]
-    return {**variant, "metrics": metrics}
+    return {**variant, "metrics": metrics, "evaluation": evaluation}
 
 
 def record(ctx: StepContext, variant: Variant) -> Variant:
@@ -253,6 +261,8 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
                 "extra_pct": m.get("extra_pct"),
                 "ppl_wikitext2": m.get("ppl_wikitext2"),
                 "ppl_c4": m.get("ppl_c4"),
+                "ppl_wikitext2_se": m.get("ppl_wikitext2_se"),
+                "kld_wikitext2": m.get("kld_wikitext2"),
                 "saved_bytes": m.get("saved_bytes"),
                 "variant": variant["name"],
                 "config_hash": variant["config_hash"],
@@ -276,10 +286,13 @@ def verify(ctx: StepContext, variant: Variant) -> Variant:
     tags = client_for(ctx.settings.tracking_uri).get_model_version(name, variant["version"]).tags
     if tags.get(TAG) == "passed":
         return {**variant, "load_check": "passed", "load_check_detail": tags.get(DETAIL_TAG, "")}
-    protocol = "paper" if "ppl_wikitext2" in variant["metrics"] else "gptq"
-    expected = variant["metrics"]["ppl_wikitext2" if protocol == "paper" else "ppl_wikitext2_gptq"]
-    result = check_version(ctx.settings.tracking_uri, name, variant["version"], variant["calibration"],
-                           variant["eval"]["eval_tokens"], expected, protocol)  # fmt: skip
+    m = variant["metrics"]
+    protocol = "paper" if "ppl_wikitext2" in m else "gptq"
+    if "reload_ppl" in m:  # the first 2,048 tokens' perplexity, recorded by the evaluation
+        expected, tokens = m["reload_ppl"], int(m["reload_tokens"])
+    else:
+        expected, tokens = m["ppl_wikitext2" if protocol == "paper" else "ppl_wikitext2_gptq"], variant["eval"]["eval_tokens"]
+    result = check_version(ctx.settings.tracking_uri, name, variant["version"], variant["calibration"], tokens, expected, protocol)
     return {**variant, "load_check": "passed" if result["passed"] else "failed", "load_check_detail": result["detail"]}
 
 
@@ -296,8 +309,8 @@ def results_rows(variants: list[Variant]) -> list[dict]:
                 "budget": v["budget_label"],
                 "nominal_bpp": m.get("nominal_bpp"),
                 "extra_pct": m.get("extra_pct"),
-                **{k: m.get(k) for k in ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq", "saved_bytes", "peak_mem_bytes", "tokens_per_s", "quant_seconds")},
-                **{k: val for k, val in m.items() if k.startswith("lmeval_")},
+                **{k: m.get(k) for k in ("saved_bytes", "peak_mem_bytes", "tokens_per_s", "quant_seconds", "predicted_dnll")},
+                **{k: val for k, val in m.items() if k.startswith(QUALITY_PREFIXES)},
                 "run_id": v.get("run_id"),
                 "version": v.get("version"),
                 "load_check": v.get("load_check"),
@@ -320,8 +333,9 @@ def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
     rows = results_rows(recorded)
     reports = ctx.settings.home / "reports"
     out = reports / prep["parent_run_id"]
+    summary, run_metrics = compare_variants(recorded, rows)
     table = results_table(rows)
-    write_text_atomic(out / "results.md", table + "\n")
+    write_text_atomic(out / "results.md", table + "\n\n" + "\n\n".join(summary) + "\n")
     write_json_atomic(out / "results.json", rows)
     decision = None
     if any(v["backend"] != "none" for v in recorded):
@@ -339,11 +353,25 @@ def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
             decision = {"action": "none", "changed": False, "reason": str(exc)}
         write_json_atomic(out / "promotion.json", decision)
     _write_reports(rows, recorded, out)
-    finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out)
+    finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out, metrics=run_metrics)
     _point_latest(reports, out)
     record_completion(ctx.settings.artifact_root, prep["config"], prep["model"], prep["parent_run_id"], out, rows)
     log.info("results:\n%s", table)
     return {"reports": str(out), "promotion": decision, "table": table, "parent_run_id": prep["parent_run_id"]}
+
+
+def compare_variants(recorded: list[Variant], rows: list[dict]) -> tuple[list[str], dict]:
+    """Adds each row's 'within noise of' cell; returns the report's summary lines and the run's metrics."""
+    from tasks.evaluation.compare import run_summary
+    from tasks.evaluation.stage import load_tokens
+
+    tokens = [load_tokens(v["evaluation"]) if v.get("evaluation") else {} for v in recorded]
+    measured = [v.get("metrics", {}).get("dnll_wikitext2") for v in recorded]
+    predicted = [v.get("predicted_dnll") for v in recorded]
+    cells, metrics, lines = run_summary(tokens, measured, predicted)
+    for row, cell in zip(rows, cells):
+        row["ties"] = cell
+    return lines, metrics
 
 
 def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None:

@@ -1,6 +1,8 @@
 """The reload check a registered version passes before it may become champion: in a fresh process, load
 it through the standard client (`mlflow.pyfunc.load_model("models:/<name>/<version>")`) and reproduce
-its recorded WikiText-2 perplexity (same protocol, same tokens) within TOLERANCE. The outcome is
+its recorded WikiText-2 perplexity (same protocol, same tokens) within TOLERANCE. The evaluation records
+the perplexity of its first 2,048 tokens (`reload_ppl`, the same windows as a 2,048-token evaluation),
+which is what the check reproduces, so it costs a fraction of the evaluation. The outcome is
 the version's tags `load_check` ("passed" / "failed") and `load_check_detail` (the numbers, or why).
 
     python -m tasks verify --model-uri models:/NAME/VERSION --calibration DIR --eval-tokens N --expect PPL
@@ -30,15 +32,12 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
     try:
         from tasks.artifacts import ensure_local
         from tasks.calibration import load_ids
-        from tasks.evaluation.perplexity import PROTOCOLS, perplexity
+        from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream
 
         model = load_torch_model(model_uri)
         ids = load_ids(ensure_local(calibration_dir) / "wikitext2.safetensors").reshape(-1)
         ids = ids[:eval_tokens] if eval_tokens else ids
-        import torch
-
-        with torch.inference_mode():
-            ppl = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids, PROTOCOLS[protocol]).ppl
+        ppl = score_stream(model_forward(model), ids, PROTOCOLS[protocol]).ppl
     except Exception as exc:  # noqa: BLE001 (any failure to load or run is the check's finding)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return {"passed": False, "detail": f"does not reload: {type(exc).__name__}: {first[:300]}"}

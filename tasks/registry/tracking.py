@@ -58,8 +58,11 @@ def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, p
     return run.info.run_id
 
 
-def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Path | None = None, status: str = "FINISHED") -> None:
+def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Path | None = None, status: str = "FINISHED",
+                        metrics: dict | None = None) -> None:  # fmt: skip
     client = client_for(tracking_uri)
+    for key, value in _finite(metrics or {}).items():
+        client.log_metric(run_id, key, value)
     if artifacts_dir and Path(artifacts_dir).exists():
         client.log_artifacts(run_id, str(artifacts_dir), "reports")
     client.set_terminated(run_id, status)

@@ -21,7 +21,7 @@ UNIFORM = "uniform"
 REQUIRED = ("variant", "method")
 NUMERIC = (
     "budget", "nominal_bpp", "extra_pct", "ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq",
-    "saved_bytes", "tokens_per_s", "quant_seconds",
+    "kld_wikitext2", "kld_c4", "top1_wikitext2", "saved_bytes", "tokens_per_s", "quant_seconds",
 )
 PPL = ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq")
 
@@ -39,6 +39,9 @@ DISPLAY = (
     ("ppl_c4", "c4 ppl", "{:.2f}"),
     ("d_base_ppl_c4", "c4 Δ base %", "{:+.1f}"),
     ("d_uniform_ppl_c4", "c4 Δ uniform %", "{:+.1f}"),
+    ("kld_wikitext2", "wiki2 KLD", "{:.4f}"),
+    ("kld_c4", "c4 KLD", "{:.4f}"),
+    ("top1_wikitext2", "wiki2 top-1", "{:.3f}"),
     ("ppl_wikitext2_gptq", "wiki2 ppl (GPTQ)", "{:.2f}"),
     ("ppl_c4_gptq", "c4 ppl (GPTQ)", "{:.2f}"),
     ("saved_mib", "saved MiB", "{:.1f}"),
@@ -49,6 +52,8 @@ TEXT_COLUMNS = {"variant", "backend", "method"}
 
 NOTES = (
     "ppl: paper protocol (sliding window 1024, stride 512); (GPTQ): non-overlapping 2048-token windows. "
+    "KLD: mean KL divergence of the variant's next-token distribution from the unquantized model's; top-1: how "
+    "often both predict the same token. "
     "Δ base: perplexity change vs the unquantized baseline; Δ uniform: vs the uniform variant with the same "
     "backend and budget. Lower is better; the best quantized value of each perplexity is in bold."
 )

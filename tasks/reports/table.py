@@ -5,20 +5,30 @@ from __future__ import annotations
 
 import math
 
-# (key, title, format) of the results table; a column with no value in any row is left out.
+# (key, title, format) of the results table; a column with no value in any row is left out. Keys in
+# WITH_SE are followed by their standard error (key + "_se") in the same cell.
 RESULT_COLUMNS = (
+    ("row", "#", "{}"),
     ("variant", "variant", "{}"),
     ("nominal_bpp", "bpp", "{:.3f}"),
     ("extra_pct", "extra %", "{:+.2f}"),
     ("ppl_wikitext2", "wiki2 ppl", "{:.2f}"),
     ("ppl_c4", "c4 ppl", "{:.2f}"),
+    ("kld_wikitext2", "wiki2 KLD", "{:.4f}"),
+    ("kld_c4", "c4 KLD", "{:.4f}"),
+    ("top1_wikitext2", "wiki2 top-1", "{:.3f}"),
+    ("dnll_wikitext2", "wiki2 dNLL", "{:.4f}"),
+    ("predicted_dnll", "pred dNLL", "{:.4f}"),
     ("ppl_wikitext2_gptq", "wiki2 ppl (gptq)", "{:.2f}"),
     ("ppl_c4_gptq", "c4 ppl (gptq)", "{:.2f}"),
     ("saved_mib", "saved MiB", "{:.1f}"),
     ("tokens_per_s", "eval tok/s", "{:.0f}"),
     ("version", "version", "{}"),
     ("load_check", "reload", "{}"),
+    ("ties", "within noise of #", "{}"),
 )
+TRAILING = 3  # version, reload, ties: after the downstream columns
+WITH_SE = {"ppl_wikitext2", "ppl_c4", "kld_wikitext2", "kld_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq"}
 
 
 def format_cell(value, fmt: str) -> str:
@@ -45,9 +55,18 @@ def markdown(head: list[str], cells: list[list[str]], numeric: list[bool], *, pa
 
 
 def results_table(rows: list[dict]) -> str:
-    rows = [{**r, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None} for r in rows]
+    rows = [{**r, "row": i + 1, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None} for i, r in enumerate(rows)]
     downstream = sorted({k for r in rows for k in r if k.startswith("lmeval_") and k.endswith("_acc")})
     extra = [(k, k[len("lmeval_"):].replace("_", " "), "{:.3f}") for k in downstream]
-    cols = [c for c in RESULT_COLUMNS[:-2] + tuple(extra) + RESULT_COLUMNS[-2:] if any(r.get(c[0]) not in (None, "") for r in rows)]
-    cells = [[format_cell(r.get(key), fmt) for key, _, fmt in cols] for r in rows]
-    return markdown([title for _, title, _ in cols], cells, [i > 0 for i in range(len(cols))], pad=True)
+    ordered = RESULT_COLUMNS[:-TRAILING] + tuple(extra) + RESULT_COLUMNS[-TRAILING:]
+    cols = [c for c in ordered if any(r.get(c[0]) not in (None, "") for r in rows)]
+    cells = [[_cell(r, key, fmt) for key, _, fmt in cols] for r in rows]
+    return markdown([title for _, title, _ in cols], cells, [key not in ("variant", "ties") for key, _, _ in cols], pad=True)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    text = format_cell(row.get(key), fmt)
+    se = row.get(f"{key}_se")
+    if key in WITH_SE and text != "-" and se is not None and not (isinstance(se, float) and math.isnan(se)):
+        text += " ±" + format_cell(se, fmt)
+    return text

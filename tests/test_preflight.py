@@ -1,0 +1,168 @@
+"""Pre-flight: every Param has at least one bad value that stops the run with one line naming it, and bad
+model files stop it without a traceback."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from tasks.errors import PipelineError
+from tasks.orchestration.config import PipelineConfig, param_specs
+from tasks.orchestration.preflight import backend_notes, preflight
+
+# Param -> (a config with a bad value of it, what the error says). Each class of issue 14: types, unknown
+# names, method options (unknown, of another method, wrong type), protocols, promotion rule types,
+# budget feasibility per method, files.
+BAD = {
+    "model": ({"model": "   "}, "no model"),
+    "revision": ({"revision": 7}, "is not of type"),
+    "backends": ({"backends": ["gguf"]}, "unknown backend"),
+    "uniform_budgets": ({"uniform_budgets": ["b5g64"]}, "b5g64"),
+    "methods": ({"methods": ["magic"]}, "unknown method"),
+    "budgets": ({"methods": ["optimal"], "budgets": ["1.9"]}, "optimal cannot meet '1.9'"),
+    "method_options": ({"methods": ["mxq"], "method_options": {"mxq": {"tolerance": "tight"}}}, "is not of type 'number'"),
+    "match_boost_memory": ({"match_boost_memory": "yes"}, "is not of type 'boolean'"),
+    "include_baseline": ({"include_baseline": 1}, "is not of type 'boolean'"),
+    "calibration_samples": ({"calibration_samples": 0}, "calibration_samples"),
+    "calibration_text": ({"calibration_text": "/nonexistent/calib.txt"}, "/nonexistent/calib.txt"),
+    "wikitext2_text": ({"wikitext2_text": "/nonexistent/wiki.txt"}, "/nonexistent/wiki.txt"),
+    "c4_parquet": ({"c4_parquet": "/nonexistent/c4.parquet"}, "/nonexistent/c4.parquet"),
+    "calibration_seq_len": ({"calibration_seq_len": 8}, "less than the minimum"),
+    "fisher_samples": ({"fisher_samples": 64}, "exceeds calibration_samples 32"),
+    "eval_tokens": ({"eval_tokens": 1000, "protocols": ["gptq"]}, "too few for one gptq window"),
+    "protocols": ({"protocols": ["lambada"]}, "unknown perplexity protocol"),
+    "lm_eval_tasks": ({"lm_eval_tasks": ["no_such_task_anywhere"]}, "unknown lm-eval task"),
+    "lm_eval_limit": ({"lm_eval_limit": 0}, "less than the minimum"),
+    "promote_max_bytes": ({"promote_max_bytes": "a lot"}, "is not of type 'null', 'integer'"),
+    "promote_min_improvement_pct": ({"promote_min_improvement_pct": "1%"}, "is not of type 'number'"),
+    "seed": ({"seed": 4.5}, "seed"),
+}
+
+MORE_BAD = [  # further classes: option of a method that is not selected, unknown option, wrong rung type
+    ({"methods": ["optimal"], "method_options": {"mxq": {"tolerance": 0}}}, "not among the selected methods"),
+    ({"methods": ["optimal"], "method_options": {"optimal": {"objectiv": "fisher"}}}, "optimal does not take objectiv"),
+    ({"methods": ["optimal"], "method_options": {"optimal": {"objective": "entropy"}}}, "is not one of"),
+    ({"methods": ["optimal"], "method_options": {"optimal": {"rungs": ["b4g64"]}}, "budgets": ["3.3"]}, "cheapest allocation, every module at b4g64"),
+    ({"methods": ["lim"], "budgets": ["8.3"]}, "no rung above it"),
+    ({"methods": ["sensiboost"], "budgets": ["3.4"]}, "needs a ladder rung"),
+    ({"protocols": ["paper", "paper"]}, "non-unique"),
+    ({"promote_max_bytes": True}, "is not of type"),
+]
+
+
+def test_every_param_has_a_rejected_bad_value():
+    assert set(BAD) == {f.name for f in fields(PipelineConfig)}, "a new Param needs its bad value here"
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_a_bad_param_is_one_line_naming_it(name, state):
+    config, message = BAD[name]
+    with pytest.raises(PipelineError) as err:
+        preflight(config, state / "cache")
+    text = str(err.value)
+    assert message in text and "\n" not in text
+    assert name in text or message.startswith("/nonexistent"), f"the error names the Param: {text}"
+
+
+@pytest.mark.parametrize("config,message", MORE_BAD)
+def test_more_bad_combinations(config, message):
+    with pytest.raises(PipelineError, match=message):
+        PipelineConfig.from_dict(config)
+
+
+def test_the_dag_form_rejects_what_its_schema_can_express():
+    import jsonschema
+
+    specs = param_specs()
+    for name, (config, _) in BAD.items():
+        schema = {k: v for k, v in specs[name].items() if k not in ("default", "title", "description")}
+        try:
+            jsonschema.validate(config[name], schema)
+        except jsonschema.ValidationError:
+            continue
+        # what a schema cannot say (files, combinations of Params) is the prepare step's pre-flight
+        assert name in {"model", "budgets", "calibration_text", "wikitext2_text", "c4_parquet", "fisher_samples", "eval_tokens", "lm_eval_tasks"}, name
+
+
+def test_method_option_schemas_match_the_allocators():
+    from tasks.allocation.methods import METHODS
+    from tasks.allocation.registry import method_options
+
+    for name, spec in METHODS.items():
+        assert set(spec.options) == set(method_options(name)), name
+
+
+def test_skipped_backend_pairs_are_named_up_front():
+    notes = backend_notes(PipelineConfig.from_dict({"backends": ["hqq", "bnb"], "uniform_budgets": ["b4g64", "b3g64"]}))
+    assert any(n.startswith("bnb will skip uniform b3g64") for n in notes)
+    assert not any(n.startswith("bnb will skip uniform b4g64") for n in notes) and not any(n.startswith("hqq") for n in notes)
+
+
+# ---- model files ------------------------------------------------------------------------------------
+
+
+def _safetensors_dir(tmp_path, name, payload: bytes):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (d / "model.safetensors").write_bytes(payload)
+    return d
+
+
+def _safetensors_bytes(data_len=16, declared_end=16):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, declared_end]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0" * data_len
+
+
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"\x01\x02", "shorter than its header length"),
+        (struct.pack("<Q", 10**9) + b"{}", "header length"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+        (_safetensors_bytes(data_len=8), "truncated: its tensors need 16 bytes of data, the file holds 8"),
+    ],
+)
+def test_damaged_safetensors_are_refused(tmp_path, payload, message, state):
+    d = _safetensors_dir(tmp_path, "ckpt", payload)
+    with pytest.raises(PipelineError, match=message):
+        preflight({"model": str(d)}, state / "cache")
+
+
+def test_damaged_gguf_files_are_refused(tmp_path, embedded_model, state):
+    from tasks.model_files import check_gguf
+    from tasks.model_io import _embedded_gguf
+
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(PipelineError, match="not a GGUF file"):
+        preflight({"model": str(not_gguf)}, state / "cache")
+    good = _embedded_gguf().read_bytes()
+    future = tmp_path / "future.gguf"
+    future.write_bytes(good[:4] + struct.pack("<I", 9) + good[8:4096])
+    with pytest.raises(PipelineError, match="GGUF version 9 is not supported"):
+        check_gguf(future, full=False)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PipelineError, match="truncated|damaged"):
+        preflight({"model": str(truncated)}, state / "cache")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(good[:2000])
+    with pytest.raises(PipelineError, match="damaged or truncated GGUF"):
+        check_gguf(header_only)
+
+
+def test_the_cli_check_prints_one_error_line_and_no_traceback(tmp_path, state):
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 5) + b"\0" * 10)
+    for config in ({"model": str(truncated)}, {"promote_max_bytes": "a lot"}):
+        out = subprocess.run([sys.executable, "-m", "tasks", "pipeline", "--check", "--config", json.dumps(config)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in out.stderr, out.stderr
