@@ -9,10 +9,12 @@ With `s3://bucket/prefix` roots, outputs are built locally and uploaded (manifes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -80,6 +82,50 @@ def local_root(root: str | Path) -> Path:
     return Path(root)
 
 
+OWNER = ".owner.json"  # in a partial directory: the host and pid of the attempt writing it
+LEGACY_PARTIAL_AGE_S = 24 * 3600  # a partial without an owner file (older versions) is dead after this
+
+
+def make_partial(parent: Path, prefix: str) -> Path:
+    """A fresh temporary directory `<prefix>*.partial` under `parent`, stamped with its owner."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".partial"))
+    (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+    return tmp
+
+
+def remove_dead_partials(parent: Path, prefix: str) -> list[Path]:
+    """Remove the `<prefix>*.partial` directories whose writer is gone: a process of this host that no
+    longer runs (a kill -9 or an OOM kill never cleans up), or, without an owner file, one older than a
+    day. A partial of another host is that host's to clean."""
+    removed = []
+    for partial in parent.glob(f"{prefix}*.partial"):
+        try:
+            owner = json.loads((partial / OWNER).read_text())
+        except (OSError, ValueError):
+            owner = None
+        if owner is None:
+            dead = time.time() - partial.stat().st_mtime > LEGACY_PARTIAL_AGE_S
+        else:
+            dead = owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0)))
+        if dead:
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid runs (one of another user counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StageOutput:
     """The output directory of one stage invocation, keyed by its inputs."""
 
@@ -112,12 +158,29 @@ class StageOutput:
         return read_json(self.manifest_path)
 
     @contextmanager
-    def build(self) -> Iterator[Path]:
-        """Yield a temporary directory; on success it gets a manifest and is renamed into place."""
+    def exclusive(self) -> Iterator[None]:
+        """Hold this output's lock (an flock on a file beside it, released by the kernel when the holder
+        dies): concurrent runs on one machine that need the same output compute it once, the others
+        wait and then find it complete. Pods that share only an S3 root each build; their uploads carry
+        the same content."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.key}.", suffix=".partial"))
+        with open(self.path.parent / f".{self.key}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextmanager
+    def build(self) -> Iterator[Path]:
+        """Yield a temporary directory; on success it gets a manifest and is renamed into place. Partial
+        directories that dead attempts left for this output are removed first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_partials(self.path.parent, f".{self.key}.")
+        tmp = make_partial(self.path.parent, f".{self.key}.")
         try:
             yield tmp
+            (tmp / OWNER).unlink(missing_ok=True)
             files = {
                 str(p.relative_to(tmp)): file_sha256(p)
                 for p in sorted(tmp.rglob("*"))
@@ -136,6 +199,9 @@ class StageOutput:
                 **extra,
             }
             write_json_atomic(tmp / MANIFEST, manifest)
+            if self.manifest_path.exists():  # another run built the same inputs meanwhile: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             if self.path.exists():  # a stale, manifest-less leftover from a crash
                 shutil.rmtree(self.path)
             os.replace(tmp, self.path)

@@ -106,8 +106,6 @@ def read_sources(params: CalibrationParams) -> dict[str, str]:
 
 def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_root: str | Path, model_revision: str = "") -> str:
     """Tokenize with the model's tokenizer; return the artifact directory (cached by inputs)."""
-    from tasks.model_io import load_tokenizer
-
     if params.samples < 1 or params.seq_len < 8:
         raise PipelineError(f"calibration needs samples >= 1 and seq_len >= 8 (got {params.samples}, {params.seq_len})")
     sources = source_files(params)
@@ -117,6 +115,13 @@ def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_
         "tokenizer": model_revision or str(model_path),
     }
     out = StageOutput(artifact_root, "calibration", inputs)
+    with out.exclusive():
+        return _build_calibration(out, model_path, params)
+
+
+def _build_calibration(out, model_path, params) -> str:
+    from tasks.model_io import load_tokenizer
+
     if out.is_complete():
         log.info("calibration: cache hit %s", out.uri)
         return str(out.path)

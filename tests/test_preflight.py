@@ -33,7 +33,7 @@ BAD = {
     "wikitext2_text": ({"wikitext2_text": "/nonexistent/wiki.txt"}, "/nonexistent/wiki.txt"),
     "c4_parquet": ({"c4_parquet": "/nonexistent/c4.parquet"}, "/nonexistent/c4.parquet"),
     "calibration_seq_len": ({"calibration_seq_len": 8}, "less than the minimum"),
-    "fisher_samples": ({"fisher_samples": 64}, "exceeds calibration_samples 32"),
+    "fisher_samples": ({"fisher_samples": -1}, "Param fisher_samples"),
     "eval_tokens": ({"eval_tokens": 1000, "protocols": ["gptq"]}, "too few for one gptq window"),
     "protocols": ({"protocols": ["lambada"]}, "unknown perplexity protocol"),
     "lm_eval_tasks": ({"lm_eval_tasks": ["no_such_task_anywhere"]}, "unknown lm-eval task"),

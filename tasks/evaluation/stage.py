@@ -157,18 +157,25 @@ def run_evaluation(
         **({"device": device} if device != "cpu" else {}),  # speed and memory differ; CPU keys stay as they were
     }
     out = StageOutput(artifact_root, "evaluation", inputs)
-    if out.is_complete():
-        log.info("evaluate %s: cache hit %s", model_key, out.uri)
-        return read_json(out.path / "metrics.json"), out.uri
+    with out.exclusive():
+        if out.is_complete():
+            log.info("evaluate %s: cache hit %s", model_key, out.uri)
+            return read_json(out.path / "metrics.json"), out.uri
+        return _measure(out, model_dir, backend, calibration_dir, params, tokenizer_dir, device, base_dir, reference_out), out.uri
+
+
+def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: Path, params: EvalParams, tokenizer_dir,
+             device: str, base_dir, reference_out: StageOutput | None) -> dict:  # fmt: skip
     streams = eval_streams(calibration_dir, params)
     reference = capture = None
     if reference_out is not None:
-        if reference_out.is_complete():
-            reference = Reference.load(reference_out.path)
-        elif backend == UNQUANTIZED:
-            capture = Reference({})  # the base model's own pass is the reference: one forward, not two
-        else:
-            reference = build_reference(base_dir, reference_out, streams, params, device)
+        with reference_out.exclusive():
+            if reference_out.is_complete():
+                reference = Reference.load(reference_out.path)
+            elif backend == UNQUANTIZED:
+                capture = Reference({})  # the base model's own pass is the reference: one forward, not two
+            else:
+                reference = build_reference(base_dir, reference_out, streams, params, device)
     with PeakRSS() as memory:
         started = time.perf_counter()
         model = load_for_eval(model_dir, backend, device)
@@ -195,7 +202,7 @@ def run_evaluation(
     with out.build() as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         save_tokens(tokens, tmp / TOKENS_FILE)
-    return metrics, out.uri
+    return metrics
 
 
 def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalParams) -> dict:

@@ -62,7 +62,7 @@ class PipelineConfig:
     wikitext2_text: str | None = param(None, "WikiText-2 test text file", "default: the shipped test split", type=["null", "string"])
     c4_parquet: str | None = param(None, "C4 validation parquet", "default: the shipped shard", type=["null", "string"])
     calibration_seq_len: int = param(512, "Calibration window length", type="integer", minimum=16, maximum=8192)
-    fisher_samples: int = param(8, "Gradient windows", "calibration windows of the profiler's backward pass (optimal's loss estimate); 0 = none",
+    fisher_samples: int = param(8, "Gradient windows", "calibration windows of the profiler's backward pass (optimal's loss estimate), at most calibration_samples; 0 = none",
                                 type="integer", minimum=0, maximum=4096)
     eval_tokens: int = param(16384, "Evaluation tokens per set (0 = full set)", "the first N tokens of WikiText-2 test and of C4 validation",
                              type="integer", minimum=0)
@@ -122,19 +122,22 @@ class PipelineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise PipelineError(f"Param {name}: must be an integer, got {value!r}")
-        if self.eval_tokens < 0 or self.calibration_samples < 1 or self.fisher_samples < 0:
-            raise PipelineError("Params eval_tokens and fisher_samples must be >= 0 and calibration_samples >= 1")
+        for name, least in (("eval_tokens", 0), ("fisher_samples", 0), ("calibration_samples", 1)):
+            if getattr(self, name) < least:
+                raise PipelineError(f"Param {name}: must be >= {least}, got {getattr(self, name)}")
         self._check_method_options()
         self._check_schemas()
         for raw in self.budgets:
             for method in self.methods:
                 check_budget(method, parse_budget(raw), raw, self.method_options.get(method, {}))
-        if self.fisher_samples > self.calibration_samples:
-            raise PipelineError(f"Param fisher_samples: {self.fisher_samples} exceeds calibration_samples {self.calibration_samples}"
-                                " (the backward pass takes the first calibration windows)")  # fmt: skip
         for proto in self.protocols:
             if 0 < self.eval_tokens < PROTOCOL_MIN_TOKENS[proto]:
                 raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens)")
+
+    @property
+    def gradient_windows(self) -> int:
+        """The backward pass takes the first calibration windows, so it can use no more than there are."""
+        return min(self.fisher_samples, self.calibration_samples)
 
     def _check_schemas(self) -> None:
         """Every field against its Param's JSON schema: what Airflow checks on a triggered run, also for

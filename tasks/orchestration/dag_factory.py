@@ -34,7 +34,7 @@ def run_conf(context) -> dict:
 
 def _policy(step: Step) -> dict:
     """Operator arguments from the step's row: retries with backoff, one instance at a time."""
-    kwargs: dict = {"retries": step.retries}
+    kwargs: dict = {"retries": step.retries, "on_failure_callback": end_failed_run}
     if step.retries:
         kwargs.update(retry_delay=RETRY_DELAY, retry_exponential_backoff=2.0)
     if step.serial:
@@ -42,6 +42,22 @@ def _policy(step: Step) -> dict:
     if step.mapped:
         kwargs["map_index_template"] = "{{ variant }}"
     return kwargs
+
+
+def end_failed_run(context) -> None:
+    """A step failed for good (its retries spent): end the run's MLflow parent run, and the child runs it
+    left open, as FAILED, so the UI does not show a dead run as running."""
+    from tasks.orchestration.context import StepContext
+    from tasks.registry.tracking import end_pipeline_run
+
+    try:
+        prepared = _data(context["ti"].xcom_pull(task_ids=STEPS[0].name))
+        if prepared and prepared.get("parent_run_id"):
+            end_pipeline_run(StepContext.from_env().settings.tracking_uri, prepared["parent_run_id"], "FAILED")
+    except Exception as exc:  # noqa: BLE001 (a callback must not hide the task's own failure)
+        import logging
+
+        logging.getLogger(__name__).warning("could not end the MLflow parent run: %s", exc)
 
 
 def _native(value):

@@ -21,8 +21,26 @@ def run_step(step: Step, *inputs, ctx: StepContext | None = None):
 
 
 def run_inprocess(config: dict, ctx: StepContext | None = None) -> dict:
-    """The whole pipeline in this process, without Airflow; returns the last step's result."""
+    """The whole pipeline in this process, without Airflow; returns the last step's result. A step that
+    fails ends the MLflow parent run as FAILED (KILLED on an interrupt or SIGTERM), then re-raises."""
     results: dict = {CONF: config}
+    try:
+        _walk(results, ctx)
+    except BaseException as exc:
+        prepared = results.get(STEPS[0].name)
+        if prepared and STEPS[-1].name not in results:
+            from tasks.registry.tracking import end_pipeline_run
+
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            try:
+                end_pipeline_run((ctx or StepContext.from_env()).settings.tracking_uri, prepared["parent_run_id"], status)
+            except Exception as end_exc:  # noqa: BLE001 (the step's own error is the one to report)
+                log.warning("could not end the MLflow parent run: %s", end_exc)
+        raise
+    return results[STEPS[-1].name]
+
+
+def _walk(results: dict, ctx: StepContext | None) -> None:
     for step in STEPS:
         args = [results[name] for name in step.inputs]
         if step.mapped:
@@ -34,7 +52,6 @@ def run_inprocess(config: dict, ctx: StepContext | None = None) -> dict:
         else:
             log.info("%s", step.name)
             results[step.name] = run_step(step, *args, ctx=ctx)
-    return results[STEPS[-1].name]
 
 
 # ---- CLI (python -m tasks pipeline ...) -------------------------------------------------------------
@@ -75,6 +92,12 @@ def run_cli(args) -> int:
             print(f"note: {note}")
         print(f"ok: {model.name} ({model.revision}) at {model.path}")
         return 0
+    import signal
+
+    def terminated(signum, frame):  # a node drain or `kill`: end the run as KILLED, like Ctrl-C
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     result = run_inprocess(config)
     print(result["table"])
     print(f"\nreports: {result['reports']}")

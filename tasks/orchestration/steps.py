@@ -102,13 +102,14 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     from tasks.profiling import SCORES_FORMAT, run_profiling
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
-    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.fisher_samples, "format": SCORES_FORMAT}
+    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
-    if not out.is_complete():
-        with out.build() as tmp:
-            run_profiling(prep["model"]["path"], calib, tmp, fisher_samples=cfg.fisher_samples, device=ctx.device)
-    else:
-        log.info("profiling: cache hit %s", out.uri)
+    with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
+        if not out.is_complete():
+            with out.build() as tmp:
+                run_profiling(prep["model"]["path"], calib, tmp, fisher_samples=cfg.gradient_windows, device=ctx.device)
+        else:
+            log.info("profiling: cache hit %s", out.uri)
     return str(out.path / "scores.csv")
 
 
@@ -269,6 +270,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
                 "model_hash": variant["model_hash"],
                 "base_revision": model["revision"],
             },
+            claims_root=str(ctx.settings.artifact_root),
         )
     return {**variant, "run_id": run_id, "reused_run": reused, "version": version}
 

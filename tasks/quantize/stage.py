@@ -34,6 +34,11 @@ def run_quantize(
         "calibration": file_sha256(calibration_path) if calibration_path and impl.capabilities.needs_calibration else None,
     }
     out = StageOutput(artifact_root, f"quantized/{backend}", inputs)
+    with out.exclusive():
+        return _build_quantized(out, impl, model_path, bitmap, backend, calibration_path, options)
+
+
+def _build_quantized(out, impl, model_path, bitmap, backend: str, calibration_path, options: dict) -> str:
     if out.is_complete():
         log.info("quantize %s/%s: cache hit %s", backend, bitmap.method, out.uri)
         return str(out.path)

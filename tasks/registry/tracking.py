@@ -9,13 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
+from tasks.artifacts import pid_alive, stable_hash
 from tasks.registry.naming import experiment_name, registered_model_name
 
 log = logging.getLogger(__name__)
+
+CONFIG_KEY_TAG = "config_key"  # the pipeline config and model revision a parent run runs
+HOST_TAG, PID_TAG = "owner_host", "owner_pid"  # the process that opened a parent run outside Airflow
 
 
 def client_for(tracking_uri: str):
@@ -48,10 +54,14 @@ def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, p
     if not tracking_uri.startswith(("sqlite:", "file:", "/")):
         artifact_location = None
     exp_id = ensure_experiment(client, base_model, artifact_location)
+    tags = {**(tags or {}), CONFIG_KEY_TAG: stable_hash({"params": params, "revision": base_revision})}
+    if "airflow_dag_run_id" not in tags:  # a process of its own: who owns the run, to tell a dead one
+        tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+    end_stale_runs(client, exp_id, tags)
     run = client.create_run(
         exp_id,
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision, **(tags or {})},
+        tags={"pipeline_run": "true", "base_model": base_model, "base_revision": base_revision, **tags},
     )
     for key, value in sorted(params.items()):
         client.log_param(run.info.run_id, key, str(value)[:500])
@@ -66,6 +76,48 @@ def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Pat
     if artifacts_dir and Path(artifacts_dir).exists():
         client.log_artifacts(run_id, str(artifacts_dir), "reports")
     client.set_terminated(run_id, status)
+
+
+def end_pipeline_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End a parent run that did not finish (FAILED or KILLED), and every child run it left open."""
+    client = client_for(tracking_uri)
+    _end_with_children(client, client.get_run(run_id), status)
+
+
+def _end_with_children(client, run, status: str) -> None:
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
+    for child in children:
+        client.set_terminated(child.info.run_id, status)
+    if run.info.status == "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    log.info("mlflow: pipeline run %s ended as %s (%d open child run(s) with it)", run.info.run_id, status, len(children))
+
+
+def end_stale_runs(client, experiment_id: str, tags: dict) -> list[str]:
+    """Parent runs of the same configuration still RUNNING whose owner is gone (a process killed outright
+    never ends its run): end them, and their open child runs, as KILLED. Returns their ids.
+
+    Alive is: for a run opened by a process (host and pid tags), that process on this host (a run of
+    another host is left alone); for a run opened by an Airflow DAG run, only a later run of the same
+    DAG may declare it dead, and it does so, since the pipeline DAG runs one DAG run at a time
+    (max_active_runs=1)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{CONFIG_KEY_TAG} = '{tags[CONFIG_KEY_TAG]}' and attributes.status = 'RUNNING'")
+    ended = []
+    for run in runs:
+        if not _owner_gone(run.data.tags, tags):
+            continue
+        _end_with_children(client, run, "KILLED")
+        client.set_tag(run.info.run_id, "ended_by", "a later run of the same configuration found its owner gone")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _owner_gone(owner: dict, current: dict) -> bool:
+    if "airflow_dag_run_id" in owner:
+        return owner.get("airflow_dag_id") == current.get("airflow_dag_id") and owner["airflow_dag_run_id"] != current.get("airflow_dag_run_id")
+    if owner.get(HOST_TAG) != socket.gethostname() or not owner.get(PID_TAG, "").isdigit():
+        return False
+    return not pid_alive(int(owner[PID_TAG]))
 
 
 def find_variant_run(client, experiment_id: str, config_hash: str):
