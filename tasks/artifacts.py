@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tasks.failpoints import failpoint
+
 MANIFEST = "manifest.json"
 
 
@@ -89,14 +91,30 @@ LEGACY_PARTIAL_AGE_S = 24 * 3600  # a partial without an owner file (older versi
 def make_partial(parent: Path, prefix: str) -> Path:
     """A fresh temporary directory `<prefix>*.partial` under `parent`, stamped with its owner."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".partial"))
-    (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+    stamp_owner(tmp)
     return tmp
 
 
-def remove_dead_partials(parent: Path, prefix: str) -> list[Path]:
+def adopt_dead_partial(parent: Path, prefix: str) -> Path | None:
+    """The newest `<prefix>*.partial` directory whose writer is gone, re-stamped as this process's (so
+    that a resumable stage goes on from what it holds); the other dead ones are removed."""
+    dead = sorted(remove_dead_partials(parent, prefix, keep=True), key=lambda p: p.stat().st_mtime)
+    for partial in dead[:-1]:
+        shutil.rmtree(partial, ignore_errors=True)
+    if not dead:
+        return None
+    stamp_owner(dead[-1])
+    return dead[-1]
+
+
+def stamp_owner(partial: Path) -> None:
+    write_json_atomic(partial / OWNER, {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+
+
+def remove_dead_partials(parent: Path, prefix: str, keep: bool = False) -> list[Path]:
     """Remove the `<prefix>*.partial` directories whose writer is gone: a process of this host that no
     longer runs (a kill -9 or an OOM kill never cleans up), or, without an owner file, one older than a
-    day. A partial of another host is that host's to clean."""
+    day. A partial of another host is that host's to clean. `keep`: only list them."""
     removed = []
     for partial in parent.glob(f"{prefix}*.partial"):
         try:
@@ -108,7 +126,8 @@ def remove_dead_partials(parent: Path, prefix: str) -> list[Path]:
         else:
             dead = owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0)))
         if dead:
-            shutil.rmtree(partial, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial)
     return removed
 
@@ -172,14 +191,20 @@ class StageOutput:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
-    def build(self) -> Iterator[Path]:
+    def build(self, resume: bool = False) -> Iterator[Path]:
         """Yield a temporary directory; on success it gets a manifest and is renamed into place. Partial
-        directories that dead attempts left for this output are removed first."""
+        directories that dead attempts left for this output are removed first, or, with `resume`, the
+        newest is yielded again (for a stage that checkpoints its progress there), and an interrupt
+        (Ctrl-C, SIGTERM) leaves it in place for the next attempt; an error removes it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_partials(self.path.parent, f".{self.key}.")
-        tmp = make_partial(self.path.parent, f".{self.key}.")
+        prefix = f".{self.key}."
+        tmp = adopt_dead_partial(self.path.parent, prefix) if resume else None
+        if tmp is None:
+            remove_dead_partials(self.path.parent, prefix)
+            tmp = make_partial(self.path.parent, prefix)
         try:
             yield tmp
+            failpoint(f"{self.stage.split('/')[0]}.build")  # the output written, its manifest not yet
             (tmp / OWNER).unlink(missing_ok=True)
             files = {
                 str(p.relative_to(tmp)): file_sha256(p)
@@ -207,8 +232,12 @@ class StageOutput:
             os.replace(tmp, self.path)
             if self.root.startswith("s3://"):
                 _s3_upload(self.path, self.uri)
-        except BaseException:
+        except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except BaseException:  # an interrupt: a resumable stage keeps its progress for the next attempt
+            if not resume:  # (its owner file names this process, dead once it exits: the next attempt adopts it)
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 

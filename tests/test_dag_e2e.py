@@ -99,6 +99,10 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     runs2 = client.search_runs([exp.experiment_id])
     assert len([r for r in runs2 if "mlflow.parentRunId" in r.data.tags]) == 4
     assert "cache hit" in again.stdout + again.stderr
+    # The profile was computed once and is one MLflow run, which both pipeline runs link to.
+    profiles = [r for r in runs2 if r.data.tags.get("profile_run") == "true"]
+    assert len(profiles) == 1 and {a.path for a in client.list_artifacts(profiles[0].info.run_id)} >= {"scores.csv", "profiling.json"}
+    assert {r.data.tags.get("profile_run_id") for r in runs2 if r.data.tags.get("pipeline_run") == "true"} == {profiles[0].info.run_id}
     assert client.get_model_version_by_alias(f"{name}-quant", "champion").version == champion.version
 
 

@@ -240,3 +240,81 @@ def test_ui_compare_page_shows_the_runs(servers, logged, tmp_path):
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, out)
         print(f"screenshot copied to: {out}")
+
+
+def _metrics_and_artifacts(client, experiment: str) -> dict:
+    exp = client.get_experiment_by_name(experiment)
+    out = {}
+    for run in client.search_runs([exp.experiment_id]):
+        if "variant" not in run.data.tags:  # the parent (and a profile's) run
+            continue
+        names = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+        model = sorted(a.path.split("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "model")) if "model" in names else []
+        out[run.data.tags["variant"]] = {"metrics": run.data.metrics, "artifacts": names, "model": model, "status": run.info.status}
+    return out
+
+
+def test_every_step_in_its_own_pod_sharing_only_s3_records_what_the_inprocess_run_records(servers, tiny_model_dir, tmp_path):
+    """Production runs each step in a fresh container: an empty local disk (no model cache, no mirror of
+    the artifact store), the artifact store in S3 and the MLflow server the only things it shares. Each
+    step here is a `python -m tasks step` process whose QUANT_HOME is emptied before it starts (at the
+    same path, as a pod's volume mount), for HQQ and for GPTQ (which reads the calibration set)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from tasks.orchestration.step_table import CONF as CONF_INPUT, STEPS
+
+    inproc_model, pod_model = tmp_path / "tiny-inprocess", tmp_path / "tiny-pods"  # two names: two experiments
+    shutil.copytree(tiny_model_dir, inproc_model)
+    shutil.copytree(tiny_model_dir, pod_model)
+    config = {"backends": ["hqq", "gptq"], "uniform_budgets": ["b4g64"], "methods": [], "budgets": [], "calibration_samples": 4,
+              "calibration_seq_len": 128, "eval_tokens": 1024, "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
+    env = {**os.environ, **CREDS, "MLFLOW_TRACKING_URI": servers["uri"], "QUANT_ARTIFACT_ROOT": f"s3://{BUCKET}/pods",
+           "AWS_ENDPOINT_URL_S3": servers["s3_url"], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # fmt: skip
+    env.pop("QUANT_CACHE_DIR", None)
+
+    home = tmp_path / "inprocess-home"
+    proc = subprocess.run([sys.executable, "-m", "tasks", "pipeline", "--config", json.dumps({**config, "model": str(inproc_model)})],
+                          cwd=REPO, env={**env, "QUANT_HOME": str(home), "QUANT_S3_CACHE": str(home / "s3-mirror")},
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    pod, xcom = tmp_path / "pod", tmp_path / "xcom"
+    xcom.mkdir()
+
+    def in_pod(step, payload, tag):
+        shutil.rmtree(pod, ignore_errors=True)
+        pod.mkdir()
+        out = xcom / f"{tag}.json"
+        run = subprocess.run([sys.executable, "-m", "tasks", "step", step, "--input", json.dumps(payload), "--output", str(out)],
+                             cwd=REPO, env={**env, "QUANT_HOME": str(pod), "QUANT_S3_CACHE": str(pod / "s3-mirror")},
+                             capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert run.returncode == 0, f"step {tag}:\n{run.stderr[-3000:]}"
+        return json.loads(out.read_text())
+
+    results = {CONF_INPUT: {**config, "model": str(pod_model)}}
+    for step in STEPS:
+        args = [results[name] for name in step.inputs]
+        if step.mapped:
+            results[step.name] = [in_pod(step.name, item, f"{step.name}-{i}") for i, item in enumerate(args[0])]
+        else:
+            results[step.name] = in_pod(step.name, args[0] if len(args) == 1 else args, step.name)
+
+    client = MlflowClient(servers["uri"], servers["uri"])
+    expected = _metrics_and_artifacts(client, f"quant/{inproc_model.name}")
+    got = _metrics_and_artifacts(client, f"quant/{pod_model.name}")
+    assert set(got) == set(expected) == {"none/unquantized/fp32", "hqq/uniform/4.25", "gptq/uniform/4.25"}
+    for variant, want in expected.items():
+        assert got[variant]["status"] == "FINISHED"
+        assert got[variant]["artifacts"] == want["artifacts"], variant
+        assert got[variant]["model"] == want["model"], variant
+        assert set(got[variant]["metrics"]) == set(want["metrics"]), variant
+        for key, value in want["metrics"].items():
+            if not key.endswith("_seconds") and "throughput" not in key and "peak" not in key:
+                assert got[variant]["metrics"][key] == pytest.approx(value, rel=1e-6), (variant, key)
+    parent = client.get_run(results["finish"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"reports"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    versions = client.search_model_versions(f"name='{pod_model.name}-quant'")
+    assert sorted(v.tags["variant"] for v in versions) == ["gptq/uniform/4.25", "hqq/uniform/4.25"]

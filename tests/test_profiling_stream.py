@@ -51,6 +51,16 @@ def _config(kind: str):
         return Qwen2Config(num_key_value_heads=2, **{**common, "num_hidden_layers": 2})
     if kind == "mistral":
         return MistralConfig(num_key_value_heads=2, sliding_window=64, **{**common, "num_hidden_layers": 2})
+    if kind == "gemma2":  # scaled embeddings, soft-capped attention and logits, sliding and global layers
+        from transformers import Gemma2Config
+
+        return Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=64, attn_logit_softcapping=50.0,
+                            final_logit_softcapping=30.0, **common)  # fmt: skip
+    if kind == "gemma3_text":  # q/k norms, a local and a global rotary base per layer kind
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=64,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common)  # fmt: skip
     raise ValueError(kind)
 
 
@@ -75,7 +85,7 @@ def _save(kind: str, path, seed: int = 0, zero_outputs_of_layer: int | None = No
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("profiling-ckpt")
-    return {kind: _save(kind, root / kind) for kind in ("llama_gqa", "llama_mha", "qwen2", "mistral", "llama_tied")}
+    return {kind: _save(kind, root / kind) for kind in ("llama_gqa", "llama_mha", "qwen2", "mistral", "llama_tied", "gemma2", "gemma3_text")}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,10 @@ def reference(path, ids, rungs=LADDER, normalize=False, fisher_samples=5) -> dic
     """Per layer: lim, zd, the four parts; per module: kurtosis, fnorm[rung], out_err[rung], fisher_dloss[rung]."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers import AutoConfig
+
+    eager = bool(getattr(AutoConfig.from_pretrained(path), "attn_logit_softcapping", None))  # what soft-capping needs
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **({"attn_implementation": "eager"} if eager else {})).eval()
     grad_squares = output_gradient_squares(model, ids[:fisher_samples])
     layers = model.model.layers
     seen: dict = {}
@@ -151,13 +164,16 @@ def reference(path, ids, rungs=LADDER, normalize=False, fisher_samples=5) -> dic
         qattn = copy.deepcopy(layer.self_attn)
         for m in ("q_proj", "k_proj", "v_proj"):
             getattr(qattn, m).weight.copy_(quant_dequant(weights[f"self_attn.{m}"], B4G64))
-        pe = model.model.rotary_emb(attn_x, position_ids)
-        mask = None
-        if getattr(model.config, "sliding_window", None) and model.config.model_type == "mistral":
-            from transformers.masking_utils import create_sliding_window_causal_mask
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-            mask = create_sliding_window_causal_mask(config=model.config, inputs_embeds=attn_x, attention_mask=None,
-                                                     past_key_values=None, position_ids=position_ids)  # fmt: skip
+        types = getattr(model.config, "layer_types", None)
+        kind = types[i] if types else ("sliding_attention" if getattr(model.config, "sliding_window", None) else "full_attention")
+        if model.config.model_type == "gemma3_text":
+            pe = model.model.rotary_emb(attn_x, position_ids, kind)
+        else:
+            pe = model.model.rotary_emb(attn_x, position_ids)
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        mask = make(config=model.config, inputs_embeds=attn_x, attention_mask=None, past_key_values=None, position_ids=position_ids)
         attn_q = qattn(hidden_states=attn_x, attention_mask=mask, position_embeddings=pe, position_ids=position_ids)[0]
         qmlp = copy.deepcopy(layer.mlp)
         for m in ("gate_proj", "up_proj"):
@@ -219,7 +235,7 @@ def _check_against_reference(csv, ref, gqa: bool, rungs=LADDER):
                 assert row.fisher_dloss == pytest.approx(entry[("fisher_dloss", name)], rel=1e-3), (m, name)
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "llama_mha", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "llama_mha", "qwen2", "mistral", "gemma2", "gemma3_text"])
 def test_streaming_profiler_matches_full_model_reference(kind, checkpoints, calibration, tmp_path):
     csv = run_profiling(checkpoints[kind], calibration, tmp_path / "out", batch_size=2)
     _check_against_reference(csv, reference(checkpoints[kind], calibration), gqa=kind != "llama_mha")
@@ -402,3 +418,44 @@ def test_embedding_read_in_row_chunks(checkpoints, calibration):
     table = load_file(str(path / "model.safetensors"))["model.embed_tokens.weight"]
     got = Checkpoint(path).embed(calibration, rows=7)  # many chunks, most ids outside each one
     assert torch.equal(got, table[calibration])
+
+
+class _Killed(BaseException):
+    """What SIGKILL does to run_profiling, in-process: it stops at the point, and no cleanup of its own runs."""
+
+
+@pytest.mark.parametrize("point", ["profiling.layer.0", "profiling.layer.1", "profiling.backward.2", "profiling.backward.0"])
+def test_an_interrupted_profile_resumes_at_the_layer_it_stopped_in(checkpoints, calibration, tmp_path, monkeypatch, point):
+    from tasks.profiling import driver
+    from tasks.profiling.progress import PROGRESS_DIR
+
+    args = dict(batch_size=2, rungs=(B4G64, Rung(3, 128)), fisher_samples=3)
+    whole = pd.read_csv(run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "whole", **args))
+
+    def die(name):
+        if name == point:
+            raise _Killed(name)
+
+    monkeypatch.setattr(driver, "failpoint", die)
+    with pytest.raises(_Killed):
+        run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", **args)
+    assert (tmp_path / "out" / PROGRESS_DIR / "state.json").exists()
+    assert not (tmp_path / "out" / "scores.csv").exists()
+    monkeypatch.setattr(driver, "failpoint", lambda name: None)
+    resumed = pd.read_csv(run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", **args))
+    summary = json.loads((tmp_path / "out" / "profiling.json").read_text())
+    kind, where = point.split(".")[1], int(point.rsplit(".", 1)[1])
+    assert summary["resumed_at_layer"] == (where if kind == "layer" else 3), "at most the interrupted layer is redone"
+    pd.testing.assert_frame_equal(resumed, whole)  # identical to the last digit, Fisher column included
+    assert not (tmp_path / "out" / PROGRESS_DIR).exists(), "the progress files go once the scores are written"
+
+
+def test_progress_of_other_parameters_is_not_resumed(checkpoints, calibration, tmp_path, monkeypatch):
+    from tasks.profiling import driver
+
+    monkeypatch.setattr(driver, "failpoint", lambda name: (_ for _ in ()).throw(_Killed()) if name == "profiling.layer.1" else None)
+    with pytest.raises(_Killed):
+        run_profiling(checkpoints["llama_gqa"], calibration, tmp_path / "out", rungs=(B4G64,), fisher_samples=0)
+    monkeypatch.setattr(driver, "failpoint", lambda name: None)
+    run_profiling(checkpoints["llama_gqa"], calibration[:4], tmp_path / "out", rungs=(B4G64,), fisher_samples=0)
+    assert json.loads((tmp_path / "out" / "profiling.json").read_text())["resumed_at_layer"] == 0

@@ -195,3 +195,28 @@ def test_a_dead_claim_is_taken_over(state, tmp_path):
     claim.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "time": 0}))  # its run was killed
     version, created = register_version(uri, "m", run, {"model_hash": "h2"}, claims_root=str(root), wait_s=30)
     assert created and version == "1" and json.loads(claim.read_text())["pid"] != 0
+
+
+def test_the_mlflow_copy_of_a_model_becomes_hard_links_to_the_stage_output(tmp_path):
+    import os
+
+    from tasks.registry.dedup import MIN_BYTES, link_duplicates, local_dir
+
+    source, copy = tmp_path / "quantized", tmp_path / "mlflow" / "model" / "artifacts" / "checkpoint"
+    source.mkdir()
+    copy.mkdir(parents=True)
+    weights = os.urandom(MIN_BYTES * 3)
+    (source / "model.safetensors").write_bytes(weights)
+    (copy / "model.safetensors").write_bytes(weights)
+    (source / "config.json").write_bytes(b"{}" * MIN_BYTES)
+    (copy / "config.json").write_bytes(b"[]" * MIN_BYTES)  # same size, other content (a rewritten config)
+    total, shared = link_duplicates(source, copy)
+    assert (total, shared) == (len(weights) + 2 * MIN_BYTES, len(weights))
+    assert (copy / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
+    assert (copy / "config.json").stat().st_ino != (source / "config.json").stat().st_ino
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert link_duplicates(source, copy) == (total, shared), "idempotent"
+    (source / "model.safetensors").unlink()  # either store can be cleaned without breaking the other
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert local_dir(f"file://{copy}") == copy and local_dir(str(copy)) == copy
+    assert local_dir("s3://bucket/x") is None and local_dir("mlflow-artifacts:/1/abc/artifacts") is None

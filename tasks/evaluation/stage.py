@@ -160,8 +160,8 @@ def run_evaluation(
     with out.exclusive():
         if out.is_complete():
             log.info("evaluate %s: cache hit %s", model_key, out.uri)
-            return read_json(out.path / "metrics.json"), out.uri
-        return _measure(out, model_dir, backend, calibration_dir, params, tokenizer_dir, device, base_dir, reference_out), out.uri
+            return read_json(out.path / "metrics.json"), str(out.path)
+        return _measure(out, model_dir, backend, calibration_dir, params, tokenizer_dir, device, base_dir, reference_out), str(out.path)
 
 
 def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: Path, params: EvalParams, tokenizer_dir,
@@ -265,4 +265,6 @@ def load_tokens(evaluation_dir: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     path = ensure_local(evaluation_dir) / TOKENS_FILE
-    return load_file(str(path)) if path.is_file() else {}
+    if not path.is_file():
+        raise PipelineError(f"evaluation output {evaluation_dir} has no {TOKENS_FILE}: cannot compare variants token by token")
+    return load_file(str(path))

@@ -24,7 +24,11 @@ def run_cli(args) -> int:
     from tasks.orchestration.runner import run_step
 
     step = get_step(args.name)
-    text = Path(args.input).read_text() if Path(args.input).is_file() else args.input
+    text = args.input
+    if not text.lstrip().startswith(("{", "[")):  # a file (inline JSON can be longer than a path may be)
+        if not Path(text).is_file():
+            raise PipelineError(f"--input is neither JSON nor an existing file: {text[:200]}")
+        text = Path(text).read_text()
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:

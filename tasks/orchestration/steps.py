@@ -16,6 +16,7 @@ from typing import TypedDict
 
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
 from tasks.errors import PipelineError
+from tasks.failpoints import failpoint
 from tasks.orchestration.config import PipelineConfig
 from tasks.orchestration.context import StepContext
 from tasks.orchestration.planner import allocate_variants, plan_variants, variant_name
@@ -83,6 +84,20 @@ def prepare(ctx: StepContext, config: dict) -> Prepared:
     return {"config": cfg.to_dict(), "model": model.to_json(), "calibration": calibration, "parent_run_id": parent}
 
 
+def local_model(ctx: StepContext, model: dict) -> str:
+    """The model's checkpoint directory on this machine. A step in a fresh pod lacks the one prepare
+    resolved (its cache is empty): it resolves the same source again into its own cache, and refuses a
+    checkpoint that is not the revision the run started with."""
+    if Path(model["path"]).is_dir():
+        return model["path"]
+    from tasks.model_io import resolve_model
+
+    resolved = resolve_model(model["source"], model["revision"], ctx.settings.cache_dir)  # (only a hub id uses the revision)
+    if resolved.revision != model["revision"]:
+        raise PipelineError(f"model {model['source']} is now revision {resolved.revision}, but this run started on {model['revision']}")
+    return str(resolved.path)
+
+
 def calibration_params(cfg: PipelineConfig):
     from tasks.calibration import CalibrationParams
 
@@ -100,16 +115,26 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     if not any(m != "uniform" for m in cfg.methods) or not cfg.budgets:
         return None
     from tasks.profiling import SCORES_FORMAT, run_profiling
+    from tasks.profiling.driver import SUMMARY_FILE as PROFILE_SUMMARY
+    from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
-            with out.build() as tmp:
-                run_profiling(prep["model"]["path"], calib, tmp, fisher_samples=cfg.gradient_windows, device=ctx.device)
+            with out.build(resume=True) as tmp:  # a killed attempt's per-layer progress is picked up
+                if (tmp / PROFILE_SUMMARY).exists():  # written last: that attempt died after its scores
+                    log.info("profiling: the interrupted attempt had finished its scores; %s", tmp)
+                else:
+                    run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
+                                  device=ctx.device)  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
+        # One MLflow run per profile, which every pipeline run that uses it links to.
+        profile_run = log_profile_run(ctx.settings.tracking_uri, prep["model"]["name"], prep["model"]["revision"],
+                                      ensure_local(out.path), out.key, str(ctx.settings.mlflow_artifacts))  # fmt: skip
+    client_for(ctx.settings.tracking_uri).set_tag(prep["parent_run_id"], "profile_run_id", profile_run)
     return str(out.path / "scores.csv")
 
 
@@ -128,7 +153,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
         table = read_scores(ensure_local(scores))
     from tasks.allocation.optimal import predicted_loss_increase
 
-    planned = allocate_variants(plan_variants(cfg), table, linear_param_counts(read_config(model["path"])), cfg.match_boost_memory)
+    planned = allocate_variants(plan_variants(cfg), table, linear_param_counts(read_config(local_model(ctx, model))), cfg.match_boost_memory)
     out = StageOutput(
         ctx.settings.artifact_root,
         "allocation",
@@ -180,7 +205,7 @@ def quantize(ctx: StepContext, variant: Variant) -> Variant:
     if variant["backend"] == "none":
         return {**variant, "model_dir": variant["model"]["path"], "model_key": variant["model"]["revision"]}
     uri = run_quantize(
-        variant["model"]["path"],
+        local_model(ctx, variant["model"]),
         variant["model"]["revision"],
         variant["bitmap"],
         variant["backend"],
@@ -202,16 +227,17 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
         lm_eval_tasks=tuple(ev.get("lm_eval_tasks", ())),
         lm_eval_limit=ev.get("lm_eval_limit"),
     )
+    base = local_model(ctx, variant["model"])
+    model_dir = base if variant["backend"] == "none" else variant["model_dir"]
     metrics, evaluation = run_evaluation(
-        variant["model_dir"], variant["backend"], variant["calibration"], params, ctx.settings.artifact_root,
-        variant["model_key"], tokenizer_dir=variant["model"]["path"], device=ctx.device,
-        base_dir=variant["model"]["path"], base_key=variant["model"]["revision"],
+        model_dir, variant["backend"], variant["calibration"], params, ctx.settings.artifact_root,
+        variant["model_key"], tokenizer_dir=base, device=ctx.device, base_dir=base, base_key=variant["model"]["revision"],
     )
     for key in ("nominal_bpp", "extra_pct", "predicted_dnll"):
         if variant.get(key) is not None:
             metrics[key] = variant[key]
-    quant_manifest = Path(variant["model_dir"]) / "manifest.json"
-    if variant["backend"] != "none" and quant_manifest.exists():
+    quant_manifest = ensure_local(variant["model_dir"]) / "manifest.json" if variant["backend"] != "none" else None
+    if quant_manifest is not None and quant_manifest.exists():
         facts = read_json(quant_manifest).get("facts", {})
         if "quant_seconds" in facts:
             metrics["quant_seconds"] = facts["quant_seconds"]
@@ -234,20 +260,23 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
         "config_hash": variant["config_hash"],
         "options": variant["options"],
     }
-    files = {"bitmap": variant["bitmap"]}
+    files = {"bitmap": variant["bitmap"] and str(ensure_local(variant["bitmap"]))}
     quantized = variant["backend"] != "none"
     if quantized:
-        files["manifest"] = str(Path(variant["model_dir"]) / "manifest.json")
+        files["manifest"] = str(ensure_local(variant["model_dir"]) / "manifest.json")
     build = None
     if quantized:
         from tasks.registry.mlflow_model import build_mlflow_model
         from tasks.registry.naming import registered_model_name
 
-        local = {**variant, "model_dir": str(ensure_local(variant["model_dir"]))}
+        local = {**variant, "model_dir": str(ensure_local(variant["model_dir"])),
+                 "bitmap": files["bitmap"], "model": {**model, "path": local_model(ctx, model)}}  # fmt: skip
         name = registered_model_name(model["name"])
         build = lambda out: build_mlflow_model(local, variant["metrics"], name, out)  # noqa: E731
-    run_id, reused = log_variant(ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build)
+    run_id, reused = log_variant(ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build,
+                                 weights_dir=files.get("manifest") and Path(files["manifest"]).parent)  # fmt: skip
     version = None
+    failpoint("record.logged")  # the run logged, the version not yet registered
     if quantized:
         m = variant["metrics"]
         version, _ = register_version(
@@ -272,6 +301,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
             },
             claims_root=str(ctx.settings.artifact_root),
         )
+        failpoint("record.registered")
     return {**variant, "run_id": run_id, "reused_run": reused, "version": version}
 
 
@@ -294,7 +324,8 @@ def verify(ctx: StepContext, variant: Variant) -> Variant:
         expected, tokens = m["reload_ppl"], int(m["reload_tokens"])
     else:
         expected, tokens = m["ppl_wikitext2" if protocol == "paper" else "ppl_wikitext2_gptq"], variant["eval"]["eval_tokens"]
-    result = check_version(ctx.settings.tracking_uri, name, variant["version"], variant["calibration"], tokens, expected, protocol)
+    calibration = str(ensure_local(variant["calibration"]))
+    result = check_version(ctx.settings.tracking_uri, name, variant["version"], calibration, tokens, expected, protocol)
     return {**variant, "load_check": "passed" if result["passed"] else "failed", "load_check_detail": result["detail"]}
 
 
@@ -355,6 +386,7 @@ def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
             decision = {"action": "none", "changed": False, "reason": str(exc)}
         write_json_atomic(out / "promotion.json", decision)
     _write_reports(rows, recorded, out)
+    failpoint("finish.reported")
     finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out, metrics=run_metrics)
     _point_latest(reports, out)
     record_completion(ctx.settings.artifact_root, prep["config"], prep["model"], prep["parent_run_id"], out, rows)
@@ -383,7 +415,7 @@ def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None
     from tasks.reports import write_reports
 
     scores = next((v.get("scores") for v in recorded if v.get("scores")), None)
-    bitmaps = [BitMap.load(v["bitmap"]) for v in recorded if v.get("bitmap")]
+    bitmaps = [BitMap.load(ensure_local(v["bitmap"])) for v in recorded if v.get("bitmap")]
     write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out)
 
 

@@ -10,6 +10,7 @@ the layer that the full model would run.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 from collections import defaultdict
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 EMBED_SUFFIX = "embed_tokens.weight"
 # Llama-family decoders: the seven linears under SPEC's names, a plain (unscaled) token embedding.
-STREAMABLE = ("llama", "mistral", "qwen2", "qwen3")
+STREAMABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 
 class Checkpoint:
@@ -129,6 +130,8 @@ def load_config(path: str | Path, attn_implementation: str = "sdpa"):
         raise PipelineError(
             f"the streaming profiler supports model types {', '.join(STREAMABLE)}; {path} is {config.model_type!r}"
         )
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2: SDPA cannot soft-cap attention scores
+        attn_implementation = "eager"
     config._attn_implementation = attn_implementation
     return config
 
@@ -146,7 +149,14 @@ class LayerFactory:
         self.layer_class = type(skeleton.layers[0])
         self._norm = skeleton.norm  # the final norm, on the meta device
         self.rotary = type(skeleton.rotary_emb)(config=config)
+        # Gemma scales the embeddings by sqrt(hidden) (its embedding class holds the factor) and soft-caps
+        # the final logits; other families do neither.
+        self.embed_scale = float(getattr(skeleton.embed_tokens, "scalar_embed_scale", 1.0))
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        # Gemma 3 keeps one rotary table per layer kind (local and global bases).
+        self._rotary_by_kind = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self._masks: dict[tuple, object] = {}
+        self._rope: dict[tuple, object] = {}
 
     def build(self, index: int, state: dict[str, torch.Tensor]) -> nn.Module:
         with torch.device("meta"):
@@ -163,8 +173,17 @@ class LayerFactory:
         norm.load_state_dict({"weight": weight}, strict=True, assign=True)
         return norm.eval()
 
-    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        return self.rotary(hidden, position_ids)
+    def scale_embeddings(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The embedding scale of the family, applied as its embedding module does (a float32 product)."""
+        return hidden if self.embed_scale == 1.0 else hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+
+    def position_embeddings(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary (cos, sin) that the full model passes to layer `index`."""
+        kind = self.mask_kind(index) if self._rotary_by_kind else ""
+        key = (kind, tuple(position_ids.shape), hidden.device, hidden.dtype)
+        if key not in self._rope:
+            self._rope[key] = self.rotary(hidden, position_ids, kind) if kind else self.rotary(hidden, position_ids)
+        return self._rope[key]
 
     def mask_kind(self, index: int) -> str:
         types = getattr(self.config, "layer_types", None)

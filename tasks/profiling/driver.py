@@ -25,6 +25,7 @@ and thread count.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,11 +36,13 @@ from pathlib import Path
 import torch
 
 from tasks.errors import PipelineError
+from tasks.failpoints import failpoint
 from tasks.ladder import LADDER, MODULES, Rung
 from tasks.profiling import hqq_fast
 from tasks.profiling.fisher import InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
+from tasks.profiling.progress import ProfileProgress
 from tasks.profiling.table import PARTS, score_row, write_scores
 from tasks.profiling.weights import kurtosis, zd_fraction
 
@@ -158,7 +161,7 @@ def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: 
     samples, seq_len = hidden.shape[:2]
     sums: dict[str, float] = defaultdict(float)
     position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
-    position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
+    position_embeddings = factory.position_embeddings(index, hidden[:1], position_ids)
     capture = _Capture(layer)
     try:
         for start in range(0, samples, batch_size):
@@ -279,30 +282,36 @@ def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.devi
 
 
 def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
-                      ids: torch.Tensor, batch_size: int, seconds: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+                      ids: torch.Tensor, batch_size: int, seconds: dict,
+                      progress: ProfileProgress) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per module key, the sum over the gradient samples' tokens of its squared output gradients of the
     calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
-    checkpoint and fed its stashed input."""
+    checkpoint and fed its stashed input; `progress` is saved after each (and resumed from)."""
     layers = factory.config.num_hidden_layers
     seq_len, device = hidden.shape[1], hidden.device
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
-    position_embeddings = factory.position_embeddings(hidden[:1], position_ids)
     batch_size = min(batch_size, GRAD_BATCH)
     ids = ids.to(device)
-    with _phase(seconds, "backward"):
-        norm, read_rows, vocab = _loss_head(checkpoint, factory, device)
-        grad = torch.empty_like(hidden)
-        nll = 0.0
-        for start in range(0, hidden.shape[0], batch_size):
-            part = slice(start, start + batch_size)
-            grad[part], batch_nll = head_gradient(hidden[part], ids[part], norm, read_rows, vocab)
-            nll += batch_nll
-    log.info("fisher: calibration loss %.4f nats/token on %d samples; backward through %d layers",
-             nll / (ids.shape[0] * (seq_len - 1)), ids.shape[0], layers)  # fmt: skip
-    squares: dict[str, torch.Tensor] = {}
-    for index in reversed(range(layers)):
+    if progress.backward_next is not None:
+        grad, squares = progress.load_backward(device)
+        log.info("fisher: resuming the backward pass at layer %d", progress.backward_next)
+    else:
+        with _phase(seconds, "backward"):
+            norm, read_rows, vocab = _loss_head(checkpoint, factory, device)
+            grad = torch.empty_like(hidden)
+            nll = 0.0
+            for start in range(0, hidden.shape[0], batch_size):
+                part = slice(start, start + batch_size)
+                grad[part], batch_nll = head_gradient(hidden[part], ids[part], norm, read_rows, vocab, softcap=factory.logit_softcap)
+                nll += batch_nll
+        log.info("fisher: calibration loss %.4f nats/token on %d samples; backward through %d layers",
+                 nll / (ids.shape[0] * (seq_len - 1)), ids.shape[0], layers)  # fmt: skip
+        squares = {}
+        progress.save_backward(layers - 1, grad, squares)
+    for index in reversed(range(progress.backward_next + 1)):
         with _phase(seconds, "backward"):
             layer = factory.build(index, _on(checkpoint.layer_state(index), device)).requires_grad_(False)
+            position_embeddings = factory.position_embeddings(index, hidden[:1], position_ids)
             inputs = stash.get(index, device)
             for start in range(0, inputs.shape[0], batch_size):
                 part = slice(start, start + batch_size)
@@ -314,6 +323,8 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
                     key = f"{index}.{m}"
                     squares[key] = squares[key] + value if key in squares else value
             del layer, inputs
+        failpoint(f"profiling.backward.{index}")
+        progress.save_backward(index - 1, grad, squares)
         if index % 10 == 0 or index == layers - 1:
             log.info("fisher: layer %d back-propagated", index)
     return squares
@@ -365,34 +376,44 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
 
     grad_samples = min(fisher_samples, ids.shape[0])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    stash = InputStash(out_dir) if grad_samples else None  # beside the output: the same disk, removed after
-    try:
-        with torch.no_grad():
+    signature = {"calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape), "layers": layers,
+                 "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs],
+                 "fisher_samples": grad_samples, "device": device.type}  # fmt: skip
+    progress = ProfileProgress(out_dir, signature)
+    resumed_at = progress.forward_done if progress.backward_next is None else layers
+    stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
+    with torch.no_grad():
+        if progress.forward_done:
+            rows, row_errors, hidden = progress.load_forward(device)
+            log.info("profiling: resuming after %d finished layer(s) of an interrupted attempt", progress.forward_done)
+        else:
             with _phase(seconds, "embed"):
-                hidden = checkpoint.embed(ids).to(device)
-            rows: list[dict] = []
-            row_errors: dict[str, torch.Tensor] = {}
-            for index in range(layers):
-                t0 = time.perf_counter()
-                with _phase(seconds, "read"):
-                    state = _on(checkpoint.layer_state(index), device)
-                if stash:
-                    with _phase(seconds, "backward"):
-                        stash.put(index, hidden[:grad_samples])
-                layer_rows, errors = profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
-                                                   normalize=normalize, seconds=seconds)  # fmt: skip
-                rows += layer_rows
-                row_errors.update({f"{index}.{m}": e for m, e in errors.items()})
-                del state
-                log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
+                hidden = factory.scale_embeddings(checkpoint.embed(ids)).to(device)
+            rows, row_errors = [], {}
+        for index in range(progress.forward_done, layers):
+            t0 = time.perf_counter()
+            with _phase(seconds, "read"):
+                state = _on(checkpoint.layer_state(index), device)
             if stash:
-                squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
-                                            batch_size, seconds)  # fmt: skip
-                _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
-        del hidden
-    finally:
+                with _phase(seconds, "backward"):
+                    stash.put(index, hidden[:grad_samples])
+            layer_rows, errors = profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
+                                               normalize=normalize, seconds=seconds)  # fmt: skip
+            rows += layer_rows
+            row_errors.update({f"{index}.{m}": e for m, e in errors.items()})
+            del state
+            failpoint(f"profiling.layer.{index}")
+            with _phase(seconds, "checkpoint"):
+                progress.save_layer(index, layer_rows, errors, hidden)
+            log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
         if stash:
-            stash.close()
+            squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
+                                        batch_size, seconds, progress)  # fmt: skip
+            _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
+    del hidden
+    if stash:
+        stash.close()
+    progress.remove()
 
     csv = write_scores(rows, out_dir)
     total = time.perf_counter() - started
@@ -407,6 +428,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "rungs": [r.name for r in rungs],
         "fisher_samples": grad_samples,
         "device": str(device),
+        "resumed_at_layer": resumed_at,
         "seconds": round(total, 3),
         "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }

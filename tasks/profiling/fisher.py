@@ -18,7 +18,7 @@ rebuilds one layer at a time from the checkpoint.
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,30 +27,43 @@ from tasks.ladder import MODULES
 
 
 class InputStash:
-    """Layer inputs [samples, seq, hidden] of the gradient samples, one safetensors file per layer."""
+    """Layer inputs [samples, seq, hidden] of the gradient samples, one safetensors file per layer, in
+    `directory` (kept across a killed attempt, so that a resumed profile finds the earlier layers')."""
 
-    def __init__(self, directory: str | Path | None = None):
-        self._dir = tempfile.TemporaryDirectory(prefix="quant-stash-", dir=directory)
+    def __init__(self, directory: str | Path):
+        self._dir = Path(directory)
+        self._dir.mkdir(parents=True, exist_ok=True)
 
     def put(self, index: int, hidden: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        save_file({"hidden": hidden.contiguous().cpu()}, str(Path(self._dir.name) / f"{index}.safetensors"))
+        tmp = self._dir / f"{index}.safetensors.tmp"
+        save_file({"hidden": hidden.contiguous().cpu()}, str(tmp))
+        tmp.replace(self._dir / f"{index}.safetensors")
 
     def get(self, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
         from safetensors.torch import load_file
 
-        return load_file(str(Path(self._dir.name) / f"{index}.safetensors"), device=str(device))["hidden"]
+        return load_file(str(self._dir / f"{index}.safetensors"), device=str(device))["hidden"]
 
     def close(self) -> None:
-        self._dir.cleanup()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _capped(z: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits after Gemma's soft-capping c tanh(z / c), and its derivative 1 - tanh^2 (None: no cap)."""
+    if not softcap:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, 1.0 - t * t
 
 
 def head_gradient(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module, read_rows, vocab: int,
-                  rows: int = 8192) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """d(sum NLL)/d(hidden) of next-token prediction through the final norm and the output embedding,
-    and the NLL sum. `read_rows(start, stop)` returns rows [start, stop) of the output embedding, so the
-    [tokens, vocab] logits are never formed: a log-sum-exp pass, then a softmax-gradient pass."""
+                  rows: int = 8192, softcap: float | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """d(sum NLL)/d(hidden) of next-token prediction through the final norm and the output embedding
+    (and the final logit soft-capping, when the family has one), and the NLL sum. `read_rows(start, stop)`
+    returns rows [start, stop) of the output embedding, so the [tokens, vocab] logits are never formed:
+    a log-sum-exp pass, then a softmax-gradient pass."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_(True)
         normed = norm(h)
@@ -61,16 +74,23 @@ def head_gradient(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module
     target_logit = torch.zeros(x.shape[0], device=x.device)
     for start, stop in spans:
         w = read_rows(start, stop)
-        logits = x @ w.t()
+        logits, _ = _capped(x @ w.t(), softcap)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
         hit = (targets >= start) & (targets < stop)
         target_logit[hit] = logits[hit, targets[hit] - start]
     grad_x = torch.zeros_like(x)
-    for start, stop in spans:  # d NLL / d x = softmax(x W^T) W - W[target]
+    for start, stop in spans:  # d NLL / d x = softmax(x W^T) W - W[target] (times the cap's derivative)
         w = read_rows(start, stop)
-        grad_x += torch.exp(x @ w.t() - lse[:, None]) @ w
+        logits, slope = _capped(x @ w.t(), softcap)
         hit = (targets >= start) & (targets < stop)
-        grad_x[hit] -= w[targets[hit] - start]
+        if slope is None:
+            grad_x += torch.exp(logits - lse[:, None]) @ w
+            grad_x[hit] -= w[targets[hit] - start]
+        else:
+            g = torch.exp(logits - lse[:, None]).mul_(slope)
+            rows_hit = hit.nonzero(as_tuple=True)[0]
+            g[rows_hit, targets[hit] - start] -= slope[rows_hit, targets[hit] - start]
+            grad_x += g @ w
     grad_normed = torch.zeros_like(normed)
     grad_normed[:, :-1] = grad_x.view(normed.shape[0], -1, normed.shape[-1])  # the last position predicts nothing
     (grad_hidden,) = torch.autograd.grad(normed, h, grad_normed)

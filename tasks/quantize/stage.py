@@ -24,8 +24,11 @@ def run_quantize(
     """Return the artifact directory of the quantized model (built once per distinct input)."""
     options = options or {}
     impl = get_backend(backend)
-    bitmap = BitMap.load(ensure_local(bitmap_path))
+    bitmap_path = ensure_local(bitmap_path)
+    bitmap = BitMap.load(bitmap_path)
     impl.check(bitmap)
+    if calibration_path and impl.capabilities.needs_calibration:  # a fresh pod fetches it before hashing it
+        calibration_path = ensure_local(calibration_path)
     inputs = {
         "model_revision": model_revision,
         "bitmap_sha256": file_sha256(bitmap_path),
@@ -46,7 +49,7 @@ def _build_quantized(out, impl, model_path, bitmap, backend: str, calibration_pa
     if impl.capabilities.needs_calibration:
         from tasks.calibration import load_ids
 
-        calibration = load_ids(ensure_local(calibration_path))
+        calibration = load_ids(calibration_path)
     log.info("quantize %s/%s at %.3f bpp: %s", backend, bitmap.method, bitmap.nominal_bpp, bitmap.rung_counts())
     with out.build() as tmp:
         facts = impl.quantize(Path(model_path), bitmap, calibration, tmp, options)

@@ -6,6 +6,7 @@ it (no new run, no new model version), so the UI holds one run per distinct vari
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from tasks.artifacts import pid_alive, stable_hash
+from tasks.errors import PipelineError
 from tasks.registry.naming import experiment_name, registered_model_name
 
 log = logging.getLogger(__name__)
@@ -24,12 +26,30 @@ CONFIG_KEY_TAG = "config_key"  # the pipeline config and model revision a parent
 HOST_TAG, PID_TAG = "owner_host", "owner_pid"  # the process that opened a parent run outside Airflow
 
 
+_INITIALIZED: set[str] = set()  # SQLite stores this process has created or migrated under the lock
+
+
 def client_for(tracking_uri: str):
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _INITIALIZED:
+        return MlflowClient(tracking_uri=tracking_uri)
+    # Concurrent runs on a fresh SQLite store would each create its tables (alembic migrations race and
+    # fail with "table already exists"): the first creates them under a lock, the others wait. The
+    # client opens its store when constructed, so it is constructed under the lock.
+    db = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.init-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client._get_registry_client().store  # noqa: B018 (the registry's store migrates the same schema)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _INITIALIZED.add(tracking_uri)
+    return client
 
 
 def ensure_experiment(client, base_model: str, artifact_location: str | None = None) -> str:
@@ -76,6 +96,41 @@ def finish_pipeline_run(tracking_uri: str, run_id: str, artifacts_dir: str | Pat
     if artifacts_dir and Path(artifacts_dir).exists():
         client.log_artifacts(run_id, str(artifacts_dir), "reports")
     client.set_terminated(run_id, status)
+
+
+PROFILE_KEY_TAG = "profile_key"
+
+
+def log_profile_run(tracking_uri: str, base_model: str, base_revision: str, profile_dir: str | Path, key: str,
+                    artifact_location: str | None = None) -> str:  # fmt: skip
+    """The MLflow run of one profile (scores table and its summary), logged once per profile and base
+    model: every pipeline run that uses the profile points to it (tag `profile_run_id`). Returns its id."""
+    from tasks.artifacts import read_json
+
+    client = client_for(tracking_uri)
+    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
+        artifact_location = None
+    exp_id = ensure_experiment(client, base_model, artifact_location)
+    found = client.search_runs([exp_id], filter_string=f"tags.{PROFILE_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    profile_dir = Path(profile_dir)
+    summary = read_json(profile_dir / "profiling.json")
+    run = client.create_run(exp_id, run_name=f"profile {base_revision[:12]}",
+                            tags={"profile_run": "true", PROFILE_KEY_TAG: key, "base_model": base_model, "base_revision": base_revision})  # fmt: skip
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    params = {k: summary[k] for k in ("samples", "seq_len", "layers", "fisher_samples", "batch_size", "normalize", "device") if k in summary}
+    params["rungs"] = ",".join(summary.get("rungs", []))
+    metrics = {"profile_seconds": summary.get("seconds"), **{f"profile_{k}_seconds": v for k, v in summary.get("phase_seconds", {}).items()}}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip
+    for name in ("scores.csv", "profiling.json"):
+        client.log_artifact(run.info.run_id, str(profile_dir / name))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    log.info("mlflow: profile %s logged as run %s", key, run.info.run_id)
+    return run.info.run_id
 
 
 def end_pipeline_run(tracking_uri: str, run_id: str, status: str) -> None:
@@ -135,12 +190,14 @@ def _finite(metrics: dict) -> dict:
 
 
 def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: dict, files: dict[str, str | Path],
-                build_model=None) -> tuple[str, bool]:
+                build_model=None, weights_dir: str | Path | None = None) -> tuple[str, bool]:
     """Create (or reuse) the child run of a variant; return (run_id, reused).
 
     `variant` holds name, backend, method, budget_label, base_model, base_revision, config_hash, options.
     `files` are small artifacts (bit map, manifests) logged at the run root; `build_model(path)` writes
-    the variant's MLflow model there, logged under `model/`: what the registered version points to.
+    the variant's MLflow model there, logged under `model/`: what the registered version points to;
+    its files identical to those of `weights_dir` (the stage output) become hard links to them where
+    both are on this filesystem (tasks/registry/dedup.py), and the run records the bytes it stores.
     """
     client = client_for(tracking_uri)
     parent = client.get_run(parent_run_id)
@@ -179,14 +236,30 @@ def log_variant(tracking_uri: str, parent_run_id: str, variant: dict, metrics: d
         metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()],
         params=[Param(k, str(v)[:500]) for k, v in params.items()],
     )
-    for path in files.values():
-        if path and Path(path).exists():
-            client.log_artifact(run_id, str(path))
+    for label, path in files.items():
+        if not path:
+            continue
+        if not Path(path).exists():  # a step that did not fetch its inputs: say so, never log a run without them
+            raise PipelineError(f"{label} file {path} is missing on this machine: cannot record variant {name}")
+        client.log_artifact(run_id, str(path))
     if build_model is not None:
         with tempfile.TemporaryDirectory(prefix="quant-model-") as tmp:
             client.log_artifacts(run_id, str(build_model(Path(tmp) / "model")), "model")
+        _store_once(client, run_id, weights_dir)
     client.set_terminated(run_id, "FINISHED")
     return run_id, False
+
+
+def _store_once(client, run_id: str, weights_dir) -> None:
+    from tasks.registry.dedup import link_duplicates, local_dir
+
+    logged = local_dir(f"{client.get_run(run_id).info.artifact_uri}/model")
+    if weights_dir is None or logged is None or not logged.is_dir():
+        return  # an object store: the copies stay (README, Storage)
+    total, shared = link_duplicates(Path(weights_dir), logged)
+    client.log_metric(run_id, "mlflow_model_bytes", total)
+    client.log_metric(run_id, "stored_bytes", total - shared)  # what this version adds to the disk
+    log.info("mlflow: model of %s: %.1f MiB, %.1f MiB of it shared with the stage output", run_id, total / 2**20, shared / 2**20)
 
 
 def log_table(tracking_uri: str, run_id: str, rows: list[dict], name: str = "results.json") -> None:
