@@ -66,6 +66,8 @@ def test_the_step_cli_says_in_one_line_what_a_step_takes(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "error: step allocate takes 2 inputs (prepare, profile) as a JSON list"
     out = step("profile", "--input", "{not json", "--output", str(tmp_path / "x.json"))
     assert out.returncode == 2 and out.stderr.startswith("error: --input is not valid JSON") and "Traceback" not in out.stderr
+    out = step("profile", "--input", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x.json"))
+    assert out.returncode == 2 and out.stderr.startswith("error: --input is neither inline JSON nor an existing file") and "Traceback" not in out.stderr
 
 
 def test_run_inprocess_walks_the_table(monkeypatch, state):

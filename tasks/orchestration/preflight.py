@@ -23,12 +23,20 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
 
         named_error("lm_eval_tasks", check_tasks, cfg.lm_eval_tasks)
     model = resolve_model(cfg.model, cfg.revision, cache_dir)  # model files' headers, architecture
-    return cfg, model, backend_notes(cfg)
+    return cfg, model, backend_notes(cfg, model_type(model.path))
 
 
-def backend_notes(cfg: PipelineConfig) -> list[str]:
-    """Which (backend, variant) pairs allocation will skip, and why: exact for the uniform rungs; for the
-    layer-sensitive methods, what a backend that takes only some rungs can express."""
+def model_type(path) -> str:
+    from tasks.model_io import read_config
+
+    config = read_config(path)
+    return config.get("model_type") or config.get("text_config", {}).get("model_type", "")
+
+
+def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
+    """Which (backend, variant) pairs allocation will skip, and why: a backend that refuses the model's
+    family skips all; exact for the uniform rungs; for the layer-sensitive methods, what a backend that
+    takes only some rungs can express."""
     from tasks.bitmap import uniform_bitmap
     from tasks.errors import PipelineError
     from tasks.quantize.registry import get_backend
@@ -36,6 +44,10 @@ def backend_notes(cfg: PipelineConfig) -> list[str]:
     notes = []
     for name in cfg.backends:
         backend = get_backend(name)
+        refusal = backend.family_refusal(family)
+        if refusal:
+            notes.append(f"{name} will skip every variant: {refusal}")
+            continue
         caps = backend.capabilities
         for raw in cfg.uniform_budgets:
             rung = parse_rung(raw)

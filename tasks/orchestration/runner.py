@@ -64,10 +64,20 @@ def configure_parser(parser) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config and resolve the model, then stop")
 
 
+def inline_or_file(text: str, option: str) -> str:
+    """The JSON text of an option given inline or as a file path (inline JSON may be longer than any
+    path the filesystem accepts, so it is recognized by its first character, never stat'ed)."""
+    if text.lstrip().startswith(("{", "[")):
+        return text
+    if not Path(text).is_file():
+        raise PipelineError(f"{option} is neither inline JSON nor an existing file: {text[:200]}")
+    return Path(text).read_text()
+
+
 def read_config_arg(text: str | None) -> dict:
     if not text:
         return {}
-    raw = Path(text).read_text() if Path(text).is_file() else text
+    raw = inline_or_file(text, "--config")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as exc:

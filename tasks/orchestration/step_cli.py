@@ -21,14 +21,10 @@ def configure_parser(parser) -> None:
 
 
 def run_cli(args) -> int:
-    from tasks.orchestration.runner import run_step
+    from tasks.orchestration.runner import inline_or_file, run_step
 
     step = get_step(args.name)
-    text = args.input
-    if not text.lstrip().startswith(("{", "[")):  # a file (inline JSON can be longer than a path may be)
-        if not Path(text).is_file():
-            raise PipelineError(f"--input is neither JSON nor an existing file: {text[:200]}")
-        text = Path(text).read_text()
+    text = inline_or_file(args.input, "--input")
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -168,8 +168,18 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
     if cfg.include_baseline:
         variants.append({"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None})
     backends = {name: get_backend(name) for name in cfg.backends}
+    from tasks.orchestration.preflight import model_type
+
+    family = model_type(local_model(ctx, model))
+    for name, backend in list(backends.items()):
+        refusal = backend.family_refusal(family)
+        if refusal:
+            log.warning("allocate: skipping every variant of %s: %s", name, refusal)
+            del backends[name]
     for p in planned:
         for backend in p.spec.backends or cfg.backends:
+            if backend not in backends:
+                continue
             try:  # the cross product asks every backend for every map: skip what one cannot express
                 backends[backend].check(p.bitmap)
             except PipelineError as exc:

@@ -58,6 +58,8 @@ class Capabilities:
     cpu: bool
     gpu: bool
     needs_calibration: bool
+    # model_type -> why this backend cannot quantize that family and what to use instead
+    refused_families: tuple[tuple[str, str], ...] = ()
 
 
 class Backend:
@@ -65,6 +67,11 @@ class Backend:
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+
+    def family_refusal(self, model_type: str) -> str | None:
+        """One line on why this backend refuses the family, or None if it quantizes it."""
+        reason = dict(self.capabilities.refused_families).get(model_type)
+        return f"{self.name} does not quantize {model_type} models: {reason}" if reason else None
 
     def check(self, bitmap: BitMap) -> None:
         """Raise PipelineError if this backend cannot express `bitmap`. The default serves backends

@@ -116,8 +116,14 @@ def _materialize_buffers(model: nn.Module, config, leftover: list[str]) -> None:
     if params:
         raise PipelineError(f"saved quantized model is missing tensors: {params[:5]}")
     for name, module in model.named_modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        if "rotary" in type(module).__name__.lower():  # inv_freq (Gemma 3: one per layer kind), from the config
             fresh = type(module)(config=config)
-            module.inv_freq = fresh.inv_freq
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = fresh.original_inv_freq
+            for buffer in meta:
+                setattr(module, buffer, getattr(fresh, buffer))
+        elif meta == ["embed_scale"] and hasattr(module, "scalar_embed_scale"):  # Gemma: sqrt(hidden)
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
+        else:
+            raise PipelineError(f"cannot rebuild the computed buffers {meta} of {name or 'the model'} ({type(module).__name__})")
