@@ -104,8 +104,10 @@ def test_sigkill_at_random_moments_of_every_stage_then_a_rerun_completes_as_if_n
     assert rc == 0, err[-3000:]
 
     # Each rerun's profile went on at the layer the kill interrupted: at most that one layer was redone.
-    def first_profiled(log: str) -> int:  # the 0-based index of the first layer this attempt profiled
-        return int(re.search(r"layer (\d+)/%d profiled" % LAYERS, log).group(1)) - 1
+    def first_profiled(log: str) -> int:  # the first layer this attempt profiled (0-based)
+        assert re.search(r"profiling \S+: %d layers" % LAYERS, log), log[-2000:]
+        resumed = re.search(r"resuming after (\d+) finished layer", log)
+        return int(resumed.group(1)) if resumed else 0
 
     assert first_profiled(logs[1]) == 0
     assert first_profiled(logs[2]) == first, logs[2][-2000:]
