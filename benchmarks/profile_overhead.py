@@ -17,7 +17,7 @@ Definitions:
   stage itself adds; mapped checkpoint pages that it touches count as resident.
 
 It also prints the ratio without the Fisher pass (the `optimal` allocator's backward pass, beyond the
-scores of SPEC) and the floor from tasks/profiling/cost.py: SensiBoost's attn_in and mlp_gate parts re-run
+scores of docs/methods.md §3) and the floor from tasks/profiling/cost.py: SensiBoost's attn_in and mlp_gate parts re-run
 every decoder linear with other weights or inputs, so any exact implementation does at least twice the
 decoder linears' multiply-adds, 2 x 106.2M / 134.5M per token = 1.58 forwards on SmolLM2 (1.96 on
 Llama-2-7B, whose forward spends less in the output embedding). The 1.5 target is below that floor on

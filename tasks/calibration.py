@@ -21,7 +21,7 @@ from tasks.errors import PipelineError
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (SPEC section 7)
+C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (docs/methods.md §7)
 EVAL_SETS = ("wikitext2", "c4")
 
 

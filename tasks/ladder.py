@@ -1,4 +1,4 @@
-"""The configuration ladder of SPEC section 2 and the unit of allocation of section 1.
+"""The configuration ladder of docs/methods.md §2 and the unit of allocation of section 1.
 
 A rung is (b1 weight bits, g1 group size) with HQQ's second-level quantization of scales and zeros at
 b2 = 8 bits, g2 = 128, so its nominal cost is  bpp = b1 + 2*b2/g1 + 32/(g1*g2).
@@ -66,7 +66,7 @@ class Rung:
         return {"bits": self.bits, "group_size": self.group_size}
 
 
-# The 12 rungs, cheapest first (SPEC order).
+# The 12 rungs, cheapest first (docs/methods.md §2 order).
 LADDER: tuple[Rung, ...] = tuple(Rung(b, g) for b in (2, 3, 4, 8) for g in (128, 64, 32))
 _BY_NAME = {r.name: r for r in LADDER}
 _BY_LABEL = {r.label: r for r in LADDER}

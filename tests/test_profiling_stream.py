@@ -1,7 +1,7 @@
 """The streaming profiler against a reference computed on the fully loaded transformers model.
 
 Tiny random checkpoints (2-3 layers, hidden 64) of the llama family, grouped-query attention or not.
-The reference follows SPEC section 3 literally: one full-precision forward of the whole model gives every
+The reference follows docs/methods.md §3 literally: one full-precision forward of the whole model gives every
 layer's input; each part's weights are quantized with tasks.quantize.hqq_ops.quant_dequant at b4g64 and
 the part's block is re-run on that input.
 """

@@ -110,7 +110,7 @@ def test_outliers_follow_the_spec_rule():
 
 @pytest.mark.skipif(not (FIXTURES / "fnorm-Llama-2-7b-hf.csv").exists(), reason="authors' fixtures not present")
 def test_kurtboost_top1_outliers_match_the_spec_example():
-    """SPEC section 4: KB21 on Llama-2-7B boosts q[1], k[1], v[2], down[2], gate[30], up[30], o[31]."""
+    """docs/methods.md §4: KB21 on Llama-2-7B boosts q[1], k[1], v[2], down[2], gate[30], up[30], o[31]."""
     found = score_outliers(profile_table(pd.read_csv(FIXTURES / "fnorm-Llama-2-7b-hf.csv")))["kurtosis"]
     top1 = {module.split(".")[1]: layers[0] for module, layers in found.items()}
     assert top1 == {"q_proj": 1, "k_proj": 1, "v_proj": 2, "down_proj": 2, "gate_proj": 30, "up_proj": 30, "o_proj": 31}

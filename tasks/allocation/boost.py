@@ -1,4 +1,4 @@
-"""Uniform, SensiBoost and KurtBoost allocation (SPEC section 4), reproducing the authors exactly.
+"""Uniform, SensiBoost and KurtBoost allocation (docs/methods.md §4), reproducing the authors exactly.
 
 SensiBoost/KurtBoost (schnell18/lm-quant-toolkit with their HQQ fork, `identify_sensitive_modules` and
 `_allocate_boost_decline_configs`): for each module type, look at its score over the layers, find the
@@ -40,7 +40,7 @@ def layer_jumps(values: np.ndarray, diff: str) -> np.ndarray:
 
 
 def find_outliers(values: np.ndarray, diff: str, top_m: int = 0) -> list[int]:
-    """Outlier layers of one module type, most extreme first (SPEC section 4).
+    """Outlier layers of one module type, most extreme first (docs/methods.md §4).
 
     values: the score per layer, layer 0 first. z = |D - trimmed mean| / trimmed std (ddof 1); jumps
     with z > 3, sorted by z descending (ties keep layer order), the first `top_m` (0 = all); the outlier

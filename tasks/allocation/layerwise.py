@@ -1,4 +1,4 @@
-"""LIM and ZD allocation (Layer-Wise Quantization, SPEC section 5; the authors' code was never published).
+"""LIM and ZD allocation (Layer-Wise Quantization, docs/methods.md §5; the authors' code was never published).
 
 Layers are ranked by importance; the least important ones move to a low rung, the rest stay at a high
 rung, and all seven linears of a layer follow their layer. The paper states k as "the largest count that

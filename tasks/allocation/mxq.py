@@ -1,4 +1,4 @@
-"""MXQ (Zhang et al., ICAART 2025; SPEC section 6): the SensiBoost authors' earlier baseline.
+"""MXQ (Zhang et al., ICAART 2025; docs/methods.md §6): the SensiBoost authors' earlier baseline.
 
 One rung per module minimizing the sum of Frobenius errors ||W - dequant(HQQ_rung(W))||_F subject to
 total memory <= (1 + tolerance) * params * budget / 8 / 2**20 MiB, as their `_find_optimal_configs_milp`

@@ -67,7 +67,7 @@ def error_matrix(scores: Scores, column: str, rungs) -> np.ndarray:
 
 
 def part_groups(keys: tuple[str, ...], sensitivity: np.ndarray) -> list[list[int]]:
-    """Indices of the modules that share one sensitivity measurement, per layer (SPEC section 3)."""
+    """Indices of the modules that share one sensitivity measurement, per layer (docs/methods.md §3)."""
     groups: dict[tuple[int, str], list[int]] = {}
     for i, key in enumerate(keys):
         layer, module = split_key(key)

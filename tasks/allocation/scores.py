@@ -28,7 +28,7 @@ from tasks.ladder import LADDER, META_BITS, META_GROUP, MODULES, Rung, module_ke
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("layer", "module", "nbit1", "gsize1", "params")
-REFERENCE_RUNG = Rung(4, 64)  # the rung whose rows carry the per-module scores (SPEC section 3)
+REFERENCE_RUNG = Rung(4, 64)  # the rung whose rows carry the per-module scores (docs/methods.md §3)
 _RUNG_BY_PAIR = {(r.bits, r.group_size): r for r in LADDER}
 
 

@@ -1,1 +1,1 @@
-"""Evaluation stage: perplexity under both protocols of SPEC section 7, saved size, peak memory, speed."""
+"""Evaluation stage: perplexity under both protocols of docs/methods.md §7, saved size, peak memory, speed."""

@@ -1,4 +1,4 @@
-"""Profiling stage: model + calibration set -> scores table (SPEC sections 3 and 5).
+"""Profiling stage: model + calibration set -> scores table (docs/methods.md §3 and §5).
 
 `run_profiling` streams the checkpoint one decoder layer at a time (driver.py); the numerics live in
 small pure modules: weights.py (kurtosis, ZD, Frobenius error), activations.py (LIM sums, Gram

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 EMBED_SUFFIX = "embed_tokens.weight"
-# Llama-family decoders: the seven linears under SPEC's names, a plain (unscaled) token embedding.
+# Llama-family decoders: the seven linears under docs/methods.md §1's names, a plain (unscaled) token embedding.
 STREAMABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 

@@ -1,7 +1,7 @@
-"""Multiply-adds per token of a plain forward pass and of the work SPEC's sensitivity scores cannot avoid.
+"""Multiply-adds per token of a plain forward pass and of the work the sensitivity scores (docs/methods.md §3) cannot avoid.
 
 The profiling overhead benchmark divides the profiling time by the time of one plain forward pass.
-SensiBoost's attn_in part (SPEC section 3) re-runs q, k, v with b4g64 weights and o_proj on the changed
+SensiBoost's attn_in part (docs/methods.md §3) re-runs q, k, v with b4g64 weights and o_proj on the changed
 attention output; its mlp_gate part re-runs gate, up and down the same way. So every linear of every
 decoder layer runs twice over all calibration tokens, once in full precision and once in these re-runs,
 whatever else the stage computes. Dividing by the forward's multiply-adds (each decoder linear once, plus

@@ -2,9 +2,9 @@
 
 Only one decoder layer's weights and one mini-batch of its activations are held beyond the calibration
 hidden states [samples, seq_len, hidden]. For each layer i (input: the full-precision output of layer
-i-1, SPEC section 3):
+i-1, docs/methods.md §3):
 
-1. weights only: Pearson kurtosis per matrix, ZD of the layer (SPEC section 5);
+1. weights only: Pearson kurtosis per matrix, ZD of the layer (docs/methods.md §5);
 2. one full-precision pass of the calibration batches through the layer (transformers' own decoder-layer
    class), with hooks keeping the linears' inputs; from it LIM, the input Gram matrices H of the four
    distinct linear inputs, and the SensiBoost parts that need the nonlinear blocks: attn_in (q, k, v at
@@ -145,7 +145,7 @@ def _first(output):
 
 def module_parts(v_shape: torch.Size, o_shape: torch.Size) -> dict[str, str]:
     """Which SensiBoost part scores each linear. With grouped-query attention (v_proj narrower than
-    o_proj) the authors measure no attn_out part, and o_proj takes the attn_in score (SPEC section 3)."""
+    o_proj) the authors measure no attn_out part, and o_proj takes the attn_in score (docs/methods.md §3)."""
     parts = {m: "attn_in" for m in ATTN_IN}
     parts.update({m: "mlp_gate" for m in MLP_GATE})
     parts["self_attn.o_proj"] = "attn_out" if tuple(v_shape) == tuple(o_shape) else "attn_in"

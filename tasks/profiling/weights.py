@@ -1,4 +1,4 @@
-"""Scores that need only the weights (SPEC sections 3 and 5): kurtosis and ZD.
+"""Scores that need only the weights (docs/methods.md §3 and §5): kurtosis and ZD.
 
 Pure functions over CPU tensors; moments in float64 so that million-element matrices keep their digits.
 """

@@ -144,7 +144,7 @@ class BnBBackend(Backend):
             raise PipelineError(f"bnb quant_type must be one of {QUANT_TYPES}, not {opts['quant_type']!r}")
         unquantized = check_module_keys(bitmap, set(linear_param_counts(read_config(model_path))))
         device = opts["device"] or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        # Skipped by transformers: lm_head (stays 16-bit, SPEC section 1), linears outside the bit map, and
+        # Skipped by transformers: lm_head (stays 16-bit, docs/methods.md §1), linears outside the bit map, and
         # in the two-level case the int8 modules, which are converted below.
         skip = ["lm_head"] + [hf_module_name(k) for k in unquantized]
         if layout["mode"] == "4bit":

@@ -20,12 +20,12 @@ from tasks.errors import PipelineError
 from tasks.ladder import Rung, split_key
 
 BITMAP_FILE = "bitmap.json"
-STORAGE_DTYPE = torch.float16  # the unquantized tensors on disk (SPEC section 1: they stay 16-bit)
+STORAGE_DTYPE = torch.float16  # the unquantized tensors on disk (docs/methods.md §1: they stay 16-bit)
 _OWNER = re.compile(r"^(model\.layers\.\d+\.[A-Za-z_]+\.[A-Za-z_0-9]+)\.")
 
 
 def hf_module_name(key: str) -> str:
-    """'1.self_attn.q_proj' -> 'model.layers.1.self_attn.q_proj' (Llama-style decoders, SPEC section 1)."""
+    """'1.self_attn.q_proj' -> 'model.layers.1.self_attn.q_proj' (Llama-style decoders, docs/methods.md §1)."""
     layer, module = split_key(key)
     return f"model.layers.{layer}.{module}"
 
@@ -100,7 +100,7 @@ def calibration_rows(calibration: torch.Tensor | None, backend: str) -> torch.Te
 
 
 def saved_bytes(out_dir: Path) -> int:
-    """Bytes of the saved weights (*.safetensors), the measured size SPEC section 2 asks for."""
+    """Bytes of the saved weights (*.safetensors), the measured size docs/methods.md §2 asks for."""
     return sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
 
 

@@ -3,7 +3,7 @@
 transformers' HqqConfig is broken on transformers 5, so each linear is swapped for an `HQQLinear`
 directly. The saved model is one safetensors file: HQQLinear's safetensors-encoded state (packed
 weights, scales, zeros, quant config) for the quantized linears and 16-bit copies of everything else
-(embeddings, norms, lm_head stay in 16-bit, SPEC section 1), plus the config and the bit map.
+(embeddings, norms, lm_head stay in 16-bit, docs/methods.md §1), plus the config and the bit map.
 """
 
 from __future__ import annotations

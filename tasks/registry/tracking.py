@@ -52,7 +52,11 @@ def client_for(tracking_uri: str):
     return client
 
 
-def ensure_experiment(client, base_model: str, artifact_location: str | None = None) -> str:
+def ensure_experiment(client, base_model: str, artifact_location: str | None = None, tracking_uri: str | None = None) -> str:
+    """The base model's experiment, created on first use. A local artifact directory only goes with a
+    local store (`tracking_uri` sqlite:/file:/path); a tracking server decides for itself."""
+    if tracking_uri is not None and not tracking_uri.startswith(("sqlite:", "file:", "/")):
+        artifact_location = None
     name = experiment_name(base_model)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -70,10 +74,7 @@ def start_pipeline_run(tracking_uri: str, base_model: str, base_revision: str, p
     """The parent run of one pipeline run; `tags` trace it to what started it (e.g. its Airflow DAG run:
     the model-zoo DAG and a REST trigger may run the same model side by side)."""
     client = client_for(tracking_uri)
-    # A local artifact directory only goes with a local store; a tracking server decides for itself.
-    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
-        artifact_location = None
-    exp_id = ensure_experiment(client, base_model, artifact_location)
+    exp_id = ensure_experiment(client, base_model, artifact_location, tracking_uri)
     tags = {**(tags or {}), CONFIG_KEY_TAG: stable_hash({"params": params, "revision": base_revision})}
     if "airflow_dag_run_id" not in tags:  # a process of its own: who owns the run, to tell a dead one
         tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
@@ -108,9 +109,7 @@ def log_profile_run(tracking_uri: str, base_model: str, base_revision: str, prof
     from tasks.artifacts import read_json
 
     client = client_for(tracking_uri)
-    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
-        artifact_location = None
-    exp_id = ensure_experiment(client, base_model, artifact_location)
+    exp_id = ensure_experiment(client, base_model, artifact_location, tracking_uri)
     found = client.search_runs([exp_id], filter_string=f"tags.{PROFILE_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'", max_results=1)
     if found:
         return found[0].info.run_id

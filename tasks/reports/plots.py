@@ -192,7 +192,7 @@ def _ladder_colours() -> np.ndarray:
 def plot_score_profiles(scores: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Kurtosis and sensitivity per module type over layers, LIM and ZD per layer; outliers circled.
 
-    Outliers follow SPEC section 4 exactly (tasks.allocation's rule): jumps between consecutive layers
+    Outliers follow docs/methods.md §4 exactly (tasks.allocation's rule): jumps between consecutive layers
     (ratio for sensitivity, difference for kurtosis) more than 3 trimmed standard deviations away.
     """
     table = profile_table(scores)
@@ -251,6 +251,6 @@ def plot_score_profiles(scores: pd.DataFrame, path: str | Path, title: str = "")
     rules = ", ".join(f"{rule} for {col}" for col, (rule, _, _) in OUTLIER_RULES.items())
     heading = f"{title}: per-layer scores" if title else "Per-layer scores"
     fig.suptitle(f"{heading} (b4g64 rows)\noutliers: z > 3 on the jump between consecutive layers "
-                 f"({rules}; SPEC section 4)", fontsize=11)
+                 f"({rules}; docs/methods.md §4)", fontsize=11)
     return save(fig, path)
 

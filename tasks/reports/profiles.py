@@ -2,7 +2,7 @@
 
 The scores table is the authors' long format (one row per layer x module x rung: layer, module, nbit1,
 gsize1, kurtosis, sensitivity, ...) plus our profiler's per-layer lim and zd. Kurtosis and sensitivity
-do not depend on the rung; the allocator reads them from the b4g64 rows (SPEC section 4), so do we.
+do not depend on the rung; the allocator reads them from the b4g64 rows (docs/methods.md §4), so do we.
 The outlier rule is the allocator's own (tasks.allocation.boost.find_outliers), so the plot marks
 exactly the layers the allocation boosts.
 """
@@ -44,7 +44,7 @@ def profile_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_outliers(table: pd.DataFrame, top_m: int = 0) -> dict[str, dict[str, list[int]]]:
-    """{score column: {module: outlier layers, most extreme first}} by SPEC section 4's z-score rule.
+    """{score column: {module: outlier layers, most extreme first}} by docs/methods.md §4's z-score rule.
 
     top_m = 0 lists every layer with z > 3; a paper setting boosts the first top_m of each list.
     A module type whose series has gaps or NaN scores is skipped with a warning: the rule needs every layer.
