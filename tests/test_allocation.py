@@ -364,7 +364,9 @@ def test_run_allocation_writes_bitmap(tmp_path):
     data = json.loads(out.read_text())
     assert data["method"] == "sensiboost" and data["extra_pct"] == pytest.approx(1.81, abs=0.005)
     assert data["modules"]["0.self_attn.q_proj"] == {"bits": 3, "group_size": 128}
-    assert set(ALLOCATORS) == {"uniform", "sensiboost", "kurtboost", "lim", "zd", "mxq", "optimal"}
+    from tasks.allocation.methods import METHODS
+
+    assert set(ALLOCATORS) == set(METHODS)  # every method the Params offer has an allocator, and no other
 
 
 def test_cli(tmp_path, capsys):
@@ -427,3 +429,24 @@ def test_tie_fused_puts_each_fused_group_on_one_rung_within_the_budget(method):
         assert tied.options["objective"] >= free.options["objective"] - 1e-12
     else:  # a boost spreads to its fused group: never fewer bits than the plain boost
         assert all(tied.modules[k].bpp >= free.modules[k].bpp for k in free.modules)
+
+
+@pytest.mark.parametrize("method, column", [("taylor", "taylor_dloss"), ("delta_loss", "delta_loss")])
+def test_rival_allocators_minimize_their_own_column_exactly(method, column):
+    frame = make_table(n_layers=1, modules=MODULES[:4], seed=5)
+    rng = np.random.default_rng(1)
+    frame[column] = frame["fisher_dloss"] * rng.uniform(0.2, 5.0, len(frame))  # a different ranking than fisher's
+    s = scores_from_frame(frame)
+    rungs = ("b2g64", "b3g64", "b4g128", "b4g64", "b8g128")
+    cand = tuple(Rung(int(r[1]), int(r[3:])) for r in rungs)
+    sizes = size_matrix([s.params[k] for k in s.keys], cand)
+    for budget in (2.6, 3.4, 4.3):
+        bitmap = allocate(s, method, budget, {"rungs": ",".join(rungs)})
+        cap = capacity_units(budget, s.total_params)
+        assert bitmap.method == method and units_of(bitmap) <= cap
+        assert bitmap.options["objective"] == pytest.approx(brute_force(s.rung_matrix(column, cand), sizes, cap), rel=1e-9)
+    # Same table, same budget accounting: with fisher's numbers in its column it allocates as optimal does.
+    same = scores_from_frame(frame.assign(**{column: frame["fisher_dloss"]}))
+    assert allocate(same, method, 3.4, {}).modules == allocate(same, "optimal", 3.4, {}).modules
+    with pytest.raises(PipelineError, match=f"lacks column\\(s\\) {column} needed by method '{method}'"):
+        allocate(scores_from_frame(make_table(n_layers=1, seed=5)), method, 3.4, {})

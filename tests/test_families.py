@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # one reduced pipeline per family
 REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
-REFUSED = {"gemma3_text": ("gptq",)}  # family -> backends that refuse it (README's families table)
+REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq",)}  # family -> backends that refuse it (README's families table)
 CONF = {"backends": ["hqq", "gptq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"],
         "calibration_samples": 4, "calibration_seq_len": 128, "fisher_samples": 2, "eval_tokens": 1024,
         "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
@@ -68,7 +68,7 @@ def _pipeline(model: Path, home: Path, *extra: str) -> subprocess.CompletedProce
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"])
 def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
     check = _pipeline(model, tmp_path / "state", "--check")
@@ -89,7 +89,7 @@ def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_mo
             assert row["version"], row
 
 
-@pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe"])
 def test_an_unsupported_family_is_refused_at_preflight_in_one_line(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
     proc = _pipeline(model, tmp_path / "state", "--check")

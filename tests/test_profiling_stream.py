@@ -459,3 +459,41 @@ def test_progress_of_other_parameters_is_not_resumed(checkpoints, calibration, t
     monkeypatch.setattr(driver, "failpoint", lambda name: None)
     run_profiling(checkpoints["llama_gqa"], calibration[:4], tmp_path / "out", rungs=(B4G64,), fisher_samples=0)
     assert json.loads((tmp_path / "out" / "profiling.json").read_text())["resumed_at_layer"] == 0
+
+
+def test_rival_scores_match_a_whole_model_reference(checkpoints, calibration, tmp_path):
+    """taylor_dloss (ModelOpt: 1/2 sum_t sum_o g^2 dY^2) and delta_loss (AutoScheme: sum over windows of
+    |dL/dW * dW|), per gradient token, against plain autograd on the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    path, rungs, windows = checkpoints["llama_gqa"], (B4G64, Rung(2, 32)), 3
+    df = pd.read_csv(run_profiling(path, calibration, tmp_path / "out", batch_size=2, rungs=rungs, fisher_samples=windows,
+                                   rival_scores=True))  # fmt: skip
+    assert json.loads((tmp_path / "out" / "profiling.json").read_text())["phase_seconds"]["rivals"] > 0
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = calibration[:windows]
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for m in MODULES:
+            def keep(mod, args, out, key=f"{i}.{m}"):
+                out.retain_grad()
+                seen[key] = (args[0].detach(), out)
+
+            handles.append(layer.get_submodule(m).register_forward_hook(keep))
+    with torch.enable_grad():
+        logits = model(ids).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    for (i, m), rows in df.groupby(["layer", "module"]):
+        x, out = seen[f"{i}.{m}"]
+        g, w = out.grad.double(), model.model.layers[i].get_submodule(m).weight.detach()
+        for _, row in rows.iterrows():
+            err = (w - quant_dequant(w, Rung(int(row.nbit1), int(row.gsize1)))).double()
+            taylor = 0.5 * (g.square() * F.linear(x.double(), err).square()).sum().item() / ids.numel()
+            delta = sum((g[b].t() @ x[b].double() * err).abs().sum().item() for b in range(windows)) / ids.numel()
+            assert row.taylor_dloss == pytest.approx(taylor, rel=1e-3), (i, m)
+            assert row.delta_loss == pytest.approx(delta, rel=1e-3), (i, m)
+    # The default profile leaves both columns empty and costs no rivals phase.
+    plain = pd.read_csv(run_profiling(path, calibration, tmp_path / "plain", rungs=(B4G64,), fisher_samples=windows))
+    assert plain["taylor_dloss"].isna().all() and plain["delta_loss"].isna().all()

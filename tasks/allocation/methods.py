@@ -21,6 +21,7 @@ class MethodSpec:
     summary: str = ""
     ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
     options: dict = field(default_factory=dict)  # option -> JSON schema of its value (the allocator's keyword arguments)
+    rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -54,6 +55,10 @@ METHODS: dict[str, MethodSpec] = {
                    summary="MILP minimizing the sum of Frobenius errors"),
         MethodSpec("optimal", "exact", ties=True, options={"objective": {"enum": ["fisher", "sensitivity", "output"]}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),
+        MethodSpec("taylor", "exact", ties=True, options=_MILP, rival_scores=True,
+                   summary="NVIDIA ModelOpt auto_quantize's gradient score, same MILP"),
+        MethodSpec("delta_loss", "exact", ties=True, options=_MILP, rival_scores=True,
+                   summary="Intel AutoRound AutoScheme's |dL/dW * dW| score, same MILP"),
     )
 }
 BOOST_METHODS = tuple(n for n, s in METHODS.items() if s.boost)

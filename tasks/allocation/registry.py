@@ -11,6 +11,7 @@ from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allo
 from tasks.allocation.layerwise import allocate_lim, allocate_zd
 from tasks.allocation.mxq import allocate_mxq
 from tasks.allocation.optimal import allocate_optimal
+from tasks.allocation.rivals import allocate_delta_loss, allocate_taylor
 from tasks.allocation.scores import Scores, read_scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
@@ -26,12 +27,16 @@ ALLOCATORS: dict[str, Callable[..., BitMap]] = {
     "zd": allocate_zd,
     "mxq": allocate_mxq,
     "optimal": allocate_optimal,
+    "taylor": allocate_taylor,
+    "delta_loss": allocate_delta_loss,
 }
 
 
 def method_name(method: str) -> str:
     """Canonical name; the authors' spellings ('sensi-boost', 'kurt_boost') are accepted too."""
-    name = str(method).strip().lower().replace("-", "").replace("_", "")
+    name = str(method).strip().lower()
+    if name not in ALLOCATORS:
+        name = name.replace("-", "").replace("_", "")
     if name not in ALLOCATORS:
         raise PipelineError(f"unknown allocation method {method!r}: one of {', '.join(ALLOCATORS)}")
     return name

@@ -125,6 +125,9 @@ class PipelineConfig:
         for name, least in (("eval_tokens", 0), ("fisher_samples", 0), ("calibration_samples", 1)):
             if getattr(self, name) < least:
                 raise PipelineError(f"Param {name}: must be >= {least}, got {getattr(self, name)}")
+        rivals = [m for m in self.methods if m != "uniform" and method_spec(m).rival_scores]
+        if rivals and self.budgets and self.fisher_samples == 0:
+            raise PipelineError(f"Param fisher_samples: {', '.join(rivals)} score(s) come from the backward pass; must be >= 1, got 0")
         self._check_method_options()
         self._check_schemas()
         for raw in self.budgets:
@@ -133,6 +136,11 @@ class PipelineConfig:
         for proto in self.protocols:
             if 0 < self.eval_tokens < PROTOCOL_MIN_TOKENS[proto]:
                 raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens)")
+
+    @property
+    def rival_scores(self) -> bool:
+        """Whether the profile must also measure the rival allocators' scores (an extra backward-pass cost)."""
+        return bool(self.budgets) and any(m != "uniform" and method_spec(m).rival_scores for m in self.methods)
 
     @property
     def gradient_windows(self) -> int:

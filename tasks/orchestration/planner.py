@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.ladder import Rung, parse_rung
+from tasks.errors import PipelineError
 from tasks.orchestration.config import TIE_FUSED_BACKENDS, PipelineConfig, budget_label, parse_budget
 
 
@@ -55,16 +56,20 @@ def variant_name(backend: str, label: str, budget: str) -> str:
     return f"{backend}/{label}/{budget}"
 
 
-def plan_variants(config: PipelineConfig) -> list[VariantSpec]:
+def plan_variants(config: PipelineConfig, stacked_family: str | None = None) -> list[VariantSpec]:
     """Uniform first, then the boost methods, then the rest. A method that can tie fused modules gets
-    one bit map per tie setting its backends need (tied for TIE_FUSED_BACKENDS), unless the user's
-    method_options set tie_fused."""
+    one bit map per tie setting its backends need (tied for TIE_FUSED_BACKENDS, and for every backend
+    when the model's family stores q/k/v or gate/up in one linear: `stacked_family`, e.g. phi3), unless
+    the user's method_options set tie_fused."""
     specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
     methods = sorted((m for m in config.methods if m != "uniform"), key=lambda m: not METHODS[m].boost)
-    tied = tuple(b for b in config.backends if b in TIE_FUSED_BACKENDS)
-    untied = tuple(b for b in config.backends if b not in TIE_FUSED_BACKENDS)
+    tied = tuple(b for b in config.backends if b in TIE_FUSED_BACKENDS or stacked_family)
+    untied = tuple(b for b in config.backends if b not in tied)
     for method in methods:
         options = config.method_options.get(method) or {}
+        if stacked_family and options.get("tie_fused") is False:
+            raise PipelineError(f"{method}: tie_fused cannot be false for a {stacked_family} model, which stores q/k/v and "
+                                "gate/up each in one linear (they share one rung)")  # fmt: skip
         for raw in config.budgets:
             budget = parse_budget(raw)
             if not METHODS[method].ties or "tie_fused" in options or not tied:

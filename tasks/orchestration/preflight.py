@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.families import layout_for, model_type_of
 from tasks.orchestration.config import PipelineConfig, named_error, parse_rung
 
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
     """(the validated config, the resolved model, notes); raises PipelineError on the first bad Param."""
     from tasks.calibration import read_sources
-    from tasks.model_io import resolve_model
+    from tasks.model_io import read_config, resolve_model
+    from tasks.orchestration.planner import plan_variants
     from tasks.orchestration.steps import calibration_params
 
     cfg = PipelineConfig.from_dict(config)  # every Param's type, range and combination
@@ -23,14 +25,15 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
 
         named_error("lm_eval_tasks", check_tasks, cfg.lm_eval_tasks)
     model = resolve_model(cfg.model, cfg.revision, cache_dir)  # model files' headers, architecture
-    return cfg, model, backend_notes(cfg, model_type(model.path))
+    layout = layout_for(read_config(model.path))
+    plan_variants(cfg, layout.model_type if layout.stacked else None)  # e.g. tie_fused false on a stacked family
+    return cfg, model, backend_notes(cfg, layout.model_type)
 
 
 def model_type(path) -> str:
     from tasks.model_io import read_config
 
-    config = read_config(path)
-    return config.get("model_type") or config.get("text_config", {}).get("model_type", "")
+    return model_type_of(read_config(path))
 
 
 def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:

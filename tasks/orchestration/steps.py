@@ -119,7 +119,8 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
-    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
+    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT,
+           **({"rival_scores": True} if cfg.rival_scores else {})}  # fmt: skip
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
@@ -128,7 +129,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                     log.info("profiling: the interrupted attempt had finished its scores; %s", tmp)
                 else:
                     run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
-                                  device=ctx.device)  # fmt: skip
+                                  device=ctx.device, rival_scores=cfg.rival_scores)  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
         # One MLflow run per profile, which every pipeline run that uses it links to.
@@ -141,6 +142,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
 def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Variant]:
     """Every variant's bit map (one stage output), crossed with the backends that can express it;
     the baseline first."""
+    from tasks.families import layout_for
     from tasks.model_io import linear_param_counts, read_config
     from tasks.quantize.registry import get_backend
 
@@ -153,7 +155,10 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
         table = read_scores(ensure_local(scores))
     from tasks.allocation.optimal import predicted_loss_increase
 
-    planned = allocate_variants(plan_variants(cfg), table, linear_param_counts(read_config(local_model(ctx, model))), cfg.match_boost_memory)
+    model_config = read_config(local_model(ctx, model))
+    layout = layout_for(model_config)
+    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None), table,
+                                linear_param_counts(model_config), cfg.match_boost_memory)  # fmt: skip
     out = StageOutput(
         ctx.settings.artifact_root,
         "allocation",

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
+from tasks.families import SUPPORTED_MODEL_TYPES as STREAMABLE
+from tasks.families import layout_for
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 EMBED_SUFFIX = "embed_tokens.weight"
-# Llama-family decoders: the seven linears under docs/methods.md §1's names, a plain (unscaled) token embedding.
-STREAMABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 
 class Checkpoint:
@@ -144,6 +144,7 @@ class LayerFactory:
         from transformers import AutoModel
 
         self.config = config
+        self.layout = layout_for(config)  # where each logical linear is stored (Phi-3: stacked rows)
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config)
         self.layer_class = type(skeleton.layers[0])

@@ -37,8 +37,9 @@ import torch
 
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
+from tasks.families import ATTN_IN, MLP_GATE, Layout
 from tasks.ladder import LADDER, MODULES, Rung
-from tasks.profiling import hqq_fast
+from tasks.profiling import hqq_fast, rivals
 from tasks.profiling.fisher import InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
@@ -58,8 +59,6 @@ DEFAULT_FISHER_SAMPLES = 8
 GRAD_BATCH = 2
 CALIBRATION_FILE = "calibration.safetensors"
 SUMMARY_FILE = "profiling.json"
-ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_GATE = ("mlp.gate_proj", "mlp.up_proj")
 # Which captured input feeds each linear (q, k, v share one; gate, up share one).
 INPUT_OF = {
     "self_attn.q_proj": "attn",
@@ -101,9 +100,12 @@ class _Capture:
     """Hooks on the full-precision layer keeping, for the current batch, the inputs of q/o/gate/down and
     the outputs of o_proj (attention block output) and down_proj (MLP output)."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, layout: Layout):
         self.store: dict[str, torch.Tensor] = {}
-        get = layer.get_submodule
+
+        def get(module):  # the stored linear holding the logical module (Phi-3: q in qkv_proj)
+            return layer.get_submodule(layout.stored_name(module))
+
         self._handles = [
             get("self_attn.q_proj").register_forward_pre_hook(self._keep_input("attn")),
             get("self_attn.o_proj").register_forward_hook(self._keep_both("ctx", "attn_out")),
@@ -162,7 +164,7 @@ def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: 
     sums: dict[str, float] = defaultdict(float)
     position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
     position_embeddings = factory.position_embeddings(index, hidden[:1], position_ids)
-    capture = _Capture(layer)
+    capture = _Capture(layer, factory.layout)
     try:
         for start in range(0, samples, batch_size):
             h = hidden[start : start + batch_size]
@@ -233,7 +235,7 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
     Returns the layer's rows of the scores table (one per module and rung) and, per module, the summed
     squared output error of every rung per output feature [rungs, out] (for `fisher_dloss`).
     """
-    weights = {m: state[f"{m}.weight"] for m in MODULES}
+    weights = factory.layout.weights(state)
     tokens = hidden.shape[0] * hidden.shape[1]
     with _phase(seconds, "weights"):
         kurt = {m: kurtosis(w) for m, w in weights.items()}
@@ -242,7 +244,7 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
         sens_q = {m: hqq_fast.quant_dequant(w, SENSITIVITY_RUNG) for m, w in weights.items()}
 
     layer = factory.build(index, state).requires_grad_(False)
-    qlayer = factory.build(index, {**state, **{f"{m}.weight": sens_q[m] for m in ATTN_IN + MLP_GATE}})
+    qlayer = factory.build(index, factory.layout.with_weights(state, {m: sens_q[m] for m in ATTN_IN + MLP_GATE}))
     grams = {key: Gram(weights[m].shape[1], device=hidden.device) for m, key in INPUT_OF.items()}
     sums = _calibration_pass(index, layer, qlayer.requires_grad_(False), factory, hidden, batch_size, grams, normalize, seconds)
     del layer, qlayer
@@ -282,11 +284,12 @@ def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.devi
 
 
 def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
-                      ids: torch.Tensor, batch_size: int, seconds: dict,
-                      progress: ProfileProgress) -> dict[str, torch.Tensor]:  # fmt: skip
+                      ids: torch.Tensor, batch_size: int, seconds: dict, progress: ProfileProgress,
+                      rival_rungs: tuple[Rung, ...] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per module key, the sum over the gradient samples' tokens of its squared output gradients of the
     calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
-    checkpoint and fed its stashed input; `progress` is saved after each (and resumed from)."""
+    checkpoint and fed its stashed input; `progress` is saved after each (and resumed from). With
+    `rival_rungs`, also the rivals' sums over those rungs (tasks.profiling.rivals), under their own keys."""
     layers = factory.config.num_hidden_layers
     seq_len, device = hidden.shape[1], hidden.device
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
@@ -310,19 +313,30 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
         progress.save_backward(layers - 1, grad, squares)
     for index in reversed(range(progress.backward_next + 1)):
         with _phase(seconds, "backward"):
-            layer = factory.build(index, _on(checkpoint.layer_state(index), device)).requires_grad_(False)
+            state = _on(checkpoint.layer_state(index), device)
+            layer = factory.build(index, state).requires_grad_(False)
             position_embeddings = factory.position_embeddings(index, hidden[:1], position_ids)
             inputs = stash.get(index, device)
-            for start in range(0, inputs.shape[0], batch_size):
-                part = slice(start, start + batch_size)
+        errors = {}
+        if rival_rungs:
+            with _phase(seconds, "rivals"):
+                errors = {m: _rung_errors(w, rival_rungs, {}) for m, w in factory.layout.weights(state).items()}
+        for start in range(0, inputs.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            capture = {} if rival_rungs else None
+            with _phase(seconds, "backward"):
                 h = inputs[part]
                 mask = factory.mask(index, h, position_ids)
-                grad[part], sq = layer_backward(layer, h, grad[part], attention_mask=mask, position_ids=position_ids,
-                                                position_embeddings=position_embeddings)  # fmt: skip
+                grad[part], sq = layer_backward(layer, factory.layout, h, grad[part], capture, attention_mask=mask,
+                                                position_ids=position_ids, position_embeddings=position_embeddings)  # fmt: skip
                 for m, value in sq.items():
                     key = f"{index}.{m}"
                     squares[key] = squares[key] + value if key in squares else value
-            del layer, inputs
+            if rival_rungs:
+                with _phase(seconds, "rivals"):
+                    for m, (x, g) in capture.items():
+                        rivals.accumulate(squares, f"{index}.{m}", x, g, errors[m], len(rival_rungs))
+        del layer, inputs, state, errors
         failpoint(f"profiling.backward.{index}")
         progress.save_backward(index - 1, grad, squares)
         if index % 10 == 0 or index == layers - 1:
@@ -338,13 +352,24 @@ def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: di
         row["fisher_dloss"] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
 
 
+def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str, torch.Tensor], grad_tokens: int) -> None:
+    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
+    per_module = {}
+    for row in rows:
+        key = f"{row['layer']}.{row['module']}"
+        if key not in per_module:
+            per_module[key] = rivals.columns(sums, key, grad_tokens)
+        for column, values in per_module[key].items():
+            row[column] = values[position[(row["nbit1"], row["gsize1"])]]
+
+
 def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return state if device.type == "cpu" else {k: v.to(device) for k, v in state.items()}
 
 
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
                   rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES,
-                  device: str = "cpu") -> Path:  # fmt: skip
+                  device: str = "cpu", rival_scores: bool = False) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -356,7 +381,11 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         0 skips it (the column is then empty and `optimal` falls back to its sensitivity weighting).
     device: where the layers run (cpu, cuda, cuda:N); the checkpoint is read on the CPU, one layer at a
         time, and only that layer and the calibration hidden states live on the device.
+    rival_scores: also measure, in the backward pass, the scores of ModelOpt's and AutoRound's allocators
+        (columns taylor_dloss and delta_loss; tasks.profiling.rivals); needs fisher_samples > 0.
     """
+    if rival_scores and fisher_samples == 0:
+        raise PipelineError("rival_scores needs the backward pass: fisher_samples must be at least 1")
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
     if fisher_samples < 0:
@@ -378,7 +407,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     signature = {"calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape), "layers": layers,
                  "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs],
-                 "fisher_samples": grad_samples, "device": device.type}  # fmt: skip
+                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores}  # fmt: skip
     progress = ProfileProgress(out_dir, signature)
     resumed_at = progress.forward_done if progress.backward_next is None else layers
     stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
@@ -408,8 +437,10 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
             log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
         if stash:
             squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
-                                        batch_size, seconds, progress)  # fmt: skip
+                                        batch_size, seconds, progress, rungs if rival_scores else ())  # fmt: skip
             _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
+            if rival_scores:
+                _add_rival_columns(rows, rungs, squares, ids[:grad_samples].numel())
     del hidden
     if stash:
         stash.close()
@@ -427,6 +458,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "sensitivity_rung": SENSITIVITY_RUNG.name,
         "rungs": [r.name for r in rungs],
         "fisher_samples": grad_samples,
+        "rival_scores": rival_scores,
         "device": str(device),
         "resumed_at_layer": resumed_at,
         "seconds": round(total, 3),

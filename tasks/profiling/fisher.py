@@ -97,33 +97,43 @@ def head_gradient(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module
     return grad_hidden, float((lse - target_logit).sum(dtype=torch.float64))
 
 
-def layer_backward(layer: torch.nn.Module, hidden: torch.Tensor, grad_out: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def layer_backward(layer: torch.nn.Module, layout, hidden: torch.Tensor, grad_out: torch.Tensor, capture: dict | None = None,
+                   **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Backpropagate `grad_out` (d loss / d layer output) through `layer` at input `hidden`.
 
-    Returns d loss / d input and, per linear, the float64 sums over tokens of its squared output
-    gradients, one per output feature."""
+    Returns d loss / d input and, per logical linear (`layout`, tasks.families), the float64 sums over
+    tokens of its squared output gradients, one per output feature. A `capture` dict receives, per logical
+    linear, its inputs and output gradients (for the rival scores, tasks.profiling.rivals)."""
     outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
 
     def keep(name):
         def hook(module, args, output):
             outputs[name] = output
+            if capture is not None:
+                inputs[name] = args[0].detach()
 
         return hook
 
-    handles = [layer.get_submodule(m).register_forward_hook(keep(m)) for m in MODULES]
+    names = list(layout.linears)  # the stored linears
+    handles = [layer.get_submodule(name).register_forward_hook(keep(name)) for name in names]
     try:
         with torch.enable_grad():
             h = hidden.detach().requires_grad_(True)
             out = layer(h, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            grads = torch.autograd.grad(out, [h] + [outputs[m] for m in MODULES], grad_out)
+            grads = torch.autograd.grad(out, [h] + [outputs[name] for name in names], grad_out)
     finally:
         for handle in handles:
             handle.remove()
     # A float32 norm per feature, then float64 across steps: no float64 copy of the gradients (relative
     # error ~1e-7 over a step's tokens, far below the sampling noise of the estimate).
-    squares = {m: torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=0).double().square() for m, g in zip(MODULES, grads[1:])}
-    return grads[0], squares
+    squares = {}
+    for name, g in zip(names, grads[1:]):
+        squares.update(layout.split_outputs(name, torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=0).double().square()))
+        if capture is not None:  # a copy: down_proj's gradient may be the caller's grad_out, which it overwrites
+            capture.update({m: (inputs[name], part.clone()) for m, part in layout.split_outputs(name, g).items()})
+    return grads[0], {m: squares[m] for m in MODULES}
 
 
 def fisher_loss_delta(row_errors: torch.Tensor, grad_squares: torch.Tensor, tokens: int, grad_tokens: int) -> torch.Tensor:

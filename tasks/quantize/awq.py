@@ -131,6 +131,7 @@ class AWQBackend(Backend):
         cpu=True,
         gpu=True,
         needs_calibration=True,
+        refused_families=(("phi3", "llm-compressor's AWQ mappings name q/k/v and gate/up separately, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
     )
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,

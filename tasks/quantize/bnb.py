@@ -128,6 +128,7 @@ class BnBBackend(Backend):
         cpu=True,
         gpu=True,
         needs_calibration=False,
+        refused_families=(("phi3", "its bit maps address q/k/v and gate/up by their own names, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
     )
 
     def check(self, bitmap: BitMap) -> None:

@@ -17,6 +17,8 @@ from torch import nn
 
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
+from tasks.families import layout_for
+from tasks.ladder import Rung
 from tasks.quantize.base import Backend, Capabilities, true_config
 from tasks.quantize.hqq_ops import hqq_config, hqq_linear
 
@@ -32,9 +34,21 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _hf_name(key: str) -> str:
-    layer, module = key.split(".", 1)
-    return f"model.layers.{layer}.{module}"
+def stored_rungs(bitmap: BitMap, config) -> dict[str, Rung]:
+    """The model's stored linears (full names) -> their rungs: one per logical module, or, where the family
+    stacks modules in one linear (Phi-3's qkv_proj), the one rung its members share (tasks.families)."""
+    layout = layout_for(config)
+    layers = sorted({int(key.split(".", 1)[0]) for key in bitmap.modules})
+    unknown = [k for k in bitmap.modules if k.split(".", 1)[1] not in layout.rows]
+    if unknown:
+        raise PipelineError(f"bit map names module {unknown[0]!r}, which the model does not have")
+    out = {}
+    for layer in layers:
+        for name in layout.linears:
+            rung = layout.rung_of(name, layer, bitmap.modules)
+            if rung is not None:
+                out[f"model.layers.{layer}.{name}"] = rung
+    return out
 
 
 class HQQBackend(Backend):
@@ -53,16 +67,16 @@ class HQQBackend(Backend):
 
         self.check(bitmap)
         model = load_model(model_path)
+        targets = stored_rungs(bitmap, model.config)
         started = time.perf_counter()
-        for i, (key, rung) in enumerate(bitmap.modules.items()):
-            name = _hf_name(key)
+        for i, (name, rung) in enumerate(targets.items()):
             try:
                 linear = model.get_submodule(name)
             except AttributeError:
-                raise PipelineError(f"bit map names module {key!r}, which the model does not have") from None
+                raise PipelineError(f"bit map names module {name!r}, which the model does not have") from None
             _set_module(model, name, hqq_linear(linear, rung))
-            if (i + 1) % 50 == 0 or i + 1 == len(bitmap.modules):
-                log.info("hqq: quantized %d/%d modules", i + 1, len(bitmap.modules))
+            if (i + 1) % 50 == 0 or i + 1 == len(targets):
+                log.info("hqq: quantized %d/%d linears", i + 1, len(targets))
         seconds = time.perf_counter() - started
         self._save(model, bitmap, out_dir)
         return {"quant_seconds": seconds}
@@ -94,9 +108,9 @@ class HQQBackend(Backend):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         from hqq.core.quantize import HQQLinear
 
-        for key, rung in bitmap.modules.items():
+        for name, rung in stored_rungs(bitmap, config).items():
             layer = HQQLinear(None, hqq_config(rung), compute_dtype=torch.float32, device=device, initialize=False)
-            _set_module(model, _hf_name(key), layer)
+            _set_module(model, name, layer)
         state = load_file(str(out_dir / WEIGHTS))
         state = {k: (v.float() if v.dtype == STORAGE_DTYPE else v) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)

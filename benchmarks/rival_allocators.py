@@ -1,0 +1,135 @@
+"""`optimal` against the allocators users pick today, on the same quantizer, rungs and exact budget accounting.
+
+At each budget (bits per parameter: 3.13 / 3.25 / 3.51 / 4.13 / 4.25 by default, the uniform rungs'
+costs) every budget-exact allocator gets exactly that memory: `optimal` (our Fisher estimate), `taylor`
+(NVIDIA ModelOpt auto_quantize's gradient score), `delta_loss` (Intel AutoRound AutoScheme's score) and
+MXQ, next to uniform at that rung; SB30 runs at each 3-bit rung (it spends extra memory, so `optimal` is
+also run at exactly the memory SB30 reached). Prints, per variant: nominal bpp, WikiText-2 and C4
+perplexity with standard errors, KLD against the base model with its standard error, top-1 agreement,
+measured dNLL, the Fisher prediction, and each allocator's profiling/solve cost; then the verdicts of
+issue 18 (optimal no worse than every rival, strictly better outside the standard error).
+
+    python benchmarks/rival_allocators.py [--backend hqq|gptq] [--budgets 3.25,4.25] [--eval-tokens 16384]
+                                          [--methods optimal,taylor,delta_loss,mxq,sensiboost] [--full-wikitext2]
+
+The profile is one pass with rival_scores (the rivals' scores cost an extra share of the backward pass,
+printed as the phase `rivals`); stage outputs are cached under $QUANT_HOME/artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from allocator_frontier import measure  # noqa: E402
+
+from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
+from tasks.ladder import parse_rung  # noqa: E402
+from tasks.orchestration import steps  # noqa: E402
+from tasks.orchestration.context import StepContext  # noqa: E402
+from tasks.orchestration.planner import VariantSpec, allocate_variants  # noqa: E402
+
+EXACT = ("optimal", "taylor", "delta_loss", "mxq")
+RUNGS = "b3g128,b3g64,b3g32,b4g128,b4g64"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--backend", default="hqq", choices=["hqq", "gptq"])
+    ap.add_argument("--budgets", default=RUNGS, help="ladder rungs: every exact allocator gets each one's bpp")
+    ap.add_argument("--methods", default="optimal,taylor,delta_loss,mxq,sensiboost")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; slow on CPU)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tasks.allocation import read_scores
+    from tasks.model_io import linear_param_counts, read_config
+
+    methods = args.methods.split(",")
+    rungs = [parse_rung(b) for b in args.budgets.split(",")]
+    config = {"model": args.model, "backends": [args.backend], "uniform_budgets": [], "methods": ["taylor"], "budgets": [3.0],
+              "eval_tokens": args.eval_tokens, "protocols": ["paper"], "calibration_samples": args.samples, "lm_eval_tasks": []}  # fmt: skip
+    started = time.time()
+    ctx = StepContext.from_env()
+    prep = steps.prepare(ctx, config)
+    scores = steps.profile(ctx, prep)  # with rival_scores: the config names a rival method
+    profile = json.loads((Path(scores).parent / "profiling.json").read_text())
+    table = read_scores(scores)
+    params = linear_param_counts(read_config(prep["model"]["path"]))
+
+    plan: list[tuple[str, object, float]] = []  # (row name, planned variant, allocation seconds)
+    for rung in rungs:
+        plan.append((f"uniform {rung.label}", *_allocate(VariantSpec.of("uniform", rung), table, params)))
+        for method in (m for m in methods if m in EXACT):
+            plan.append((f"{method} {rung.label}", *_allocate(VariantSpec.of(method, float(rung.bpp)), table, params)))
+        if "sensiboost" in methods and rung.bits == 3:
+            sb, seconds = _allocate(VariantSpec.of("sensiboost", rung), table, params)
+            plan.append((f"SB30 {rung.label}", sb, seconds))
+            plan.append((f"optimal @SB30 {rung.label}", *_allocate(VariantSpec.of("optimal", sb.bitmap.nominal_bpp), table, params)))
+
+    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
+    out.mkdir(exist_ok=True)
+    base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
+    rows = [("unquantized", None, None, None, measure(ctx, base, args.full_wikitext2))]
+    for name, p, seconds in plan:
+        path = out / f"rival-{args.backend}-{name.replace(' ', '_').replace('@', 'at-')}.json"
+        p.bitmap.save(path)
+        variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp,
+                   "extra_pct": p.bitmap.extra_pct}  # fmt: skip
+        metrics = measure(ctx, variant, args.full_wikitext2)
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap), seconds, metrics))
+        logging.info("%s: bpp %.4f wiki2 %.3f kld %.4f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2"], metrics.get("kld_wikitext2", 0))
+
+    phases = profile.get("phase_seconds", {})
+    print(f"\nSmolLM2 + {args.backend}, paper protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)")
+    print(f"profile: {profile['seconds']:.0f} s in all; the rivals' extra scores {phases.get('rivals', 0):.0f} s "
+          f"(fisher's backward pass {phases.get('backward', 0):.0f} s, shared by all three gradient objectives)\n")  # fmt: skip
+    full = " | full wiki2 (gptq)" if args.full_wikitext2 else ""
+    print(f"| variant | bpp | wiki2 ppl ± se | c4 ppl ± se | wiki2 KLD ± se | c4 KLD ± se | top-1 | dNLL | pred dNLL | solve s{full} |")
+    print("|" + "---|" * (11 if full else 10))
+    for name, bpp, pred, seconds, m in rows:
+        cells = [name, "-" if bpp is None else f"{bpp:.4f}", f"{m['ppl_wikitext2']:.3f} ±{m['ppl_wikitext2_se']:.3f}",
+                 f"{m['ppl_c4']:.3f} ±{m['ppl_c4_se']:.3f}", f"{m.get('kld_wikitext2', 0):.4f} ±{m.get('kld_wikitext2_se', 0):.4f}",
+                 f"{m.get('kld_c4', 0):.4f} ±{m.get('kld_c4_se', 0):.4f}", f"{m.get('top1_wikitext2', 1):.3f}",
+                 f"{m.get('dnll_wikitext2', 0):.4f}", "-" if pred is None else f"{pred:.4f}", "-" if seconds is None else f"{seconds:.2f}"]  # fmt: skip
+        if full:
+            cells.append(f"{m['full_ppl_wikitext2_gptq']:.3f}")
+        print("| " + " | ".join(cells) + " |")
+    print("\nverdicts (KLD on WikiText-2; 'better' = lower by more than the two standard errors combined):")
+    by_name = {name: m for name, *_, m in rows}
+    for rung in rungs:
+        ours = by_name.get(f"optimal {rung.label}")
+        if ours is None:
+            continue
+        for rival in [f"{m} {rung.label}" for m in ("uniform", *EXACT) if m != "optimal"] + [f"SB30 {rung.label}"]:
+            theirs = by_name.get(rival if not rival.startswith("SB30") else rival)
+            if theirs is None:
+                continue
+            mine = by_name[f"optimal @SB30 {rung.label}"] if rival.startswith("SB30") else ours
+            print(f"  {rung.label}: optimal vs {rival:<16} {_verdict(mine, theirs)}")
+    return 0
+
+
+def _allocate(spec, table, params):
+    started = time.perf_counter()
+    (planned,) = allocate_variants([spec], table, params, match_boost_memory=False)
+    return planned, time.perf_counter() - started
+
+
+def _verdict(ours: dict, theirs: dict) -> str:
+    a, b = ours.get("kld_wikitext2", 0.0), theirs.get("kld_wikitext2", 0.0)
+    noise = (ours.get("kld_wikitext2_se", 0.0) ** 2 + theirs.get("kld_wikitext2_se", 0.0) ** 2) ** 0.5
+    word = "better" if a < b - noise else "worse" if a > b + noise else "within noise"
+    return f"{word:<13} KLD {a:.4f} vs {b:.4f} (±{noise:.4f}); ppl {ours['ppl_wikitext2']:.3f} vs {theirs['ppl_wikitext2']:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
