@@ -55,7 +55,7 @@ def main() -> int:
 
     methods = args.methods.split(",")
     rungs = [parse_rung(b) for b in args.budgets.split(",")]
-    config = {"model": args.model, "backends": [args.backend], "uniform_budgets": [], "methods": ["taylor"], "budgets": [3.0],
+    config = {"model": args.model, "backends": [args.backend], "uniform_budgets": [], "methods": ["taylor"], "budgets": ["3.0"],
               "eval_tokens": args.eval_tokens, "protocols": ["paper"], "calibration_samples": args.samples, "lm_eval_tasks": []}  # fmt: skip
     started = time.time()
     ctx = StepContext.from_env()
