@@ -98,15 +98,15 @@ def _mse(a, b) -> float:
     return (a.double() - b.double()).square().mean().item()
 
 
-def output_gradient_squares(model, ids) -> dict[str, torch.Tensor]:
-    """Per linear, sum over tokens of (d sum-NLL / d output)^2 per output feature: plain autograd on the
-    whole model, the quantity the profiler streams backward one layer at a time."""
-    outputs, handles = {}, []
+def inputs_and_output_gradients(model, ids) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear, its inputs and d sum-NLL / d output: plain autograd on the whole model, what the
+    profiler streams backward one layer at a time."""
+    seen, handles = {}, []
     for i, layer in enumerate(model.model.layers):
         for m in MODULES:
             def keep(mod, args, out, key=f"{i}.{m}"):
                 out.retain_grad()
-                outputs[key] = out
+                seen[key] = (args[0].detach(), out)
 
             handles.append(layer.get_submodule(m).register_forward_hook(keep))
     with torch.enable_grad():
@@ -115,7 +115,12 @@ def output_gradient_squares(model, ids) -> dict[str, torch.Tensor]:
     for h in handles:
         h.remove()
     model.zero_grad(set_to_none=True)
-    return {k: o.grad.double().square().sum(dim=(0, 1)) for k, o in outputs.items()}
+    return {k: (x, out.grad) for k, (x, out) in seen.items()}
+
+
+def output_gradient_squares(model, ids) -> dict[str, torch.Tensor]:
+    """Per linear, sum over tokens of (d sum-NLL / d output)^2 per output feature."""
+    return {k: g.double().square().sum(dim=(0, 1)) for k, (_, g) in inputs_and_output_gradients(model, ids).items()}
 
 
 @torch.no_grad()
@@ -472,22 +477,10 @@ def test_rival_scores_match_a_whole_model_reference(checkpoints, calibration, tm
     assert json.loads((tmp_path / "out" / "profiling.json").read_text())["phase_seconds"]["rivals"] > 0
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = calibration[:windows]
-    seen, handles = {}, []
-    for i, layer in enumerate(model.model.layers):
-        for m in MODULES:
-            def keep(mod, args, out, key=f"{i}.{m}"):
-                out.retain_grad()
-                seen[key] = (args[0].detach(), out)
-
-            handles.append(layer.get_submodule(m).register_forward_hook(keep))
-    with torch.enable_grad():
-        logits = model(ids).logits
-        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").backward()
-    for h in handles:
-        h.remove()
+    seen = inputs_and_output_gradients(model, ids)
     for (i, m), rows in df.groupby(["layer", "module"]):
-        x, out = seen[f"{i}.{m}"]
-        g, w = out.grad.double(), model.model.layers[i].get_submodule(m).weight.detach()
+        x, g = seen[f"{i}.{m}"]
+        g, w = g.double(), model.model.layers[i].get_submodule(m).weight.detach()
         for _, row in rows.iterrows():
             err = (w - quant_dequant(w, Rung(int(row.nbit1), int(row.gsize1)))).double()
             taylor = 0.5 * (g.square() * F.linear(x.double(), err).square()).sum().item() / ids.numel()
