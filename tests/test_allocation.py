@@ -450,3 +450,35 @@ def test_rival_allocators_minimize_their_own_column_exactly(method, column):
     assert allocate(same, method, 3.4, {}).modules == allocate(same, "optimal", 3.4, {}).modules
     with pytest.raises(PipelineError, match=f"lacks column\\(s\\) {column} needed by method '{method}'"):
         allocate(scores_from_frame(make_table(n_layers=1, seed=5)), method, 3.4, {})
+
+
+def test_dkld_greedy_spends_bits_where_the_measured_kld_falls_most():
+    from tasks.profiling.dkld import group_of
+
+    frame = make_table(n_layers=3, seed=2)
+    base, rungs = Rung(3, 128), (Rung(3, 128), Rung(4, 64), Rung(8, 128))
+    gain = {(0, "attn"): -0.01, (0, "mlp"): -0.02, (1, "attn"): -0.5, (1, "mlp"): -0.03, (2, "attn"): -0.001, (2, "mlp"): -0.04}
+
+    def measured(row):
+        rung = Rung(int(row.nbit1), int(row.gsize1))
+        if rung not in rungs:
+            return np.nan
+        step = rungs.index(rung)  # 0, 1, 2: the second step gains a tenth of the first
+        return 0.0 if step == 0 else gain[(row.layer, group_of(row.module))] * (1 if step == 1 else 1.1)
+
+    s = scores_from_frame(frame.assign(dkld=frame.apply(measured, axis=1)))
+    assert set(allocate(s, "dkld_greedy", base.bpp, {}).modules.values()) == {base}
+    attn_params = sum(s.params[f"1.{m}"] for m in MODULES if m.startswith("self_attn"))
+    one_step = base.bpp + attn_params * (Rung(4, 64).bpp - base.bpp) / s.total_params
+    bitmap = allocate(s, "dkld_greedy", one_step + 1e-9, {})  # room for exactly one group's step: layer 1's attention
+    assert {k for k, r in bitmap.modules.items() if r != base} == {f"1.{m}" for m in MODULES if m.startswith("self_attn")}
+    for budget in (3.5, 4.0, 5.0):
+        bitmap = allocate(s, "dkld_greedy", budget, {})
+        assert units_of(bitmap) <= capacity_units(budget, s.total_params)
+        for layer in range(3):
+            for group in ("self_attn", "mlp"):
+                assert len({r for k, r in bitmap.modules.items() if k.startswith(f"{layer}.{group}")}) == 1
+    with pytest.raises(PipelineError, match="infeasible for dkld_greedy"):
+        allocate(s, "dkld_greedy", 3.0, {})
+    with pytest.raises(PipelineError, match="lacks column\\(s\\) dkld needed by method 'dkld_greedy'"):
+        allocate(scores_from_frame(frame), "dkld_greedy", 3.5, {})

@@ -490,3 +490,33 @@ def test_rival_scores_match_a_whole_model_reference(checkpoints, calibration, tm
     # The default profile leaves both columns empty and costs no rivals phase.
     plain = pd.read_csv(run_profiling(path, calibration, tmp_path / "plain", rungs=(B4G64,), fisher_samples=windows))
     assert plain["taylor_dloss"].isna().all() and plain["delta_loss"].isna().all()
+
+
+def test_dkld_matches_a_whole_model_measurement(checkpoints, calibration, tmp_path):
+    """ExLlamaV3's measurement: dKLD of a group at a rung = KLD of (all at base, that group at the rung)
+    minus KLD of (all at base), each against the unquantized model, on the first windows."""
+    from transformers import AutoModelForCausalLM
+
+    path, rungs, windows = checkpoints["gemma2"], (Rung(2, 64), Rung(4, 64)), 2
+    df = pd.read_csv(run_profiling(path, calibration, tmp_path / "out", rungs=rungs, fisher_samples=0, dkld_windows=windows,
+                                   dkld_rungs=rungs))  # fmt: skip
+    ids = calibration[:windows]
+
+    def kld_with(upgrade: tuple[int, str] | None) -> float:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ref = F.log_softmax(model(ids).logits, dim=-1)
+            for i, layer in enumerate(model.model.layers):
+                for m in MODULES:
+                    linear = layer.get_submodule(m)
+                    up = upgrade == (i, m.split(".")[0])
+                    linear.weight.copy_(quant_dequant(linear.weight, rungs[1] if up else rungs[0]))
+            logp = F.log_softmax(model(ids).logits, dim=-1)
+        return (ref.exp() * (ref - logp)).sum(-1).mean().item()
+
+    base = kld_with(None)
+    for (layer, group) in ((0, "self_attn"), (2, "mlp")):
+        rows = df[(df.layer == layer) & df.module.str.startswith(group) & (df.nbit1 == 4)]
+        assert rows["dkld"].nunique() == 1  # one value per group, on each member's row
+        assert rows["dkld"].iloc[0] == pytest.approx(kld_with((layer, group)) - base, rel=1e-3, abs=1e-7)
+    assert (df[df.nbit1 == 2]["dkld"] == 0).all()

@@ -22,6 +22,7 @@ class MethodSpec:
     ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
     options: dict = field(default_factory=dict)  # option -> JSON schema of its value (the allocator's keyword arguments)
     rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
+    dkld: bool = False  # needs a profile with ExLlamaV3's measured KLD change per layer group and rung (opt-in, costly)
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -59,6 +60,8 @@ METHODS: dict[str, MethodSpec] = {
                    summary="NVIDIA ModelOpt auto_quantize's gradient score, same MILP"),
         MethodSpec("delta_loss", "exact", ties=True, options=_MILP, rival_scores=True,
                    summary="Intel AutoRound AutoScheme's |dL/dW * dW| score, same MILP"),
+        MethodSpec("dkld_greedy", "exact", dkld=True,
+                   summary="ExLlamaV3: measured KLD change per layer group and rung, spent greedily per extra bit"),
     )
 }
 BOOST_METHODS = tuple(n for n, s in METHODS.items() if s.boost)

@@ -11,7 +11,7 @@ from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allo
 from tasks.allocation.layerwise import allocate_lim, allocate_zd
 from tasks.allocation.mxq import allocate_mxq
 from tasks.allocation.optimal import allocate_optimal
-from tasks.allocation.rivals import allocate_delta_loss, allocate_taylor
+from tasks.allocation.rivals import allocate_delta_loss, allocate_dkld_greedy, allocate_taylor
 from tasks.allocation.scores import Scores, read_scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
@@ -29,6 +29,7 @@ ALLOCATORS: dict[str, Callable[..., BitMap]] = {
     "optimal": allocate_optimal,
     "taylor": allocate_taylor,
     "delta_loss": allocate_delta_loss,
+    "dkld_greedy": allocate_dkld_greedy,
 }
 
 

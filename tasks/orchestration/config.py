@@ -143,6 +143,11 @@ class PipelineConfig:
         return bool(self.budgets) and any(m != "uniform" and method_spec(m).rival_scores for m in self.methods)
 
     @property
+    def dkld(self) -> bool:
+        """Whether the profile must also measure ExLlamaV3's dKLD per layer group and rung (opt-in, costly)."""
+        return bool(self.budgets) and any(m != "uniform" and method_spec(m).dkld for m in self.methods)
+
+    @property
     def gradient_windows(self) -> int:
         """The backward pass takes the first calibration windows, so it can use no more than there are."""
         return min(self.fisher_samples, self.calibration_samples)

@@ -115,12 +115,13 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     if not any(m != "uniform" for m in cfg.methods) or not cfg.budgets:
         return None
     from tasks.profiling import SCORES_FORMAT, run_profiling
+    from tasks.profiling.dkld import DEFAULT_WINDOWS as DKLD_WINDOWS
     from tasks.profiling.driver import SUMMARY_FILE as PROFILE_SUMMARY
     from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT,
-           **({"rival_scores": True} if cfg.rival_scores else {})}  # fmt: skip
+           **({"rival_scores": True} if cfg.rival_scores else {}), **({"dkld_windows": DKLD_WINDOWS} if cfg.dkld else {})}  # fmt: skip
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
@@ -129,7 +130,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                     log.info("profiling: the interrupted attempt had finished its scores; %s", tmp)
                 else:
                     run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
-                                  device=ctx.device, rival_scores=cfg.rival_scores)  # fmt: skip
+                                  device=ctx.device, rival_scores=cfg.rival_scores, dkld_windows=DKLD_WINDOWS if cfg.dkld else 0)  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
         # One MLflow run per profile, which every pipeline run that uses it links to.

@@ -18,6 +18,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--rival-scores", action="store_true",
                         help="also measure ModelOpt's and AutoRound's scores (taylor_dloss, delta_loss) in the backward pass")
+    parser.add_argument("--dkld-windows", type=int, default=0,
+                        help="also ExLlamaV3's measured KLD change per layer group and rung on this many windows (0 = no)")
     parser.add_argument("--fisher-samples", type=int, default=DEFAULT_FISHER_SAMPLES,
                         help=f"calibration samples of the backward pass behind fisher_dloss (default {DEFAULT_FISHER_SAMPLES}; 0 = none)")
     parser.add_argument("--revision", default=None, help="hub revision, for hub ids")
@@ -37,6 +39,6 @@ def run_cli(args: argparse.Namespace) -> int:
     rungs = tuple(parse_rung(r) for r in args.rungs) if args.rungs else LADDER
     model = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir)
     csv = run_profiling(model.path, args.calibration, args.out, batch_size=args.batch_size, normalize=args.normalize, rungs=rungs,
-                        fisher_samples=args.fisher_samples, device=args.device, rival_scores=args.rival_scores)
+                        fisher_samples=args.fisher_samples, device=args.device, rival_scores=args.rival_scores, dkld_windows=args.dkld_windows)
     print(csv)
     return 0

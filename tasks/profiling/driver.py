@@ -39,7 +39,7 @@ from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
 from tasks.families import ATTN_IN, MLP_GATE, Layout
 from tasks.ladder import LADDER, MODULES, Rung
-from tasks.profiling import hqq_fast, rivals
+from tasks.profiling import dkld, hqq_fast, rivals
 from tasks.profiling.fisher import InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
@@ -369,7 +369,8 @@ def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
                   rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES,
-                  device: str = "cpu", rival_scores: bool = False) -> Path:  # fmt: skip
+                  device: str = "cpu", rival_scores: bool = False, dkld_windows: int = 0,
+                  dkld_rungs: tuple[Rung, ...] = dkld.DEFAULT_RUNGS) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -383,7 +384,12 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         time, and only that layer and the calibration hidden states live on the device.
     rival_scores: also measure, in the backward pass, the scores of ModelOpt's and AutoRound's allocators
         (columns taylor_dloss and delta_loss; tasks.profiling.rivals); needs fisher_samples > 0.
+    dkld_windows: with more than 0, also ExLlamaV3's measured KLD change per layer group and rung of
+        `dkld_rungs` on that many calibration windows (column dkld; tasks.profiling.dkld; loads the
+        whole model).
     """
+    if dkld_windows < 0:
+        raise PipelineError(f"dkld_windows must be 0 or more, got {dkld_windows}")
     if rival_scores and fisher_samples == 0:
         raise PipelineError("rival_scores needs the backward pass: fisher_samples must be at least 1")
     if batch_size < 1:
@@ -444,6 +450,11 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     del hidden
     if stash:
         stash.close()
+    if dkld_windows:
+        with _phase(seconds, "dkld"):
+            measured = dkld.measure_dkld(model_path, ids[:dkld_windows], tuple(r for r in dkld_rungs if r in rungs))
+        for row in rows:
+            row["dkld"] = measured.get((row["layer"], dkld.group_of(row["module"]), Rung(row["nbit1"], row["gsize1"])))
     progress.remove()
 
     csv = write_scores(rows, out_dir)
@@ -459,6 +470,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "rungs": [r.name for r in rungs],
         "fisher_samples": grad_samples,
         "rival_scores": rival_scores,
+        "dkld_windows": min(dkld_windows, int(ids.shape[0])),
         "device": str(device),
         "resumed_at_layer": resumed_at,
         "seconds": round(total, 3),
