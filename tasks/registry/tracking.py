@@ -120,7 +120,8 @@ def log_profile_run(tracking_uri: str, base_model: str, base_revision: str, prof
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    params = {k: summary[k] for k in ("samples", "seq_len", "layers", "fisher_samples", "batch_size", "normalize", "device") if k in summary}
+    params = {k: summary[k] for k in ("samples", "seq_len", "layers", "fisher_samples", "batch_size", "normalize", "device",
+                                      "rival_scores", "dkld_windows") if k in summary}
     params["rungs"] = ",".join(summary.get("rungs", []))
     metrics = {"profile_seconds": summary.get("seconds"), **{f"profile_{k}_seconds": v for k, v in summary.get("phase_seconds", {}).items()}}
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()],
