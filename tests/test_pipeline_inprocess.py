@@ -31,7 +31,7 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
     by_method = {r["method"]: r for r in rows}
     assert set(by_method) == {"unquantized", "uniform", *[m for m in METHODS if m != "uniform"]}
     sb = by_method["sensiboost"]["nominal_bpp"]
-    for method in ("lim", "zd", "mxq", "optimal"):  # budget-exact, at the memory SB30 reached
+    for method in ("lim", "zd", "mxq", "optimal", "taylor", "delta_loss", "dkld_greedy"):  # budget-exact, at SB30's memory
         assert by_method[method]["nominal_bpp"] <= sb + 1e-9, method
     for row in rows:
         assert row["ppl_wikitext2"] > 1
@@ -42,3 +42,14 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
     assert 1 <= len(versions) <= len(rows) - 1
     assert len({v.tags["model_hash"] for v in versions}) == len(versions)
     assert client.get_model_version_by_alias(f"{tiny_model_dir.name}-quant", "champion")
+
+    # Another budget with the default methods: the first run's profile (which also holds the opt-in rival
+    # scores) serves it, no second profile is computed.
+    def profiles_on_disk():  # the stage outputs, not their lock files
+        return sorted(p for p in (state / "artifacts" / "profiling").iterdir() if not p.name.startswith("."))
+
+    profiles = profiles_on_disk()
+    run_inprocess({"model": str(tiny_model_dir), "uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.6"],
+                   "calibration_samples": 4, "calibration_seq_len": 128, "eval_tokens": 1024, "protocols": ["paper"],
+                   "lm_eval_tasks": []})  # fmt: skip
+    assert profiles_on_disk() == profiles and len(profiles) == 1

@@ -10,6 +10,8 @@ table's business (tasks/orchestration/step_table.py), not theirs.
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 from pathlib import Path
 from typing import TypedDict
@@ -120,9 +122,18 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
-    key = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT,
-           **({"rival_scores": True} if cfg.rival_scores else {}), **({"dkld_windows": DKLD_WINDOWS} if cfg.dkld else {})}  # fmt: skip
+    base = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
+    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld)]
+    key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
+    # A finished profile with more columns than this run needs (the opt-in rival measurements) serves as is.
+    unwanted = [extra for extra, wanted in extras if not wanted]
+    supersets = [combo for n in range(1, len(unwanted) + 1) for combo in itertools.combinations(unwanted, n)]
+    for combo in supersets:
+        richer = StageOutput(ctx.settings.artifact_root, "profiling", {**key, **{k: v for extra in combo for k, v in extra.items()}})
+        if not out.is_complete() and richer.is_complete():
+            log.info("profiling: reusing %s, which also holds the opt-in rival scores", richer.uri)
+            out = richer
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
             with out.build(resume=True) as tmp:  # a killed attempt's per-layer progress is picked up
