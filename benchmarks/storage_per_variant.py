@@ -12,6 +12,7 @@ two copies remain (README, Storage).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def main() -> int:
     from tasks.registry.dedup import local_dir
 
     home = Path(args.home).resolve()
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    # The pipeline's default store under the home (README), unless MLFLOW_TRACKING_URI says otherwise.
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"))
     owner: dict[tuple[int, int], Path] = {}  # inode -> the quantized stage output directory holding it
     for stage_dir in (home / "artifacts" / "quantized").glob("*/*"):
         if stage_dir.is_dir() and not stage_dir.name.endswith(".partial"):
