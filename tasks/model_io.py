@@ -34,7 +34,6 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
-
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str  # display name, also the MLflow experiment and registered-model stem

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tasks.allocation.methods import METHODS, method_spec
-from tasks.ladder import Rung, parse_rung
 from tasks.errors import PipelineError
+from tasks.ladder import Rung, parse_rung
 from tasks.orchestration.config import TIE_FUSED_BACKENDS, PipelineConfig, budget_label, parse_budget
 
 

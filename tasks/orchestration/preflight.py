@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.families import layout_for, model_type_of
+from tasks.families import layout_for
 from tasks.orchestration.config import PipelineConfig, named_error, parse_rung
 
 
@@ -28,12 +28,6 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
     layout = layout_for(read_config(model.path))
     plan_variants(cfg, layout.model_type if layout.stacked else None)  # e.g. tie_fused false on a stacked family
     return cfg, model, backend_notes(cfg, layout.model_type)
-
-
-def model_type(path) -> str:
-    from tasks.model_io import read_config
-
-    return model_type_of(read_config(path))
 
 
 def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:

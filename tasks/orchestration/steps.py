@@ -11,7 +11,6 @@ table's business (tasks/orchestration/step_table.py), not theirs.
 from __future__ import annotations
 
 import itertools
-
 import logging
 from pathlib import Path
 from typing import TypedDict
@@ -127,13 +126,14 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     # A finished profile with more columns than this run needs (the opt-in rival measurements) serves as is.
-    unwanted = [extra for extra, wanted in extras if not wanted]
-    supersets = [combo for n in range(1, len(unwanted) + 1) for combo in itertools.combinations(unwanted, n)]
-    for combo in supersets:
-        richer = StageOutput(ctx.settings.artifact_root, "profiling", {**key, **{k: v for extra in combo for k, v in extra.items()}})
-        if not out.is_complete() and richer.is_complete():
-            log.info("profiling: reusing %s, which also holds the opt-in rival scores", richer.uri)
-            out = richer
+    if not out.is_complete():
+        unwanted = [extra for extra, wanted in extras if not wanted]
+        combos = (c for n in range(1, len(unwanted) + 1) for c in itertools.combinations(unwanted, n))
+        richer = (StageOutput(ctx.settings.artifact_root, "profiling", {**key, **{k: v for e in c for k, v in e.items()}}) for c in combos)
+        found = next((r for r in richer if r.is_complete()), None)
+        if found is not None:
+            log.info("profiling: reusing %s, which also holds the opt-in rival scores", found.uri)
+            out = found
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
             with out.build(resume=True) as tmp:  # a killed attempt's per-layer progress is picked up
@@ -185,9 +185,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
     if cfg.include_baseline:
         variants.append({"backend": "none", "method": BASELINE_METHOD, "label": BASELINE_METHOD, "budget_label": "fp32", "budget": None, "options": {}, "bitmap": None})
     backends = {name: get_backend(name) for name in cfg.backends}
-    from tasks.orchestration.preflight import model_type
-
-    family = model_type(local_model(ctx, model))
+    family = layout.model_type
     for name, backend in list(backends.items()):
         refusal = backend.family_refusal(family)
         if refusal:

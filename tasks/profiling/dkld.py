@@ -62,8 +62,7 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
     # Every stored linear at the base rung; keep each logical module's original weight to re-quantize.
     originals: dict[tuple[int, str], torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        state = {f"{name}.weight": layer.get_submodule(name).weight.data for name in layout.linears}
-        for module, w in layout.weights(state).items():
+        for module, w in _weights(layer, layout).items():
             originals[(i, module)] = w.clone()
         _assign(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in GROUPS["attn"] + GROUPS["mlp"]})
 
@@ -89,13 +88,18 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
     for i in range(len(layers)):
         for group, members in GROUPS.items():
             result[(i, group, base)] = 0.0
-            base_weights = {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in members}
+            base_weights = {m: w.clone() for m, w in _weights(layers[i], layout).items() if m in members}  # as assigned above
             for rung in rungs[1:]:
                 _assign(layers[i], layout, {m: hqq_fast.quant_dequant(originals[(i, m)], rung) for m in members})
                 result[(i, group, rung)] = _kld(_run_from(model, i, entry), ref_logprobs) - base_kld
             _assign(layers[i], layout, base_weights)
         log.info("dkld: layer %d/%d measured (%.0f s)", i + 1, len(layers), time.perf_counter() - started)
     return result
+
+
+def _weights(layer, layout) -> dict[str, torch.Tensor]:
+    """Logical module -> its weight in the layer (a view of the stored linear's rows)."""
+    return layout.weights({f"{name}.weight": layer.get_submodule(name).weight.data for name in layout.linears})
 
 
 def _assign(layer, layout, weights: dict[str, torch.Tensor]) -> None:

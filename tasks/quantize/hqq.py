@@ -18,7 +18,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.families import layout_for
-from tasks.ladder import Rung
+from tasks.ladder import Rung, split_key
 from tasks.quantize.base import Backend, Capabilities, true_config
 from tasks.quantize.hqq_ops import hqq_config, hqq_linear
 
@@ -38,8 +38,8 @@ def stored_rungs(bitmap: BitMap, config) -> dict[str, Rung]:
     """The model's stored linears (full names) -> their rungs: one per logical module, or, where the family
     stacks modules in one linear (Phi-3's qkv_proj), the one rung its members share (tasks.families)."""
     layout = layout_for(config)
-    layers = sorted({int(key.split(".", 1)[0]) for key in bitmap.modules})
-    unknown = [k for k in bitmap.modules if k.split(".", 1)[1] not in layout.rows]
+    layers = sorted({split_key(key)[0] for key in bitmap.modules})
+    unknown = [k for k in bitmap.modules if split_key(k)[1] not in layout.rows]
     if unknown:
         raise PipelineError(f"bit map names module {unknown[0]!r}, which the model does not have")
     out = {}
