@@ -8,6 +8,11 @@ format still round-trips: the profiler scores each logical module on its rows of
 allocators give the members of one stored linear one rung (`tie_fused`, which the planner turns on for
 such families), and a backend quantizes the stored linear at that rung.
 
+Mixture-of-experts families (Qwen3-MoE) replace the MLP by a router (`mlp.gate`, never quantized) and
+`experts` small MLPs: their logical modules are the four attention linears and, per expert e,
+`mlp.experts.<e>.gate_proj`, `.up_proj` and `.down_proj` (the hub's checkpoint names; tasks.experts maps
+transformers' stacked expert tensors onto them). Each expert is scored on the tokens the router sends it.
+
 Light on purpose (no torch at import): pre-flight and the planner read it in the Airflow image.
 """
 
@@ -21,11 +26,33 @@ from tasks.ladder import MODULES
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_GATE = ("mlp.gate_proj", "mlp.up_proj")
 
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 # Families with one stored linear per logical module.
 SEPARATE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # Families that store some logical modules stacked in one linear: stored name -> its members, in row order.
 STACKED = {"phi3": {"self_attn.qkv_proj": ATTN_IN, "mlp.gate_up_proj": MLP_GATE}}
-SUPPORTED_MODEL_TYPES = SEPARATE + tuple(STACKED)
+# Mixture-of-experts families: the config fields that may hold the number of experts per layer (the hub's
+# config.json says num_experts; transformers 5 writes num_local_experts).
+MOE = {"qwen3_moe": ("num_experts", "num_local_experts")}
+SUPPORTED_MODEL_TYPES = SEPARATE + tuple(STACKED) + tuple(MOE)
+
+
+def expert_module(expert: int, projection: str) -> str:
+    return f"mlp.experts.{expert}.{projection}"
+
+
+def expert_of(module: str) -> int | None:
+    """The expert index of a logical module ('mlp.experts.3.down_proj' -> 3), None for a dense one."""
+    if not module.startswith("mlp.experts."):
+        return None
+    return int(module.split(".")[2])
+
+
+def leaf(module: str) -> str:
+    """The projection's own name ('mlp.experts.3.down_proj' -> 'down_proj', 'self_attn.q_proj' -> 'q_proj')."""
+    return module.rpartition(".")[2]
 
 
 @dataclass(frozen=True)
@@ -40,12 +67,29 @@ class Rows:
 class Layout:
     """The stored linears of one architecture's decoder layer and the logical modules in each."""
 
-    def __init__(self, model_type: str, rows: dict[str, Rows]):
+    def __init__(self, model_type: str, rows: dict[str, Rows], experts: int = 0):
         self.model_type = model_type
-        self.rows = rows  # logical module -> Rows, in MODULES order
+        self.rows = rows  # logical module -> Rows, in MODULES order (MoE: attention, then expert by expert)
+        self.experts = experts  # experts per layer; 0 for a dense MLP
         self.linears: dict[str, tuple[str, ...]] = {}  # stored name -> its members, in row order
         for module, where in rows.items():
             self.linears[where.name] = self.linears.get(where.name, ()) + (module,)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The logical modules of one decoder layer, in the scores table's order."""
+        return tuple(self.rows)
+
+    def input_of(self, module: str) -> str:
+        """Which captured input feeds the module: attention input, attention context, the MLP input and the
+        down projection's input, per expert for MoE (q/k/v share one; gate/up share one)."""
+        expert, name = expert_of(module), leaf(module)
+        if name in ("q_proj", "k_proj", "v_proj"):
+            return "attn"
+        if name == "o_proj":
+            return "ctx"
+        kind = "act" if name == "down_proj" else "mlp"
+        return kind if expert is None else f"{kind}.{expert}"
 
     @property
     def stacked(self) -> bool:
@@ -102,6 +146,8 @@ def layout_for(config) -> Layout:
     model_type = model_type_of(config)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PipelineError(f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    if model_type in MOE:
+        return _moe_layout(config, model_type)
     if model_type not in STACKED:
         return Layout(model_type, {m: Rows(m, 0, None) for m in MODULES})
     hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
@@ -117,3 +163,18 @@ def layout_for(config) -> Layout:
             start += widths[m]
     rows = {m: rows.get(m, Rows(m, 0, None)) for m in MODULES}
     return Layout(model_type, rows)
+
+
+def _moe_layout(config, model_type: str) -> Layout:
+    # Qwen3-MoE can keep a dense MLP in some layers (mlp_only_layers, decoder_sparse_step); the released
+    # models (Qwen3-30B-A3B, Qwen3-235B-A22B) use experts in every layer, which is all a layout describes.
+    dense = list(_get(config, "mlp_only_layers", None) or [])
+    step = _get(config, "decoder_sparse_step", 1) or 1
+    if dense or step != 1:
+        raise PipelineError(f"{model_type} with dense MLP layers (mlp_only_layers={dense}, decoder_sparse_step={step}) "
+                            "is not supported: every decoder layer must be a mixture of experts")  # fmt: skip
+    experts = next((int(n) for n in (_get(config, field) for field in MOE[model_type]) if n), 0)
+    if experts < 1:
+        raise PipelineError(f"{model_type} config gives no number of experts ({' or '.join(MOE[model_type])})")
+    modules = ATTENTION + tuple(expert_module(e, p) for e in range(experts) for p in EXPERT_PROJECTIONS)
+    return Layout(model_type, {m: Rows(m, 0, None) for m in modules}, experts=experts)

@@ -25,19 +25,40 @@ MODULES = (
 )
 
 # The linears a serving engine (vLLM, TensorRT-LLM) fuses into one kernel, so they must share one
-# precision there: the attention input projections and the MLP's gate and up projections.
+# precision there: the attention input projections and the MLP's gate and up projections (of each expert,
+# in a mixture-of-experts layer: `mlp.experts.<e>.gate_proj` with `mlp.experts.<e>.up_proj`).
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+_FUSED_LEAVES = tuple(tuple(m.rpartition(".")[2] for m in group) for group in FUSED)
 
 
-def fused_groups(keys) -> list[list[int]]:
-    """Indices of `keys` ("<layer>.<module>") grouped as a serving engine fuses them; every other key alone."""
+def fused_groups(keys, fused: bool = True, experts: bool = False) -> list[list[int]]:
+    """Indices of `keys` ("<layer>.<module>") grouped as a serving engine fuses them (with `fused`); every
+    other key alone. With `experts`, all expert linears of a layer form one group (a fused MoE kernel, such as vLLM's,
+    runs every expert of a layer in one quantization format)."""
     keys = list(keys)
     group_of = {}
     for i, key in enumerate(keys):
         layer, module = split_key(key)
-        fused = next((g for g in FUSED if module in g), None)
-        group_of.setdefault((layer, fused) if fused else (key,), []).append(i)
+        parent, _, leaf = module.rpartition(".")
+        if experts and module.startswith("mlp.experts."):
+            group = (layer, "mlp.experts")
+        else:
+            fusable = fused and (parent in ("self_attn", "mlp") or module.startswith("mlp.experts."))
+            members = next((g for g in _FUSED_LEAVES if leaf in g), None) if fusable else None
+            group = (layer, parent, members) if members else (key,)
+        group_of.setdefault(group, []).append(i)
     return list(group_of.values())
+
+
+def module_order(module: str) -> tuple:
+    """Sort key of a logical module: the seven of MODULES in the authors' order, then experts by number."""
+    if module in MODULES:
+        return (MODULES.index(module),)
+    parts = module.split(".")
+    projections = ("gate_proj", "up_proj", "down_proj")
+    if module.startswith("mlp.experts.") and len(parts) == 4 and parts[2].isdigit() and parts[3] in projections:
+        return (len(MODULES), int(parts[2]), projections.index(parts[3]))
+    return (len(MODULES) + 1, module)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -239,19 +238,24 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def linear_param_counts(config: dict) -> dict[str, int]:
-    """Parameter count per quantizable linear, from the config alone (no weights loaded)."""
+    """Parameter count per quantizable linear (logical module, tasks.families), from the config alone."""
+    from tasks.families import expert_of, layout_for, leaf
+
+    layout = layout_for(config)
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads") or heads
     inter = config["intermediate_size"]
     shapes = {
-        "self_attn.q_proj": heads * head_dim * hidden,
-        "self_attn.k_proj": kv * head_dim * hidden,
-        "self_attn.v_proj": kv * head_dim * hidden,
-        "self_attn.o_proj": hidden * heads * head_dim,
-        "mlp.gate_proj": inter * hidden,
-        "mlp.up_proj": inter * hidden,
-        "mlp.down_proj": hidden * inter,
+        "q_proj": heads * head_dim * hidden,
+        "k_proj": kv * head_dim * hidden,
+        "v_proj": kv * head_dim * hidden,
+        "o_proj": hidden * heads * head_dim,
+        "gate_proj": inter * hidden,
+        "up_proj": inter * hidden,
+        "down_proj": hidden * inter,
     }
+    moe_inter = config.get("moe_intermediate_size") or inter
+    shapes = {m: (hidden * moe_inter if expert_of(m) is not None else shapes[leaf(m)]) for m in layout.modules}
     return {module_key(i, m): n for i in range(config["num_hidden_layers"]) for m, n in shapes.items()}

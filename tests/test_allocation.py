@@ -231,6 +231,24 @@ def test_knapsack_core_phase_is_exact(seed, monkeypatch):
         assert (lower + reduced[np.arange(len(best)), best] <= opt + 1e-9).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_greedy_incumbent_of_large_programs_fits_and_leads_to_the_exact_optimum(seed, monkeypatch):
+    """Above GREEDY_ABOVE modules (mixture-of-experts scale) phase 1 is the Lagrangian greedy choice, filled;
+    forced on small programs it must fit, be within the LP gap, and the core phase must still reach the
+    brute-force optimum."""
+    monkeypatch.setattr(knapsack, "GREEDY_ABOVE", 0)
+    costs, sizes = random_knapsack(seed)
+    solver = knapsack.ChoiceKnapsack(costs, sizes)
+    for frac in (0.1, 0.4, 0.8):
+        cap = int(sizes.min(axis=1).sum() + frac * (sizes.max(axis=1).sum() - sizes.min(axis=1).sum()))
+        incumbent, _ = solver._incumbent(cap, None)
+        lower, _ = knapsack.lagrangian_bound(costs, sizes, solver.mask, cap)
+        assert solver.units(incumbent) <= cap and solver.cost(incumbent) >= lower - 1e-9
+        choice, facts = solver.solve(cap)
+        assert solver.units(choice) <= cap and facts["status"] == "optimal"
+        assert solver.cost(choice) == pytest.approx(solver.cost(brute_force_choice(costs, sizes, cap)), rel=1e-12)
+
+
 # --- optimal -------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 from tasks.bitmap import uniform_bitmap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from helpers import BOOSTED, boosted_bitmap, rel_error
+from helpers import boosted_bitmap, rel_error
 
 pytest.importorskip("llmcompressor", reason="llmcompressor is not installed (the llmcompressor container has it)")
 

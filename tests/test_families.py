@@ -1,6 +1,7 @@
 """Architecture families through every stage, on tiny random-weight checkpoints saved the way a user's
 arrives (a local safetensors directory): profile -> allocate (uniform, SensiBoost, optimal) -> quantize
-(HQQ and GPTQ) -> evaluate -> record. Families the pipeline cannot run are refused at pre-flight with one
+(HQQ and GPTQ) -> evaluate -> record; AWQ and bitsandbytes quantize a two-rung bit map of every family
+they claim and reload it. Families the pipeline cannot run are refused at pre-flight with one
 line. The README's families table is this file's matrix."""
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ pytestmark = pytest.mark.slow  # one reduced pipeline per family
 REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
-REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq",)}  # family -> backends that refuse it (README's families table)
-CONF = {"backends": ["hqq", "gptq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"],
+# family -> backends that refuse it (README's families table)
+REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq", "awq", "bnb"), "qwen3_moe": ("gptq", "awq", "bnb")}
+# The pipeline runs HQQ and GPTQ on every family (and AWQ and bnb where they refuse it, to see the refusal);
+# AWQ's and bnb's bit maps on the families they claim are the direct test below (a pipeline each costs minutes).
+BACKENDS = ("hqq", "gptq")
+CONF = {"backends": list(BACKENDS), "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"],
         "calibration_samples": 4, "calibration_seq_len": 128, "fisher_samples": 2, "eval_tokens": 1024,
         "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
 
@@ -42,8 +47,10 @@ def _config(family: str):
         return tf.Gemma3TextConfig(**COMMON, head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
     if family == "phi3":  # fused qkv_proj and gate_up_proj
         return tf.Phi3Config(**COMMON)
-    if family == "qwen3_moe":
+    if family == "qwen3_moe":  # a router and 4 experts per layer (stacked tensors in transformers 5)
         return tf.Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    if family == "mixtral":
+        return tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(family)
 
 
@@ -59,25 +66,27 @@ def _checkpoint(root: Path, family: str, tokenizer_dir: Path) -> Path:
     return path
 
 
-def _pipeline(model: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
+def _pipeline(model: Path, home: Path, *extra: str, backends=BACKENDS) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "QUANT_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
     env.pop("QUANT_ARTIFACT_ROOT", None)
-    return subprocess.run([sys.executable, "-m", "tasks", "pipeline", *extra, "--config", json.dumps({**CONF, "model": str(model)})],
+    conf = {**CONF, "backends": list(backends), "model": str(model)}
+    return subprocess.run([sys.executable, "-m", "tasks", "pipeline", *extra, "--config", json.dumps(conf)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "qwen3_moe"])
 def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
-    check = _pipeline(model, tmp_path / "state", "--check")
+    backends = BACKENDS + tuple(b for b in ("awq", "bnb") if b in REFUSED.get(family, ()))
+    check = _pipeline(model, tmp_path / "state", "--check", backends=backends)
     assert check.returncode == 0, check.stderr[-3000:]
-    proc = _pipeline(model, tmp_path / "state")
+    proc = _pipeline(model, tmp_path / "state", backends=backends)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "state" / "reports" / "latest" / "results.json").read_text())
     names = {r["variant"] for r in rows}
-    for backend in ("hqq", "gptq"):
+    for backend in backends:
         expected = {f"{backend}/uniform/4.25", f"{backend}/SB30/3.25", f"{backend}/optimal/3.25"}
         if backend in REFUSED.get(family, ()):  # refused up front: a pre-flight note, no variant, no traceback
             assert not expected & names and f"note: {backend} will skip every variant" in check.stdout, check.stdout
@@ -89,10 +98,36 @@ def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_mo
             assert row["version"], row
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral"])
 def test_an_unsupported_family_is_refused_at_preflight_in_one_line(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
     proc = _pipeline(model, tmp_path / "state", "--check")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and family in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])  # llama: test_backend_{awq,bnb}.py
+@pytest.mark.parametrize("backend", ["awq", "bnb"])
+def test_awq_and_bnb_quantize_a_bit_map_of_each_family_they_claim(backend, family, tmp_path, embedded_model):
+    """b4g64 everywhere and two modules at b8g128 (bnb: nf4 and int8): quantized, saved, reloaded, and the
+    reloaded model's logits close to the float model's but not equal to them."""
+    import torch
+
+    from helpers import boosted_bitmap, rel_error
+    from tasks.model_io import linear_param_counts, load_model, read_config
+    from tasks.quantize.registry import get_backend
+
+    if backend == "awq":
+        pytest.importorskip("llmcompressor", reason="llmcompressor is not installed (the llmcompressor container has it)")
+    model = _checkpoint(tmp_path, family, embedded_model.path)
+    ids = torch.randint(3, 4000, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = load_model(model)(ids).logits
+    quantizer = get_backend(backend)
+    out = tmp_path / backend
+    out.mkdir()
+    quantizer.quantize(model, boosted_bitmap(linear_param_counts(read_config(model))), ids, out, {"n_grid": 4} if backend == "awq" else {})
+    with torch.no_grad():
+        logits = quantizer.load(out)(ids).logits
+    assert 1e-3 < rel_error(reference, logits) < 0.5

@@ -4,7 +4,6 @@ tests/test_standalone.py."""
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 

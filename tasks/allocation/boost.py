@@ -101,7 +101,7 @@ def boosted_bitmap(scores: Scores, method: str, base: Rung, outliers: dict[str, 
 
 
 def _boost(scores: Scores, budget, method: str, column: str, diff: str, boost_stop: int, top_m: int, ablation: bool, seed: int,
-           tie_fused: bool = False) -> BitMap:  # fmt: skip
+           tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     base = as_rung(budget)
     if int(boost_stop) < 1:
         raise PipelineError(f"boost_stop must be at least 1 (got {boost_stop})")
@@ -120,36 +120,37 @@ def _boost(scores: Scores, budget, method: str, column: str, diff: str, boost_st
         options.update(ablation=True, seed=int(seed))
     log.info("%s: %d outlier module(s) boosted %s -> %s", method, sum(map(len, outliers.values())), base.name, boost(base, int(boost_stop)).name)
     bitmap = boosted_bitmap(scores, method, base, outliers, int(boost_stop), options)
-    return tie_boosts(bitmap) if tie_fused else bitmap
+    return tie_boosts(bitmap, tie_fused, tie_experts) if tie_fused or tie_experts else bitmap
 
 
-def tie_boosts(bitmap: BitMap) -> BitMap:
+def tie_boosts(bitmap: BitMap, fused: bool = True, experts: bool = False) -> BitMap:
     """A boost spreads to the modules fused with a boosted one (q/k/v, gate/up of a layer): each fused
     group takes its highest rung, so a serving engine can run it as one kernel. It costs memory above
     the plain boost's, reported like the boost's own (extra_pct)."""
     keys = list(bitmap.modules)
-    for group in fused_groups(keys):
+    for group in fused_groups(keys, fused, experts):
         top = max((bitmap.modules[keys[i]] for i in group), key=lambda r: r.bpp)
         for i in group:
             bitmap.modules[keys[i]] = top
-    bitmap.options["tie_fused"] = True
+    bitmap.options.update({k: True for k, on in (("tie_fused", fused), ("tie_experts", experts)) if on})
     return bitmap
 
 
 def allocate_sensiboost(scores: Scores, budget, boost_stop: int = 3, top_m: int = 0, ablation: bool = False, seed: int = 0,
-                        tie_fused: bool = False) -> BitMap:  # fmt: skip
+                        tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """SensiBoost: jumps in activation sensitivity (ratio of consecutive layers). Paper: SB30.
 
     ablation=True is the authors' random control (as many random non-outlier layers per module type).
-    tie_fused=True boosts the whole fused group of a boosted module (`tie_boosts`).
+    tie_fused=True boosts the whole fused group of a boosted module (`tie_boosts`); tie_experts=True every
+    expert linear of a mixture-of-experts layer with a boosted one.
     """
-    return _boost(scores, budget, "sensiboost", "sensitivity", "ratio", boost_stop, top_m, ablation, seed, tie_fused)
+    return _boost(scores, budget, "sensiboost", "sensitivity", "ratio", boost_stop, top_m, ablation, seed, tie_fused, tie_experts)
 
 
 def allocate_kurtboost(scores: Scores, budget, boost_stop: int = 2, top_m: int = 1, ablation: bool = False, seed: int = 0,
-                       tie_fused: bool = False) -> BitMap:  # fmt: skip
+                       tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """KurtBoost: jumps in weight kurtosis (difference of consecutive layers). Paper: KB21."""
-    return _boost(scores, budget, "kurtboost", "kurtosis", "difference", boost_stop, top_m, ablation, seed, tie_fused)
+    return _boost(scores, budget, "kurtboost", "kurtosis", "difference", boost_stop, top_m, ablation, seed, tie_fused, tie_experts)
 
 
 def allocate_uniform(scores: Scores, budget) -> BitMap:

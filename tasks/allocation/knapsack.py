@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 UNITS_PER_BIT = 512
 QUICK_GAP = 1e-4  # HiGHS's default gap: the incumbent of phase 1 (the authors' MXQ setting)
+# Above this many modules (a mixture-of-experts model: 18,624 for Qwen3-30B-A3B) phase 1's generic solve can
+# use the whole time limit without finding a feasible point; the Lagrangian greedy incumbent takes
+# milliseconds and is within one module's step of the LP bound, so the exact core stays small.
+GREEDY_ABOVE = 4096
 _REPAIRS = 5  # re-solves with a tighter cap if HiGHS's feasibility tolerance let the cap slip
 
 
@@ -68,9 +72,12 @@ def pareto_candidates(costs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return np.array(sorted(keep), dtype=int)
 
 
-def lagrangian_bound(costs: np.ndarray, sizes: np.ndarray, mask: np.ndarray, capacity: int) -> tuple[float, np.ndarray]:
+def lagrangian_bound(costs: np.ndarray, sizes: np.ndarray, mask: np.ndarray, capacity: int,
+                     feasible: bool = False) -> tuple[float, np.ndarray] | np.ndarray:  # fmt: skip
     """max over lambda >= 0 of  sum_i min_j (c + lambda s) - lambda * capacity  (the LP bound of the
-    multiple-choice knapsack), and the reduced costs d = (c + lambda s) - row minimum at that lambda."""
+    multiple-choice knapsack), and the reduced costs d = (c + lambda s) - row minimum at that lambda.
+    With `feasible`, instead the choice minimizing c + lambda s at the smallest bracketed lambda whose
+    choice fits the capacity (the greedy solution of the relaxation, rounded down)."""
     c = np.where(mask, costs, np.inf)
     s = sizes.astype(float)
     rows = np.arange(len(c))
@@ -89,6 +96,8 @@ def lagrangian_bound(costs: np.ndarray, sizes: np.ndarray, mask: np.ndarray, cap
         for _ in range(200):  # the used size falls as lambda grows; bracket the crossing
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if at(mid)[1] > capacity else (lo, mid)
+    if feasible:
+        return at(hi)[2].argmin(axis=1)
     bound, lam = max((at(lo)[0], lo), (at(hi)[0], hi))
     v = at(lam)[2]
     return bound, v - v.min(axis=1, keepdims=True)
@@ -165,21 +174,43 @@ class ChoiceKnapsack:
         log.debug("knapsack: LB %.9g, UB %.9g, core %d of %d candidates", lower, upper, core.sum(), self.mask.sum())
         if upper > lower + slack and (core.sum(axis=1) > 1).any():
             choice, facts["status"] = self._solve_within(core, capacity, self.mip_rel_gap, deadline, spread=upper - lower)
-            if self.cost(choice) < upper:
+            if choice is not None and self.cost(choice) < upper:
                 best = choice
-        if facts["status"] == "optimal":
-            facts["mip_gap"] = self.mip_rel_gap
-        else:
-            log.warning("knapsack: time limit reached; the allocation is feasible but not proven optimal")
         cost = self.cost(best)
         facts["lp_gap"] = max((cost - lower) / abs(cost), 0.0) if cost else 0.0  # distance to the LP bound
+        if facts["status"] == "optimal":
+            facts["mip_gap"] = self.mip_rel_gap
+        else:  # the LP bound still bounds the distance to the optimum
+            log.warning("knapsack: time limit reached; the allocation is feasible and within %.1e (relative) of the optimum, "
+                        "not proven optimal", facts["lp_gap"])  # fmt: skip
         return best, facts
 
     def _incumbent(self, capacity: int, deadline: float | None) -> tuple[np.ndarray, str]:
-        """Phase 1: a good feasible choice, fast (HiGHS with the quick gap)."""
-        return self._solve_within(self.mask, capacity, max(self.mip_rel_gap, QUICK_GAP), deadline)
+        """Phase 1: a good feasible choice, fast (HiGHS with the quick gap; for very many modules the
+        Lagrangian greedy choice, then filled: see GREEDY_ABOVE)."""
+        if len(self.costs) <= GREEDY_ABOVE:
+            return self._solve_within(self.mask, capacity, max(self.mip_rel_gap, QUICK_GAP), deadline)
+        return self._fill(lagrangian_bound(self.costs, self.sizes, self.mask, capacity, feasible=True), capacity), "optimal"
 
-    def _solve_within(self, mask: np.ndarray, capacity: int, gap: float, deadline: float | None, spread: float = 0.0) -> tuple[np.ndarray, str]:
+    def _fill(self, choice: np.ndarray, capacity: int) -> np.ndarray:
+        """Spend the units `choice` leaves under the cap: repeatedly take the single-module change with the
+        largest cost decrease per extra unit that still fits, until none does."""
+        choice = choice.copy()
+        rows = np.arange(len(choice))
+        cost = np.where(self.mask, self.costs, np.inf)
+        while True:
+            left = capacity - self.units(choice)
+            extra = self.sizes - self.sizes[rows, choice][:, None]
+            gain = cost[rows, choice][:, None] - cost
+            ok = (extra > 0) & (extra <= left) & (gain > 0)
+            if not ok.any():
+                return choice
+            rate = np.where(ok, gain / np.maximum(extra, 1), -np.inf)
+            i, j = np.unravel_index(int(rate.argmax()), rate.shape)
+            choice[i] = j
+
+    def _solve_within(self, mask: np.ndarray, capacity: int, gap: float, deadline: float | None,
+                      spread: float = 0.0) -> tuple[np.ndarray | None, str]:  # fmt: skip
         rows, cols = np.nonzero(mask)  # row-major: each module's candidates are contiguous
         n = len(self.costs)
         starts = np.searchsorted(rows, np.arange(n + 1))
@@ -202,6 +233,8 @@ class ChoiceKnapsack:
             if res.x is None:
                 if res.status == 2:
                     raise PipelineError("knapsack is infeasible at this capacity")
+                if res.status == 1 and spread > 0:  # the exact phase ran out of time: the caller keeps its incumbent
+                    return None, "time_limit"
                 raise PipelineError(f"knapsack solver failed: {res.message}")
             choice = np.array([cols[starts[i] + int(np.argmax(res.x[starts[i] : starts[i + 1]]))] for i in range(n)])
             over = self.units(choice) - capacity

@@ -35,11 +35,12 @@ class MethodSpec:
 
 RUNG_NAME = {"type": "string", "pattern": r"^b[2348]g(32|64|128)$"}
 _BOOST = {"boost_stop": {"type": "integer", "minimum": 0}, "top_m": {"type": "integer", "minimum": 0},
-          "ablation": {"type": "boolean"}, "seed": {"type": "integer"}, "tie_fused": {"type": "boolean"}}  # fmt: skip
+          "ablation": {"type": "boolean"}, "seed": {"type": "integer"}, "tie_fused": {"type": "boolean"},
+          "tie_experts": {"type": "boolean"}}  # fmt: skip
 _LAYERWISE = {"low": RUNG_NAME, "high": RUNG_NAME}
 _MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}]},
          "time_limit": {"type": "number", "exclusiveMinimum": 0}, "mip_gap": {"type": "number", "minimum": 0},
-         "tie_fused": {"type": "boolean"}}  # fmt: skip
+         "tie_fused": {"type": "boolean"}, "tie_experts": {"type": "boolean"}}  # fmt: skip
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec

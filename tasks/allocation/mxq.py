@@ -15,11 +15,12 @@ from tasks.errors import PipelineError
 
 
 def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                 tie_fused: bool = False) -> BitMap:  # fmt: skip
+                 tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """MXQ bit map for a real-valued budget in bits per parameter.
 
     mip_gap 0 proves optimality (see tasks.allocation.knapsack); the authors ran HiGHS's default 1e-4.
     tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need).
+    tie_experts: all expert linears of a mixture-of-experts layer share one rung (fused MoE kernels).
     """
     bpp = as_bpp(budget)
     tolerance = float(tolerance)
@@ -28,5 +29,5 @@ def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, tim
     scores.require(["fnorm"], "mxq")
     cand = candidate_rungs(scores, as_rungs(rungs))
     program = RungProgram(scores, scores.rung_matrix("fnorm", cand), cand, "mxq", time_limit=time_limit, mip_gap=float(mip_gap),
-                          tie_fused=bool(tie_fused))  # fmt: skip
+                          tie_fused=bool(tie_fused), tie_experts=bool(tie_experts))  # fmt: skip
     return program.allocate(bpp, tolerance, options={"cost": "fnorm"})

@@ -41,15 +41,9 @@ from tasks.ladder import split_key
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("fisher", "sensitivity", "output")
-PARTS = {
-    "self_attn.q_proj": "attn_in",
-    "self_attn.k_proj": "attn_in",
-    "self_attn.v_proj": "attn_in",
-    "self_attn.o_proj": "attn_out",
-    "mlp.gate_proj": "mlp_gate",
-    "mlp.up_proj": "mlp_gate",
-    "mlp.down_proj": "mlp_down",
-}
+# The SensiBoost part of each projection (an MoE expert's projections take their layer's MLP parts).
+PARTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out", "gate_proj": "mlp_gate",
+         "up_proj": "mlp_gate", "down_proj": "mlp_down"}  # fmt: skip
 
 
 def error_column(scores: Scores) -> str:
@@ -71,7 +65,7 @@ def part_groups(keys: tuple[str, ...], sensitivity: np.ndarray) -> list[list[int
     groups: dict[tuple[int, str], list[int]] = {}
     for i, key in enumerate(keys):
         layer, module = split_key(key)
-        groups.setdefault((layer, PARTS.get(module, module)), []).append(i)
+        groups.setdefault((layer, PARTS.get(module.rpartition(".")[2], module)), []).append(i)
     for (layer, part), members in list(groups.items()):  # GQA: o_proj carries attn_in's score
         attn_in = groups.get((layer, "attn_in"))
         if part == "attn_out" and attn_in and all(sensitivity[i] == sensitivity[attn_in[0]] for i in members):
@@ -133,26 +127,29 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
 
 
 def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                  tie_fused: bool = False) -> tuple[RungProgram, dict]:  # fmt: skip
+                  tie_fused: bool = False, tie_experts: bool = False) -> tuple[RungProgram, dict]:  # fmt: skip
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
     cand = candidate_rungs(scores, as_rungs(rungs))
     costs, facts = objective_costs(scores, objective, cand)
-    return RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap), tie_fused=bool(tie_fused)), facts
+    program = RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap), tie_fused=bool(tie_fused),
+                          tie_experts=bool(tie_experts))  # fmt: skip
+    return program, facts
 
 
 def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                     tie_fused: bool = False) -> BitMap:  # fmt: skip
+                     tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter.
-    tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need)."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused)
+    tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need).
+    tie_experts: all expert linears of a mixture-of-experts layer share one rung (fused MoE kernels)."""
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts)
     return program.allocate(as_bpp(budget), options=facts)
 
 
 def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-             tie_fused: bool = False) -> list[BitMap]:  # fmt: skip
+             tie_fused: bool = False, tie_experts: bool = False) -> list[BitMap]:  # fmt: skip
     """`allocate_optimal` for each budget of a list, sharing one set-up; every budget is checked first
     (one below the cheapest allocation is a one-line error naming that minimum)."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused)
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)
 
 

@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 
 class RungProgram:
     """With tie_fused, the modules a serving engine fuses (q/k/v, gate/up of a layer) are one knapsack
-    item: their costs and sizes add up and they get one rung, so the solve stays exact."""
+    item: their costs and sizes add up and they get one rung, so the solve stays exact; with tie_experts,
+    so are all expert linears of a mixture-of-experts layer."""
 
     def __init__(self, scores: Scores, costs: np.ndarray, rungs: tuple[Rung, ...], method: str, time_limit: float | None = 60.0,
-                 mip_gap: float = 0.0, tie_fused: bool = False):  # fmt: skip
-        self.scores, self.rungs, self.method, self.tie_fused = scores, tuple(rungs), method, bool(tie_fused)
-        self.groups = fused_groups(scores.keys) if tie_fused else [[i] for i in range(len(scores.keys))]
+                 mip_gap: float = 0.0, tie_fused: bool = False, tie_experts: bool = False):  # fmt: skip
+        self.scores, self.rungs, self.method = scores, tuple(rungs), method
+        self.tie_fused, self.tie_experts = bool(tie_fused), bool(tie_experts)
+        self.groups = fused_groups(scores.keys, self.tie_fused, self.tie_experts)
         params = [sum(scores.params[scores.keys[i]] for i in g) for g in self.groups]
         costs = np.stack([np.asarray(costs)[g].sum(axis=0) for g in self.groups])
         self.knapsack = ChoiceKnapsack(costs, size_matrix(params, self.rungs), time_limit=time_limit, mip_rel_gap=mip_gap)
@@ -80,6 +82,7 @@ class RungProgram:
         options = {
             **(options or {}),
             **({"tie_fused": True} if self.tie_fused else {}),
+            **({"tie_experts": True} if self.tie_experts else {}),
             "rungs": [r.name for r in self.rungs],
             "objective": self.knapsack.cost(choice),
             "solver": facts,

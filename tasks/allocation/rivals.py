@@ -22,24 +22,25 @@ from tasks.bitmap import BitMap
 COLUMN = {"taylor": "taylor_dloss", "delta_loss": "delta_loss"}
 
 
-def _allocate(method: str, scores: Scores, budget, rungs, time_limit: float, mip_gap: float, tie_fused: bool) -> BitMap:
+def _allocate(method: str, scores: Scores, budget, rungs, time_limit: float, mip_gap: float, tie_fused: bool,
+              tie_experts: bool) -> BitMap:  # fmt: skip
     scores.require((COLUMN[method],), method)
     cand = candidate_rungs(scores, as_rungs(rungs))
     program = RungProgram(scores, scores.rung_matrix(COLUMN[method], cand), cand, method, time_limit=time_limit,
-                          mip_gap=float(mip_gap), tie_fused=bool(tie_fused))  # fmt: skip
+                          mip_gap=float(mip_gap), tie_fused=bool(tie_fused), tie_experts=bool(tie_experts))  # fmt: skip
     return program.allocate(as_bpp(budget), options={"error": COLUMN[method]})
 
 
 def allocate_taylor(scores: Scores, budget, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                    tie_fused: bool = False) -> BitMap:  # fmt: skip
+                    tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """Minimum summed ModelOpt gradient score within a real-valued budget in bits per parameter."""
-    return _allocate("taylor", scores, budget, rungs, time_limit, mip_gap, tie_fused)
+    return _allocate("taylor", scores, budget, rungs, time_limit, mip_gap, tie_fused, tie_experts)
 
 
 def allocate_delta_loss(scores: Scores, budget, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                        tie_fused: bool = False) -> BitMap:  # fmt: skip
+                        tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
     """Minimum summed AutoScheme delta-loss score within a real-valued budget in bits per parameter."""
-    return _allocate("delta_loss", scores, budget, rungs, time_limit, mip_gap, tie_fused)
+    return _allocate("delta_loss", scores, budget, rungs, time_limit, mip_gap, tie_fused, tie_experts)
 
 
 def _adjust(dkld: float) -> float:

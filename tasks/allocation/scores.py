@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import PipelineError
-from tasks.ladder import LADDER, META_BITS, META_GROUP, MODULES, Rung, module_key
+from tasks.ladder import LADDER, META_BITS, META_GROUP, Rung, module_key, module_order
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Scores:
     """A validated scores table for one model.
 
     `frame` has one row per (module key, rung) with columns key, layer, module, rung (a rung name) and
-    every data column of the input; `keys` lists the modules by layer, then in the order of MODULES.
+    every data column of the input; `keys` lists the modules by layer, then in the order of MODULES (then
+    experts by number).
     """
 
     frame: pd.DataFrame
@@ -151,9 +152,8 @@ def scores_from_frame(frame: pd.DataFrame, source: str = "<frame>", model: str |
         dup = frame[frame.duplicated(["key", "rung"])].iloc[0]
         raise PipelineError(f"scores table {source} repeats the row for {dup['key']} at {dup['rung']}")
 
-    order = {m: i for i, m in enumerate(MODULES)}
     firsts = frame.drop_duplicates("key")
-    keyed = sorted(zip(firsts["layer"], firsts["module"], firsts["key"]), key=lambda t: (t[0], order.get(t[1], len(order)), t[1]))
+    keyed = sorted(zip(firsts["layer"], firsts["module"], firsts["key"]), key=lambda t: (t[0], module_order(t[1])))
     keys = tuple(k for _, _, k in keyed)
 
     params_per_key = frame.groupby("key")["params"].agg(["min", "max"])

@@ -41,8 +41,10 @@ class VariantSpec:
 
     @property
     def name(self) -> str:
-        """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused)."""
-        return f"{self.label}-{self.budget_label}" + ("-tied" if self.options.get("tie_fused") else "")
+        """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused,
+        '-experts-tied' with tie_experts)."""
+        ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
+        return f"{self.label}-{self.budget_label}{ties}"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
     out = []
     for spec in specs:
         method = METHODS[spec.method]
-        where = (spec.budget.label, bool(spec.options.get("tie_fused"))) if isinstance(spec.budget, Rung) else None
+        ties = (bool(spec.options.get("tie_fused")), bool(spec.options.get("tie_experts")))
+        where = (spec.budget.label, ties) if isinstance(spec.budget, Rung) else None
         if method.budget == "exact" and where in reached and match_boost_memory:
             target = reached[where]
         else:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
+from tasks.experts import unstack_experts, unstack_state
 from tasks.families import SUPPORTED_MODEL_TYPES as STREAMABLE
 from tasks.families import layout_for
 
@@ -93,12 +94,13 @@ class Checkpoint:
             return handle.get_slice(name)[start:stop].to(dtype)
 
     def layer_state(self, index: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The state dict of decoder layer `index`, keys relative to the layer (e.g. 'mlp.up_proj.weight')."""
+        """The state dict of decoder layer `index`, keys relative to the layer (e.g. 'mlp.up_proj.weight');
+        stacked expert tensors come back per expert (tasks.experts)."""
         start = f"{self.prefix}layers.{index}."
         names = [n for n in self._files if n.startswith(start)]
         if not names:
             raise PipelineError(f"checkpoint {self.path} has no tensors for decoder layer {index}")
-        return {name[len(start) :]: t for name, t in self.read(names, dtype).items()}
+        return unstack_state({name[len(start) :]: t for name, t in self.read(names, dtype).items()})
 
     def embed(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32, rows: int = 8192) -> torch.Tensor:
         """Embeddings of `input_ids`, reading the table in row chunks (only the embedding is touched)."""
@@ -162,6 +164,8 @@ class LayerFactory:
     def build(self, index: int, state: dict[str, torch.Tensor]) -> nn.Module:
         with torch.device("meta"):
             layer = self.layer_class(self.config, index)
+        if self.layout.experts:  # one nn.Linear per expert, named as the checkpoint and the bit map name them
+            unstack_experts(layer)
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:

@@ -22,13 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tasks.families import ATTN_IN, MLP_GATE, layout_for
+from tasks.families import layout_for
 from tasks.ladder import Rung
 from tasks.profiling import hqq_fast
 
 log = logging.getLogger(__name__)
 
-GROUPS = {"attn": ATTN_IN + ("self_attn.o_proj",), "mlp": MLP_GATE + ("mlp.down_proj",)}
 DEFAULT_WINDOWS = 2  # of the calibration windows: each candidate costs half a forward over them on average
 # The candidates measured by default: the base b3g128 and the 3- to 8-bit steps a budget between 3.13 and
 # about 4.5 bpp can reach (each further rung costs another pass per group).
@@ -36,7 +35,8 @@ DEFAULT_RUNGS = (Rung(3, 128), Rung(3, 64), Rung(4, 128), Rung(4, 64), Rung(8, 1
 
 
 def group_of(module: str) -> str:
-    return next(name for name, members in GROUPS.items() if module in members)
+    """The layer group of a logical module: 'attn' (the attention linears) or 'mlp' (the MLP's, or every expert's)."""
+    return "attn" if module.startswith("self_attn.") else "mlp"
 
 
 def _kld(logits: torch.Tensor, ref_logprobs: torch.Tensor) -> float:
@@ -54,8 +54,12 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
     rungs = tuple(sorted(rungs, key=lambda r: r.bpp))
     base = rungs[0]
     started = time.perf_counter()
+    from tasks.experts import unstack_experts
+
     model = load_model(model_path)
+    unstack_experts(model)  # MoE: one linear per expert, as the layout names them
     layout = layout_for(model.config)
+    groups = {g: tuple(m for m in layout.modules if group_of(m) == g) for g in ("attn", "mlp")}
     layers = model.model.layers
     ref_logprobs = F.log_softmax(model(ids, use_cache=False).logits.float().reshape(-1, model.config.vocab_size), dim=-1)
 
@@ -64,7 +68,7 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
     for i, layer in enumerate(layers):
         for module, w in _weights(layer, layout).items():
             originals[(i, module)] = w.clone()
-        _assign(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in GROUPS["attn"] + GROUPS["mlp"]})
+        _assign(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in layout.modules})
 
     # The base model's input to every decoder layer (and that layer's mask and rotary tables), and its KLD.
     entry: list = [None] * len(layers)
@@ -86,7 +90,7 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
 
     result: dict[tuple[int, str, Rung], float] = {}
     for i in range(len(layers)):
-        for group, members in GROUPS.items():
+        for group, members in groups.items():
             result[(i, group, base)] = 0.0
             base_weights = {m: w.clone() for m, w in _weights(layers[i], layout).items() if m in members}  # as assigned above
             for rung in rungs[1:]:

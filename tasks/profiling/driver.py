@@ -37,10 +37,10 @@ import torch
 
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
-from tasks.families import ATTN_IN, MLP_GATE, Layout
-from tasks.ladder import LADDER, MODULES, Rung
+from tasks.families import ATTN_IN, MLP_GATE, Layout, leaf
+from tasks.ladder import LADDER, Rung
 from tasks.profiling import dkld, hqq_fast, rivals
-from tasks.profiling.fisher import InputStash, fisher_loss_delta, head_gradient, layer_backward
+from tasks.profiling.fisher import TOKENS, InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
 from tasks.profiling.progress import ProfileProgress
@@ -59,16 +59,6 @@ DEFAULT_FISHER_SAMPLES = 8
 GRAD_BATCH = 2
 CALIBRATION_FILE = "calibration.safetensors"
 SUMMARY_FILE = "profiling.json"
-# Which captured input feeds each linear (q, k, v share one; gate, up share one).
-INPUT_OF = {
-    "self_attn.q_proj": "attn",
-    "self_attn.k_proj": "attn",
-    "self_attn.v_proj": "attn",
-    "self_attn.o_proj": "ctx",
-    "mlp.gate_proj": "mlp",
-    "mlp.up_proj": "mlp",
-    "mlp.down_proj": "act",
-}
 
 
 def load_calibration(calibration) -> torch.Tensor:
@@ -97,8 +87,9 @@ def load_calibration(calibration) -> torch.Tensor:
 
 
 class _Capture:
-    """Hooks on the full-precision layer keeping, for the current batch, the inputs of q/o/gate/down and
-    the outputs of o_proj (attention block output) and down_proj (MLP output)."""
+    """Hooks on the full-precision layer keeping, for the current batch, every distinct linear input
+    (`Layout.input_of`: q/k/v's, o's, the MLP's, down's; per expert for MoE, only the tokens routed to it)
+    and the outputs of o_proj (attention block output) and of the MLP block."""
 
     def __init__(self, layer: torch.nn.Module, layout: Layout):
         self.store: dict[str, torch.Tensor] = {}
@@ -109,9 +100,19 @@ class _Capture:
         self._handles = [
             get("self_attn.q_proj").register_forward_pre_hook(self._keep_input("attn")),
             get("self_attn.o_proj").register_forward_hook(self._keep_both("ctx", "attn_out")),
-            get("mlp.gate_proj").register_forward_pre_hook(self._keep_input("mlp")),
-            get("mlp.down_proj").register_forward_hook(self._keep_both("act", "mlp_out")),
+            layer.mlp.register_forward_pre_hook(self._keep_input("mlp")),
+            layer.mlp.register_forward_hook(self._keep_output("mlp_out")),
         ]
+        for module in layout.modules:  # the down projections' inputs; for MoE also each expert's own input
+            key = layout.input_of(module)
+            if key.startswith("act") or (key.startswith("mlp.") and leaf(module) == "gate_proj"):
+                self._handles.append(get(module).register_forward_pre_hook(self._keep_input(key)))
+
+    def _keep_output(self, name):
+        def hook(module, args, output):
+            self.store[name] = _first(output)
+
+        return hook
 
     def _keep_input(self, name):
         def hook(module, args):
@@ -145,14 +146,13 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def module_parts(v_shape: torch.Size, o_shape: torch.Size) -> dict[str, str]:
+def module_parts(v_shape: torch.Size, o_shape: torch.Size, modules=ATTN_IN + ("self_attn.o_proj",) + MLP_GATE + ("mlp.down_proj",)) -> dict[str, str]:
     """Which SensiBoost part scores each linear. With grouped-query attention (v_proj narrower than
-    o_proj) the authors measure no attn_out part, and o_proj takes the attn_in score (docs/methods.md §3)."""
-    parts = {m: "attn_in" for m in ATTN_IN}
-    parts.update({m: "mlp_gate" for m in MLP_GATE})
-    parts["self_attn.o_proj"] = "attn_out" if tuple(v_shape) == tuple(o_shape) else "attn_in"
-    parts["mlp.down_proj"] = "mlp_down"
-    return parts
+    o_proj) the authors measure no attn_out part, and o_proj takes the attn_in score (docs/methods.md §3).
+    The experts of an MoE layer take their layer's MLP parts (gate/up: mlp_gate, down: mlp_down)."""
+    by_leaf = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_gate", "up_proj": "mlp_gate",
+               "down_proj": "mlp_down", "o_proj": "attn_out" if tuple(v_shape) == tuple(o_shape) else "attn_in"}  # fmt: skip
+    return {m: by_leaf[leaf(m)] for m in modules}
 
 
 def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: torch.Tensor, batch_size: int,
@@ -176,7 +176,8 @@ def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: 
             with _phase(seconds, "gram"):
                 sums["cos"] += cosine_sum(h, out)
                 for key, gram in grams.items():
-                    gram.update(got[key])
+                    if key in got:  # an expert no token of this batch was routed to has no input
+                        gram.update(got[key])
             with _phase(seconds, "sensitivity"):
                 attn_q = _first(qlayer.self_attn(hidden_states=got["attn"], **kwargs))
                 sums["attn_in"] += squared_error(attn_q, got["attn_out"])
@@ -195,22 +196,29 @@ def _calibration_pass(index: int, layer, qlayer, factory: LayerFactory, hidden: 
     return sums
 
 
-def _parts(sums: dict[str, float], forms: dict[str, QuadraticForm], weights: dict, sens_q: dict, tokens: int,
-           normalize: bool) -> dict[str, float]:  # fmt: skip
-    """The four SensiBoost parts: plain MSE over tokens and output features, or relative to |WX|^2."""
-    o, down = "self_attn.o_proj", "mlp.down_proj"
+def _parts(sums: dict[str, float], forms: dict[str, QuadraticForm], layout: Layout, weights: dict, sens_q: dict,
+           tokens: int, normalize: bool) -> dict[str, float]:  # fmt: skip
+    """The four SensiBoost parts: plain MSE over tokens and output features, or relative to |WX|^2.
+    For MoE, mlp_down sums every expert's down-projection error over its routed tokens (before the
+    router's weighting)."""
+    o = "self_attn.o_proj"
+    downs = [m for m in layout.modules if leaf(m) == "down_proj"]
+
+    def down_total(delta) -> float:
+        return sum(forms[layout.input_of(m)].total(delta(m)) for m in downs)
+
     raw = {
         "attn_in": sums["attn_in"],
         "attn_out": forms["ctx"].total(weights[o] - sens_q[o]),  # = sum_t ||dW_o x_t||^2, exactly
         "mlp_gate": sums["mlp_gate"],
-        "mlp_down": forms["act"].total(weights[down] - sens_q[down]),
+        "mlp_down": down_total(lambda m: weights[m] - sens_q[m]),
     }
     if normalize:  # the paper's Eq. 10
         ref = {
             "attn_in": sums["attn_in_ref"],
             "attn_out": forms["ctx"].total(weights[o]),
             "mlp_gate": sums["mlp_gate_ref"],
-            "mlp_down": forms["act"].total(weights[down]),
+            "mlp_down": down_total(lambda m: weights[m]),
         }
         return {p: raw[p] / ref[p] if ref[p] > 0 else math.nan for p in PARTS}
     width = weights[o].shape[0]  # the hidden size: both blocks' output width
@@ -243,26 +251,29 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
     with _phase(seconds, "hqq"):
         sens_q = {m: hqq_fast.quant_dequant(w, SENSITIVITY_RUNG) for m, w in weights.items()}
 
+    layout = factory.layout
     layer = factory.build(index, state).requires_grad_(False)
-    qlayer = factory.build(index, factory.layout.with_weights(state, {m: sens_q[m] for m in ATTN_IN + MLP_GATE}))
-    grams = {key: Gram(weights[m].shape[1], device=hidden.device) for m, key in INPUT_OF.items()}
+    block_in = [m for m in layout.modules if leaf(m) in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    qlayer = factory.build(index, layout.with_weights(state, {m: sens_q[m] for m in block_in}))
+    grams = {layout.input_of(m): Gram(weights[m].shape[1], device=hidden.device) for m in layout.modules}
     sums = _calibration_pass(index, layer, qlayer.requires_grad_(False), factory, hidden, batch_size, grams, normalize, seconds)
     del layer, qlayer
 
     with _phase(seconds, "out_err"):
-        forms = {key: QuadraticForm(gram.matrix(torch.float64)) for key, gram in grams.items()}
-        parts = _parts(sums, forms, weights, sens_q, tokens, normalize)
-    part_of = module_parts(weights["self_attn.v_proj"].shape, weights["self_attn.o_proj"].shape)
+        matrices, counts = _input_statistics(index, grams, layout)
+        forms = {key: QuadraticForm(h) for key, h in matrices.items()}
+        parts = _parts(sums, forms, layout, weights, sens_q, tokens, normalize)
+    part_of = module_parts(weights["self_attn.v_proj"].shape, weights["self_attn.o_proj"].shape, layout.modules)
     lim = -sums["cos"] / tokens
 
     rows, row_errors = [], {}
-    for m in MODULES:
+    for m in layout.modules:
         w = weights[m]
         with _phase(seconds, "hqq"):
             errors = _rung_errors(w, rungs, {SENSITIVITY_RUNG: sens_q[m]})
         with _phase(seconds, "out_err"):  # all rungs in one pass of block products
-            row_errors[m] = forms[INPUT_OF[m]].row_sums(errors).view(len(rungs), -1)
-            out_err = row_errors[m].sum(dim=1) / (tokens * w.shape[0])
+            row_errors[m] = forms[layout.input_of(m)].row_sums(errors).view(len(rungs), -1)
+            out_err = row_errors[m].sum(dim=1) / (counts[layout.input_of(m)] * w.shape[0])
             fnorm = [torch.linalg.vector_norm(e, dtype=torch.float64).item() for e in errors.view(len(rungs), -1)]
         for rung, f, e in zip(rungs, fnorm, out_err.tolist()):
             rows.append(
@@ -271,6 +282,33 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
             )
         del errors
     return rows, row_errors
+
+
+def _input_statistics(index: int, grams: dict[str, Gram], layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Per captured input, its float64 Gram matrix and the tokens behind it.
+
+    An expert that no calibration token was routed to would score zero everywhere and be given the lowest
+    rung on data this calibration set does not cover. Instead it takes the pooled statistics of the layer's
+    other experts (the sum of their Gram matrices per token) at the average expert's token count: what a
+    typical expert of that layer sees (a warning names them)."""
+    matrices = {key: gram.matrix(torch.float64) for key, gram in grams.items()}
+    counts = {key: float(gram.tokens) for key, gram in grams.items()}
+    if not layout.experts:
+        return matrices, counts
+    for kind in ("mlp", "act"):
+        keys = [f"{kind}.{e}" for e in range(layout.experts)]
+        routed = [k for k in keys if counts[k] > 0]
+        empty = [k for k in keys if counts[k] == 0]
+        if empty and routed:
+            total = sum(counts[k] for k in routed)
+            pooled = sum(matrices[k] for k in routed) / total
+            for k in empty:
+                counts[k] = total / len(keys)
+                matrices[k] = pooled * counts[k]
+            if kind == "mlp":
+                log.warning("layer %d: %d expert(s) got no calibration token (%s); they take the layer's pooled expert "
+                            "statistics", index, len(empty), ", ".join(k.split(".")[1] for k in empty))  # fmt: skip
+    return matrices, counts
 
 
 def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.device):
@@ -330,13 +368,15 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
                 grad[part], sq = layer_backward(layer, factory.layout, h, grad[part], capture, attention_mask=mask,
                                                 position_ids=position_ids, position_embeddings=position_embeddings)  # fmt: skip
                 for m, value in sq.items():
-                    key = f"{index}.{m}"
+                    key = f"{TOKENS}{index}.{m[len(TOKENS):]}" if m.startswith(TOKENS) else f"{index}.{m}"
                     squares[key] = squares[key] + value if key in squares else value
             if rival_rungs:
                 with _phase(seconds, "rivals"):
                     for m, (x, g) in capture.items():
                         rivals.accumulate(squares, f"{index}.{m}", x, g, errors[m], len(rival_rungs))
         del layer, inputs, state, errors
+        if factory.layout.experts:
+            _unrouted_gradients(squares, index, factory.layout)
         failpoint(f"profiling.backward.{index}")
         progress.save_backward(index - 1, grad, squares)
         if index % 10 == 0 or index == layers - 1:
@@ -344,10 +384,36 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
     return squares
 
 
+def _unrouted_gradients(squares: dict[str, torch.Tensor], index: int, layout: Layout) -> None:
+    """Give each expert of layer `index` that no gradient token was routed to the pooled per-token squared
+    gradients of the layer's experts (same projection) at the average expert's token count, and the mean of
+    their rival sums: the same fallback as the forward pass's (`_input_statistics`), never a silent zero."""
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        keys = [f"{index}.mlp.experts.{e}.{projection}" for e in range(layout.experts)]
+        routed = [k for k in keys if f"{TOKENS}{k}" in squares]
+        empty = [k for k in keys if k not in routed]
+        if not empty or not routed:
+            continue
+        total = sum(squares[f"{TOKENS}{k}"] for k in routed)
+        average = total / len(keys)
+        pooled = sum(squares[k] for k in routed) / total
+        rival_keys = sorted({name.split(":", 1)[0] for name in squares if name.endswith(f":{routed[0]}") and not name.startswith(TOKENS)})
+        for k in empty:
+            squares[k], squares[f"{TOKENS}{k}"] = pooled * average, average.clone()
+            for column in rival_keys:
+                squares[f"{column}:{k}"] = sum(squares[f"{column}:{r}"] for r in routed) / len(routed)
+        if projection == "gate_proj":
+            log.warning("fisher: layer %d: %d expert(s) got no gradient token; they take the layer's pooled expert gradients",
+                        index, len(empty))  # fmt: skip
+
+
 def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: dict[str, torch.Tensor],
                        squares: dict[str, torch.Tensor], tokens: int, grad_tokens: int) -> None:  # fmt: skip
+    """fisher_dloss per row; an expert's squared gradients are means over the gradient tokens routed to it,
+    scaled by its routed share: 1/2 sum_o rowerr_o * sq_o / (tokens * routed gradient tokens)."""
     position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    dloss = {k: fisher_loss_delta(e, squares[k], tokens, grad_tokens).tolist() for k, e in row_errors.items()}
+    routed = {k: float(squares[f"{TOKENS}{k}"]) if f"{TOKENS}{k}" in squares else grad_tokens for k in row_errors}
+    dloss = {k: fisher_loss_delta(e, squares[k], tokens, routed[k]).tolist() for k, e in row_errors.items()}
     for row in rows:
         row["fisher_dloss"] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
 

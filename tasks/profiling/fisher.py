@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.ladder import MODULES
+from tasks.families import expert_of
+
+TOKENS = "tokens:"  # key prefix of an expert's gradient-token count among the squared-gradient sums
 
 
 class InputStash:
@@ -101,8 +103,9 @@ def layer_backward(layer: torch.nn.Module, layout, hidden: torch.Tensor, grad_ou
                    **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Backpropagate `grad_out` (d loss / d layer output) through `layer` at input `hidden`.
 
-    Returns d loss / d input and, per logical linear (`layout`, tasks.families), the float64 sums over
-    tokens of its squared output gradients, one per output feature. A `capture` dict receives, per logical
+    Returns d loss / d input and, per logical linear (`layout`, tasks.families) that ran, the float64 sums
+    over tokens of its squared output gradients, one per output feature; for an MoE expert also, under
+    f"{TOKENS}{module}", the number of tokens routed to it. A `capture` dict receives, per logical
     linear, its inputs and output gradients (for the rival scores, tasks.profiling.rivals)."""
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -122,6 +125,7 @@ def layer_backward(layer: torch.nn.Module, layout, hidden: torch.Tensor, grad_ou
             h = hidden.detach().requires_grad_(True)
             out = layer(h, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
+            names = [name for name in names if name in outputs]  # an expert nothing was routed to did not run
             grads = torch.autograd.grad(out, [h] + [outputs[name] for name in names], grad_out)
     finally:
         for handle in handles:
@@ -130,10 +134,13 @@ def layer_backward(layer: torch.nn.Module, layout, hidden: torch.Tensor, grad_ou
     # error ~1e-7 over a step's tokens, far below the sampling noise of the estimate).
     squares = {}
     for name, g in zip(names, grads[1:]):
-        squares.update(layout.split_outputs(name, torch.linalg.vector_norm(g.reshape(-1, g.shape[-1]), dim=0).double().square()))
+        flat = g.reshape(-1, g.shape[-1])
+        squares.update(layout.split_outputs(name, torch.linalg.vector_norm(flat, dim=0).double().square()))
+        if layout.experts and expert_of(name) is not None:  # the tokens routed to this expert in this step
+            squares[f"{TOKENS}{name}"] = torch.tensor([float(flat.shape[0])], dtype=torch.float64, device=flat.device)
         if capture is not None:  # a copy: down_proj's gradient may be the caller's grad_out, which it overwrites
             capture.update({m: (inputs[name], part.clone()) for m, part in layout.split_outputs(name, g).items()})
-    return grads[0], {m: squares[m] for m in MODULES}
+    return grads[0], squares
 
 
 def fisher_loss_delta(row_errors: torch.Tensor, grad_squares: torch.Tensor, tokens: int, grad_tokens: int) -> torch.Tensor:

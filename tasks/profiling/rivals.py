@@ -31,7 +31,11 @@ def accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor, g: torc
     """Add one backward step of module `key` to `sums` ({f"{column}:{key}": float64 [rungs]}).
 
     x [windows, seq, in]: the module's inputs; g [windows, seq, out]: d(summed NLL)/d(output);
-    errors [rungs * out, in]: W - dequant(HQQ_rung(W)) of every rung, stacked along the rows."""
+    errors [rungs * out, in]: W - dequant(HQQ_rung(W)) of every rung, stacked along the rows. An MoE
+    expert's x and g are its routed tokens [tokens, in] without their windows: its delta_loss takes one
+    gradient per backward step (GRAD_BATCH windows) instead of one per window."""
+    if x.dim() == 2:
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
     out = g.shape[-1]
     flat_x, flat_g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, out).float()
     # taylor: sum_t sum_o g^2 (E_r x_t)_o^2 for every rung r at once.

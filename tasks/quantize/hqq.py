@@ -3,7 +3,9 @@
 transformers' HqqConfig is broken on transformers 5, so each linear is swapped for an `HQQLinear`
 directly. The saved model is one safetensors file: HQQLinear's safetensors-encoded state (packed
 weights, scales, zeros, quant config) for the quantized linears and 16-bit copies of everything else
-(embeddings, norms, lm_head stay in 16-bit, docs/methods.md §1), plus the config and the bit map.
+(embeddings, norms, lm_head stay in 16-bit, docs/methods.md §1; an MoE router stays in 32-bit), plus the
+config and the bit map. Mixture-of-experts layers are unstacked first (tasks.experts), so every expert's
+gate, up and down projection is an HQQLinear of its own, saved under the hub's per-expert names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
+from tasks.experts import unstack_experts
 from tasks.families import layout_for
 from tasks.ladder import Rung, split_key
 from tasks.quantize.base import Backend, Capabilities, true_config
@@ -67,6 +70,7 @@ class HQQBackend(Backend):
 
         self.check(bitmap)
         model = load_model(model_path)
+        unstack_experts(model)  # MoE: one linear per expert, each quantized at its own rung
         targets = stored_rungs(bitmap, model.config)
         started = time.perf_counter()
         for i, (name, rung) in enumerate(targets.items()):
@@ -106,6 +110,7 @@ class HQQBackend(Backend):
         config = AutoConfig.for_model(**true_config(out_dir))  # a registered copy hides its model type
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        unstack_experts(model)
         from hqq.core.quantize import HQQLinear
 
         for name, rung in stored_rungs(bitmap, config).items():

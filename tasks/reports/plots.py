@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
 from tasks.bitmap import BitMap
-from tasks.ladder import LADDER, MODULES, rung_index, split_key
+from tasks.ladder import LADDER, MODULES, module_order, rung_index, split_key
 from tasks.reports.comparison import is_baseline
 from tasks.reports.pareto import pareto_mask
 from tasks.reports.profiles import OUTLIER_RULES, profile_table, score_outliers
@@ -134,8 +134,7 @@ def plot_ppl_vs_bpp(frame: pd.DataFrame, path: str | Path, metrics=("ppl_wikitex
 def bitmap_matrix(bitmap: BitMap) -> tuple[np.ndarray, list[int], list[str]]:
     """Rung index per (module type, layer); NaN where a module is not in the map (left in 16 bits)."""
     layers = bitmap.layers()
-    modules = [m for m in MODULES if any(split_key(k)[1] == m for k in bitmap.modules)]
-    modules += sorted({split_key(k)[1] for k in bitmap.modules} - set(modules))
+    modules = sorted({split_key(k)[1] for k in bitmap.modules}, key=module_order)  # MoE: experts by number after attention
     grid = np.full((len(modules), len(layers)), np.nan)
     col = {layer: j for j, layer in enumerate(layers)}
     row = {m: i for i, m in enumerate(modules)}
@@ -151,10 +150,10 @@ def plot_bitmap_heatmap(bitmap: BitMap, path: str | Path, name: str = "") -> Pat
     colours = [tuple(c) for c in _ladder_colours()]
     cmap = ListedColormap(colours).with_extremes(bad="white")
     norm = BoundaryNorm(np.arange(len(LADDER) + 1) - 0.5, cmap.N)
-    fig = new_figure(max(6.0, 0.32 * len(layers) + 3.0), 0.42 * len(modules) + 2.0)
+    fig = new_figure(max(6.0, 0.32 * len(layers) + 3.0), min(0.42 * len(modules), 40.0) + 2.0)  # MoE: hundreds of rows
     ax = fig.subplots()
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    if len(layers) <= 64:
+    if len(layers) <= 64 and len(modules) <= 96:
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
                 if np.isfinite(grid[i, j]):
@@ -164,7 +163,8 @@ def plot_bitmap_heatmap(bitmap: BitMap, path: str | Path, name: str = "") -> Pat
                     ax.text(j, i, str(rung.bits), ha="center", va="center", fontsize=7, color=ink)
     step = max(1, len(layers) // 32)
     ax.set_xticks(range(0, len(layers), step), [str(layers[j]) for j in range(0, len(layers), step)], fontsize=7)
-    ax.set_yticks(range(len(modules)), [m.replace("self_attn.", "attn.") for m in modules], fontsize=8)
+    rows = max(1, len(modules) // 96)
+    ax.set_yticks(range(0, len(modules), rows), [m.replace("self_attn.", "attn.") for m in modules[::rows]], fontsize=8 if rows == 1 else 6)
     ax.set_xlabel("decoder layer")
     used = sorted({int(v) for v in grid[np.isfinite(grid)]})
     handles = [Patch(facecolor=colours[k], edgecolor="grey", label=f"{LADDER[k].name} ({LADDER[k].label} bpp)") for k in used]
