@@ -19,6 +19,16 @@ def _threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: 2 OpenMP threads on a shared, oversubscribed machine make every small op
+    wait a scheduler tick (the profiling tests use it: `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def state(tmp_path, monkeypatch):
     """QUANT_HOME, artifacts and MLflow store under tmp_path; the model cache stays shared."""
     home = tmp_path / "state"

@@ -27,12 +27,7 @@ SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 RUNG = Rung(3, 64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

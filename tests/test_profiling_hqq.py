@@ -11,12 +11,7 @@ from tasks.profiling import hqq_fast
 from tasks.quantize.hqq_ops import quant_dequant
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(kind: str) -> torch.Tensor:

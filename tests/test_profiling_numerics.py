@@ -13,13 +13,7 @@ from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, quadrat
 from tasks.profiling.weights import kurtosis, zd_fraction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 OpenMP threads on a shared, oversubscribed machine make every small op wait a scheduler tick.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind", ["normal", "student_t", "outliers"])

@@ -27,13 +27,7 @@ B4G64 = Rung(4, 64)
 VOCAB = 320
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 OpenMP threads on a shared, oversubscribed machine make every small op wait a scheduler tick.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(kind: str):
