@@ -19,6 +19,18 @@ from torch import nn
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _STACKED = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
+# Mixtral's checkpoints (written by transformers 4, or by transformers 5, which converts back on save) name
+# the MoE block `block_sparse_moe` and an expert's projections w1 (gate), w3 (up) and w2 (down).
+_MIXTRAL_EXPERT = re.compile(r"^(.*)block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_MIXTRAL_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _mixtral_name(key: str) -> str:
+    match = _MIXTRAL_EXPERT.match(key)
+    if match:
+        prefix, expert, w = match.groups()
+        return f"{prefix}mlp.experts.{expert}.{_MIXTRAL_PROJECTION[w]}.weight"
+    return key.replace("block_sparse_moe.", "mlp.")
 
 
 class Expert(nn.Module):
@@ -79,8 +91,13 @@ def unstack_experts(model: nn.Module) -> int:
 
 
 def unstack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with stacked expert tensors (`...experts.gate_up_proj`) rewritten to per-expert keys
-    (`...experts.<e>.gate_proj.weight`); a state dict without them is returned as it is."""
+    """A state dict with its experts under the pipeline's names: stacked expert tensors
+    (`...experts.gate_up_proj`) rewritten to per-expert keys (`...experts.<e>.gate_proj.weight`), and
+    Mixtral's checkpoint names (`block_sparse_moe.experts.<e>.w1/w3/w2`, `block_sparse_moe.gate`) to the
+    ones transformers 5's module tree uses (`mlp.experts.<e>.gate_proj/up_proj/down_proj`, `mlp.gate`).
+    A state dict without either is returned as it is."""
+    if any(k.startswith("block_sparse_moe.") or ".block_sparse_moe." in k for k in state):
+        state = {_mixtral_name(k): v for k, v in state.items()}
     if not any(_STACKED.match(k) for k in state):
         return state
     out = {}

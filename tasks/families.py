@@ -8,10 +8,10 @@ format still round-trips: the profiler scores each logical module on its rows of
 allocators give the members of one stored linear one rung (`tie_fused`, which the planner turns on for
 such families), and a backend quantizes the stored linear at that rung.
 
-Mixture-of-experts families (Qwen3-MoE) replace the MLP by a router (`mlp.gate`, never quantized) and
+Mixture-of-experts families (Qwen3-MoE, Mixtral) replace the MLP by a router (`mlp.gate`, never quantized) and
 `experts` small MLPs: their logical modules are the four attention linears and, per expert e,
-`mlp.experts.<e>.gate_proj`, `.up_proj` and `.down_proj` (the hub's checkpoint names; tasks.experts maps
-transformers' stacked expert tensors onto them). Each expert is scored on the tokens the router sends it.
+`mlp.experts.<e>.gate_proj`, `.up_proj` and `.down_proj` (Qwen3-MoE's checkpoint names; tasks.experts maps
+transformers' stacked expert tensors and Mixtral's `block_sparse_moe.experts.<e>.w1/w3/w2` onto them). Each expert is scored on the tokens the router sends it.
 
 Light on purpose (no torch at import): pre-flight and the planner read it in the Airflow image.
 """
@@ -35,7 +35,7 @@ SEPARATE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 STACKED = {"phi3": {"self_attn.qkv_proj": ATTN_IN, "mlp.gate_up_proj": MLP_GATE}}
 # Mixture-of-experts families: the config fields that may hold the number of experts per layer (the hub's
 # config.json says num_experts; transformers 5 writes num_local_experts).
-MOE = {"qwen3_moe": ("num_experts", "num_local_experts")}
+MOE = {"qwen3_moe": ("num_experts", "num_local_experts"), "mixtral": ("num_local_experts",)}
 SUPPORTED_MODEL_TYPES = SEPARATE + tuple(STACKED) + tuple(MOE)
 
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
 # family -> backends that refuse it (README's families table)
-REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq", "awq", "bnb"), "qwen3_moe": ("gptq", "awq", "bnb")}
+REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq", "awq", "bnb"), "qwen3_moe": ("gptq", "awq", "bnb"), "mixtral": ("gptq", "awq", "bnb")}
 # The pipeline runs HQQ and GPTQ on every family (and AWQ and bnb where they refuse it, to see the refusal);
 # AWQ's and bnb's bit maps on the families they claim are the direct test below (a pipeline each costs minutes).
 BACKENDS = ("hqq", "gptq")
@@ -49,8 +49,10 @@ def _config(family: str):
         return tf.Phi3Config(**COMMON)
     if family == "qwen3_moe":  # a router and 4 experts per layer (stacked tensors in transformers 5)
         return tf.Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
-    if family == "mixtral":
-        return tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if family == "mixtral":  # checkpoint names block_sparse_moe.experts.<e>.w1/w2/w3
+        return tf.MixtralConfig(**{**COMMON, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2_moe":  # a shared expert beside the routed ones: not supported
+        return tf.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
     raise ValueError(family)
 
 
@@ -76,7 +78,7 @@ def _pipeline(model: Path, home: Path, *extra: str, backends=BACKENDS) -> subpro
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "qwen3_moe", "mixtral"])
 def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
     backends = BACKENDS + tuple(b for b in ("awq", "bnb") if b in REFUSED.get(family, ()))
@@ -98,7 +100,7 @@ def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_mo
             assert row["version"], row
 
 
-@pytest.mark.parametrize("family", ["mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe"])
 def test_an_unsupported_family_is_refused_at_preflight_in_one_line(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
     proc = _pipeline(model, tmp_path / "state", "--check")

@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Qwen3-MoE): every expert a module of its own, scored on its routed tokens.
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral): every expert a module of its own, scored on its routed tokens.
 
 References are whole-model computations with transformers' own model (experts unstacked only after
 checking that this changes nothing): each expert's inputs and output gradients are taken from a full
@@ -22,24 +22,32 @@ from tasks.ladder import Rung, fused_groups
 from tasks.model_io import linear_param_counts, read_config
 
 EXPERTS, DEAD = 5, 4
-SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=16, num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=1024)  # fmt: skip
+COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_experts_per_tok=2, max_position_embeddings=1024)  # fmt: skip
 RUNG = Rung(3, 64)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
+def _config(family: str):
+    import transformers as tf
+
+    if family == "qwen3_moe":  # checkpoint names: mlp.experts.<e>.gate_proj ...
+        return tf.Qwen3MoeConfig(**COMMON, intermediate_size=128, num_experts=EXPERTS, moe_intermediate_size=32)
+    return tf.MixtralConfig(**COMMON, intermediate_size=32, num_local_experts=EXPERTS)  # block_sparse_moe.experts.<e>.w1 ...
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe(request, tmp_path_factory):
     import transformers as tf
 
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Qwen3MoeConfig(**SHAPE)).eval()
+    model = tf.AutoModelForCausalLM.from_config(_config(request.param)).eval()
     with torch.no_grad():  # layer 0: experts 0/1 and 2/3 split the tokens by the sign of v.x and u.x; 4 scores 0, always third
-        v, u = torch.nn.functional.normalize(torch.randn(2, SHAPE["hidden_size"]), dim=1)  # small logits: no softmax underflow to ties
+        v, u = torch.nn.functional.normalize(torch.randn(2, COMMON["hidden_size"]), dim=1)  # small logits: no softmax underflow to ties
         model.model.layers[0].mlp.gate.weight.copy_(torch.stack([v, -v, u, -u, torch.zeros_like(v)]))
-    path = tmp_path_factory.mktemp("moe") / "qwen3_moe"
+    path = tmp_path_factory.mktemp("moe") / request.param
     model.save_pretrained(path)
     return path
 
@@ -75,6 +83,12 @@ def test_stacked_expert_tensors_map_to_the_hub_names():
     assert torch.equal(state["mlp.experts.2.gate_proj.weight"], gate_up[2, :4])
     assert torch.equal(state["mlp.experts.2.up_proj.weight"], gate_up[2, 4:])
     assert torch.equal(state["mlp.experts.1.down_proj.weight"], down[1]) and "mlp.gate.weight" in state
+    w = torch.randn(4, 4)
+    mixtral = unstack_state({"block_sparse_moe.experts.3.w1.weight": w, "block_sparse_moe.experts.3.w3.weight": w + 1,
+                             "block_sparse_moe.experts.3.w2.weight": w + 2, "block_sparse_moe.gate.weight": w})  # fmt: skip
+    assert sorted(mixtral) == ["mlp.experts.3.down_proj.weight", "mlp.experts.3.gate_proj.weight", "mlp.experts.3.up_proj.weight",
+                               "mlp.gate.weight"]  # fmt: skip
+    assert torch.equal(mixtral["mlp.experts.3.up_proj.weight"], w + 1) and torch.equal(mixtral["mlp.experts.3.down_proj.weight"], w + 2)
 
 
 def test_layout_lists_every_expert_with_its_own_inputs(moe):
@@ -213,8 +227,9 @@ def test_hqq_quantizes_every_expert_at_its_rung_and_reloads_it(moe, ids, tmp_pat
 
 
 @pytest.mark.parametrize("backend", ["gptq", "awq", "bnb"])
-def test_backends_without_expert_bit_maps_refuse_moe_in_one_line(backend):
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_backends_without_expert_bit_maps_refuse_moe_in_one_line(backend, family):
     from tasks.quantize.registry import get_backend
 
-    reason = get_backend(backend).family_refusal("qwen3_moe")
-    assert reason and "\n" not in reason and "use hqq" in reason
+    reason = get_backend(backend).family_refusal(family)
+    assert reason and "\n" not in reason and "use hqq" in reason and family in reason

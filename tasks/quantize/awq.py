@@ -132,6 +132,7 @@ class AWQBackend(Backend):
         gpu=True,
         needs_calibration=True,
         refused_families=(("qwen3_moe", "this backend's bit map (llm-compressor's per-module AWQ recipe) is not wired to experts yet; use hqq"),
+                          ("mixtral", "this backend's bit map (llm-compressor's per-module AWQ recipe) is not wired to experts yet; use hqq"),
                           ("phi3", "llm-compressor's AWQ mappings name q/k/v and gate/up separately, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
     )
 

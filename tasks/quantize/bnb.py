@@ -129,6 +129,7 @@ class BnBBackend(Backend):
         gpu=True,
         needs_calibration=False,
         refused_families=(("qwen3_moe", "bitsandbytes replaces nn.Linear modules, and transformers 5 stores a layer's experts as stacked tensors, which it would leave unquantized; use hqq"),
+                          ("mixtral", "bitsandbytes replaces nn.Linear modules, and transformers 5 stores a layer's experts as stacked tensors, which it would leave unquantized; use hqq"),
                           ("phi3", "its bit maps address q/k/v and gate/up by their own names, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
     )
 

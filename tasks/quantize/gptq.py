@@ -126,6 +126,7 @@ class GPTQBackend(Backend):
         # GPTQModel saves a quantized Gemma 3 through transformers 5's config validation, which rejects its
         # per-layer-kind rope_parameters (AttributeError in the rope validator): measured in tests/test_families.py.
         refused_families=(("qwen3_moe", "this backend's bit map (GPTQModel's per-module dynamic config) is not wired to experts yet; use hqq"),
+                          ("mixtral", "this backend's bit map (GPTQModel's per-module dynamic config) is not wired to experts yet; use hqq"),
                           ("gemma3_text", "GPTQModel cannot save a Gemma 3 checkpoint with transformers 5; use hqq"),
                           ("phi3", "GPTQModel's phi3 module tree names gate_proj and up_proj, which transformers stores as one "
                                    "gate_up_proj, so a bit map would not apply; use hqq")),  # fmt: skip
