@@ -174,6 +174,7 @@ def test_profile_scores_each_expert_on_its_routed_tokens(moe, ids, tmp_path, cap
 
 
 def test_experts_are_fused_and_tied_by_layer(moe, ids, tmp_path):
+    from tasks.allocation.methods import METHODS
     from tasks.allocation.registry import allocate
     from tasks.allocation.scores import read_scores
     from tasks.profiling.driver import run_profiling
@@ -182,7 +183,7 @@ def test_experts_are_fused_and_tied_by_layer(moe, ids, tmp_path):
             "0.mlp.experts.0.down_proj", "0.mlp.experts.1.gate_proj", "1.mlp.experts.0.gate_proj"]  # fmt: skip
     assert fused_groups(keys) == [[0, 1], [2, 3], [4], [5], [6]]
     assert fused_groups(keys, fused=False, experts=True) == [[0], [1], [2, 3, 4, 5], [6]]
-    scores = read_scores(run_profiling(moe, ids, tmp_path / "p", batch_size=4, fisher_samples=2, dkld_windows=1))
+    scores = read_scores(run_profiling(moe, ids, tmp_path / "p", batch_size=4, fisher_samples=2, dkld_windows=1, rival_scores=True))
     assert scores.keys[4:7] == ("0.mlp.experts.0.gate_proj", "0.mlp.experts.0.up_proj", "0.mlp.experts.0.down_proj")
     for method in ("optimal", "mxq", "sensiboost"):
         budget = 3.6 if method != "sensiboost" else "b3g64"
@@ -197,6 +198,10 @@ def test_experts_are_fused_and_tied_by_layer(moe, ids, tmp_path):
     assert greedy.nominal_bpp <= 3.6
     for layer in (0, 1):
         assert len({r for k, r in greedy.modules.items() if k.startswith(f"{layer}.mlp.experts.")}) == 1
+    for method, spec in METHODS.items():  # every allocator takes the expert modules
+        bitmap = allocate(scores, method, "b3g64" if spec.budget == "rung" else 3.6)
+        assert set(bitmap.modules) == set(scores.keys), method
+        assert spec.budget == "rung" or bitmap.nominal_bpp <= 3.6, method
 
 
 def test_hqq_quantizes_every_expert_at_its_rung_and_reloads_it(moe, ids, tmp_path):
