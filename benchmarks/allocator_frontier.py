@@ -96,7 +96,9 @@ def main() -> int:
         variant = {**base, "backend": "hqq", "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
         metrics = measure(ctx, variant, args.full_wikitext2)
         rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap), metrics))
-        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key], metrics["ppl_c4" + key])
+        logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f KLD %.4f%s", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key],
+                     metrics["ppl_c4" + key], metrics.get("kld_wikitext2" + key, math.nan),
+                     f" full wiki2 {metrics['full_ppl_wikitext2_gptq']:.3f}" if args.full_wikitext2 else "")  # fmt: skip
     reached = {(p.spec.label, p.spec.budget.label): p.bitmap.nominal_bpp for _, p in named if p.spec.method in BOOST_METHODS}
 
     print(f"\nSmolLM2 + HQQ, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")

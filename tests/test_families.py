@@ -1,8 +1,8 @@
 """Architecture families through every stage, on tiny random-weight checkpoints saved the way a user's
 arrives (a local safetensors directory): profile -> allocate (uniform, SensiBoost, optimal) -> quantize
-(HQQ and GPTQ) -> evaluate -> record; AWQ and bitsandbytes quantize a two-rung bit map of every family
-they claim and reload it. Families the pipeline cannot run are refused at pre-flight with one
-line. The README's families table is this file's matrix."""
+(HQQ, GPTQ, AWQ, bitsandbytes: one pipeline per family) -> evaluate -> record; AWQ and bitsandbytes also
+quantize a two-rung bit map of every family they claim and reload it. Families the pipeline cannot run
+are refused at pre-flight with one line. The README's families table is this file's matrix."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidd
               num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
 # family -> backends that refuse it (README's families table)
 REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq", "awq", "bnb"), "qwen3_moe": ("gptq", "awq", "bnb"), "mixtral": ("gptq", "awq", "bnb")}
-# The pipeline runs HQQ and GPTQ on every family (and AWQ and bnb where they refuse it, to see the refusal);
-# AWQ's and bnb's bit maps on the families they claim are the direct test below (a pipeline each costs minutes).
-BACKENDS = ("hqq", "gptq")
+# One pipeline per family runs all four backends: those that claim it quantize, evaluate and record every
+# variant they can express; those that refuse it give a pre-flight note and no variant.
+BACKENDS = ("hqq", "gptq", "awq", "bnb")
+# bnb expresses 4- and 8-bit at group 64 only: of the plan's variants, the uniform 4.25 one
+EXPECTED = {"bnb": ("uniform/4.25",)}
 CONF = {"backends": list(BACKENDS), "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"],
         "calibration_samples": 4, "calibration_seq_len": 128, "fisher_samples": 2, "eval_tokens": 1024,
         "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
@@ -68,30 +70,29 @@ def _checkpoint(root: Path, family: str, tokenizer_dir: Path) -> Path:
     return path
 
 
-def _pipeline(model: Path, home: Path, *extra: str, backends=BACKENDS) -> subprocess.CompletedProcess:
+def _pipeline(model: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "QUANT_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
     env.pop("QUANT_ARTIFACT_ROOT", None)
-    conf = {**CONF, "backends": list(backends), "model": str(model)}
+    conf = {**CONF, "model": str(model)}
     return subprocess.run([sys.executable, "-m", "tasks", "pipeline", *extra, "--config", json.dumps(conf)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "qwen3_moe", "mixtral"])
-def test_a_family_runs_every_stage_on_hqq_and_gptq(family, tmp_path, embedded_model):
+def test_a_family_runs_every_stage_on_every_backend_or_is_refused_up_front(family, tmp_path, embedded_model):
     model = _checkpoint(tmp_path, family, embedded_model.path)
-    backends = BACKENDS + tuple(b for b in ("awq", "bnb") if b in REFUSED.get(family, ()))
-    check = _pipeline(model, tmp_path / "state", "--check", backends=backends)
+    check = _pipeline(model, tmp_path / "state", "--check")
     assert check.returncode == 0, check.stderr[-3000:]
-    proc = _pipeline(model, tmp_path / "state", backends=backends)
+    proc = _pipeline(model, tmp_path / "state")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "state" / "reports" / "latest" / "results.json").read_text())
     names = {r["variant"] for r in rows}
-    for backend in backends:
-        expected = {f"{backend}/uniform/4.25", f"{backend}/SB30/3.25", f"{backend}/optimal/3.25"}
+    for backend in BACKENDS:
+        expected = {f"{backend}/{v}" for v in EXPECTED.get(backend, ("uniform/4.25", "SB30/3.25", "optimal/3.25"))}
         if backend in REFUSED.get(family, ()):  # refused up front: a pre-flight note, no variant, no traceback
-            assert not expected & names and f"note: {backend} will skip every variant" in check.stdout, check.stdout
+            assert not {n for n in names if n.startswith(f"{backend}/")} and f"note: {backend} will skip every variant" in check.stdout, check.stdout
         else:
             assert expected <= names, (backend, names)
     for row in rows:
