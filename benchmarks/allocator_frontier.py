@@ -1,4 +1,4 @@
-"""Perplexity at equal memory: every allocator on SmolLM2 with HQQ, in one process, on the same tokens.
+"""Perplexity at equal memory: every allocator on SmolLM2 with HQQ (or GPTQ), in one process, on the same tokens.
 
 Runs uniform at 3.13/3.25/3.51/4.13/4.25, SB30 and KB21 at the three 3-bit rungs, LIM, ZD and MXQ at the
 memory SB30 reached, and the `optimal` allocator at exactly the nominal bpp SB30 and KB21 reached and at
@@ -10,7 +10,11 @@ prediction vs measurement, and with --full-wikitext2 against the whole WikiText-
 of issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
 
     python benchmarks/allocator_frontier.py [--eval-tokens 16384] [--protocol paper] [--only 'uniform|optimal']
-                                            [--full-wikitext2] [--samples 32] [--fisher-samples 16]
+                                            [--full-wikitext2] [--samples 32] [--fisher-samples 16] [--backend gptq]
+
+With --backend gptq every variant is quantized by GPTQ (q/k/v and gate/up tied, as the pipeline does for
+it), `optimal` is priced by GPTQ's own rung errors (docs/methods.md §11), and the rows `optimal[hqq]`
+are the same budgets priced by HQQ's errors: what the GPTQ pricing buys.
 Stage outputs are cached under $QUANT_HOME/artifacts, so a rerun only evaluates what changed.
 """
 
@@ -35,7 +39,7 @@ from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.config import PipelineConfig  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.orchestration.planner import VariantSpec, allocate_variants, plan_variants  # noqa: E402
+from tasks.orchestration.planner import VariantSpec, backend_options, allocate_variants, plan_variants  # noqa: E402
 
 UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
 BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
@@ -52,6 +56,7 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="regular expression: evaluate only the rows whose name matches")
     ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; ~17 min per variant on 2 cores)")
     ap.add_argument("--calibrate-on", default="optimal @uniform 4.25", help="the row whose measured dNLL scales the predicted perplexity")
+    ap.add_argument("--backend", default="hqq", choices=["hqq", "gptq"])
     args = ap.parse_args()
     key = "" if args.protocol == "paper" else "_gptq"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -64,12 +69,14 @@ def main() -> int:
         "model": args.model, "uniform_budgets": UNIFORM, "methods": [m for m in methods if m != "optimal"], "budgets": BOOST_RUNGS,
         "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
         "lm_eval_tasks": [],  # perplexity only: the comparison is at equal memory on the same tokens
+        "backends": [args.backend],
     }
     if args.fisher_samples is not None:
         config["fisher_samples"] = args.fisher_samples
     started = time.time()
     ctx = StepContext.from_env()
-    prep = steps.prepare(ctx, {**config, "methods": config["methods"] or ["sensiboost"]})
+    profiled = config["methods"] + (["optimal"] if "optimal" in methods else [])  # what the profile measures for
+    prep = steps.prepare(ctx, {**config, "methods": profiled or ["sensiboost"]})
     scores = steps.profile(ctx, prep)
     params = linear_param_counts(read_config(prep["model"]["path"]))
     table = read_scores(scores)
@@ -78,8 +85,11 @@ def main() -> int:
     if "optimal" in methods:
         targets = [("@" + p.spec.label, p.spec.budget.label, p.bitmap.nominal_bpp) for p in planned if p.spec.method in BOOST_METHODS]
         targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in UNIFORM]
-        planned += [(f"optimal {who} {label}", p) for who, label, bpp in targets
-                    for p in allocate_variants([VariantSpec.of("optimal", float(bpp))], table, params)]  # fmt: skip
+        pricings = [("optimal", backend_options("optimal", {}, args.backend, None, table.has("out_err_gptq")))]
+        if args.backend == "gptq":  # the same budgets priced by HQQ's errors, for comparison
+            pricings.append(("optimal[hqq]", {"tie_fused": True}))
+        planned += [(f"{row} {who} {label}", p) for row, options in pricings for who, label, bpp in targets
+                    for p in allocate_variants([VariantSpec.of("optimal", float(bpp), options)], table, params)]  # fmt: skip
     named = [item if isinstance(item, tuple) else (_name(item), item) for item in planned]
     out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
     out.mkdir(exist_ok=True)
@@ -93,15 +103,15 @@ def main() -> int:
             continue
         path = out / f"{name.replace(' ', '_').replace('@', 'at-')}.json"
         p.bitmap.save(path)
-        variant = {**base, "backend": "hqq", "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
+        variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
         metrics = measure(ctx, variant, args.full_wikitext2)
-        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap), metrics))
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, "gptq" if table.has("out_err_gptq") else "hqq"), metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f KLD %.4f%s", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key],
                      metrics["ppl_c4" + key], metrics.get("kld_wikitext2" + key, math.nan),
                      f" full wiki2 {metrics['full_ppl_wikitext2_gptq']:.3f}" if args.full_wikitext2 else "")  # fmt: skip
     reached = {(p.spec.label, p.spec.budget.label): p.bitmap.nominal_bpp for _, p in named if p.spec.method in BOOST_METHODS}
 
-    print(f"\nSmolLM2 + HQQ, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")
+    print(f"\nSmolLM2 + {args.backend.upper()}, {args.protocol} protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)\n")
     calibration = calibrate_prediction(rows, args.calibrate_on, key)
     full = " | full wiki2 ppl (gptq)" if args.full_wikitext2 else ""
     print(f"| {'variant':<24} | {'bpp':>6} | wiki2 ppl ± se  | c4 ppl ± se     | wiki2 KLD ± se    | c4 KLD   | top-1 | dNLL    | pred dNLL | pred ppl{full} |")

@@ -160,12 +160,28 @@ def test_bad_configs_are_one_line_errors(bad, message):
 
 def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
     config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal", "lim"]})
-    plan = {s.name: s for s in plan_variants(config)}
+    plan = {s.name: s for s in plan_variants(config, gptq_errors=False)}
     assert set(plan) == {"uniform-4.25", "SB30-3.25", "SB30-3.25-tied", "optimal-3.25", "optimal-3.25-tied", "lim-3.25"}
     assert plan["optimal-3.25-tied"].backends == ("gptq", "awq") and plan["optimal-3.25-tied"].options["tie_fused"] is True
     assert plan["optimal-3.25"].backends == ("hqq",) and "tie_fused" not in plan["optimal-3.25"].options
     assert plan["lim-3.25"].backends is None, "whole layers move together: nothing to tie"
     explicit = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"], "method_options": {"optimal": {"tie_fused": False}}})
-    assert [(s.name, s.backends) for s in plan_variants(explicit) if s.method == "optimal"] == [("optimal-3.25", None)]
+    assert [(s.name, s.backends) for s in plan_variants(explicit, gptq_errors=False) if s.method == "optimal"] == [("optimal-3.25", None)]
     hqq_only = PipelineConfig.from_dict({"methods": ["optimal"]})
     assert [(s.name, s.backends, s.options) for s in plan_variants(hqq_only) if s.method == "optimal"] == [("optimal-3.25", None, {})]
+
+
+def test_optimal_on_gptq_prices_the_rungs_by_gptqs_own_error():
+    config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "methods": ["sensiboost", "optimal"]})
+    assert config.gptq_errors, "a run with gptq and optimal profiles GPTQ's rung errors"
+    plan = {s.name: s for s in plan_variants(config) if s.method == "optimal"}
+    assert set(plan) == {"optimal-3.25", "optimal-3.25-tied", "optimal-3.25-tied-gptq-errors"}
+    assert plan["optimal-3.25-tied-gptq-errors"].backends == ("gptq",) and plan["optimal-3.25-tied-gptq-errors"].options["errors"] == "gptq"
+    assert plan["optimal-3.25-tied"].backends == ("awq",) and "errors" not in plan["optimal-3.25-tied"].options
+    assert all("errors" not in s.options for s in plan_variants(config) if s.method != "optimal"), "only optimal takes them"
+    off = PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}})
+    assert not off.gptq_errors and [s.options.get("errors") for s in plan_variants(off) if s.method == "optimal"] == ["hqq"]
+    asked = PipelineConfig.from_dict({"backends": ["hqq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "gptq"}}})
+    assert asked.gptq_errors and not PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["sensiboost"]}).gptq_errors
+    with pytest.raises(PipelineError, match="errors"):
+        PipelineConfig.from_dict({"methods": ["optimal"], "method_options": {"optimal": {"errors": "awq"}}})

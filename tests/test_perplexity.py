@@ -108,7 +108,9 @@ def test_kld_against_itself_is_zero_and_against_another_model_matches_the_exact_
         p = torch.log_softmax(base(input_ids=chunk).logits[0, :-1].double(), -1)
         q = torch.log_softmax(other(input_ids=chunk).logits[0, :-1].double(), -1)
     by_hand = (p.exp() * (p - q)).sum(-1).numpy()
-    np.testing.assert_allclose(exact.kld[:1023], by_hand, rtol=1e-3, atol=1e-6)
+    # the stream's log-probabilities are float32 from batched windows (rounding depends on the batch and the
+    # thread count): a few 1e-6 in a KLD of about 0.01
+    np.testing.assert_allclose(exact.kld[:1023], by_hand, rtol=1e-3, atol=3e-5)
     assert exact.kld.mean() > 0.01
     assert (merged.kld <= exact.kld + 1e-6).all(), "merging the tail never raises the divergence (log-sum inequality)"
     assert merged.kld.mean() < 0.95 * exact.kld.mean(), "and here it visibly lowers it"

@@ -23,6 +23,10 @@ different modules taken as independent). `objective` chooses the estimate:
 A table without the column an objective needs falls back along fisher -> sensitivity -> output, and
 without out_err (the authors' tables) to fnorm**2 = trace(dW dW^T) (output error with H = I); each
 fallback is logged and recorded in the bit map's options.
+
+`errors` chooses whose quantization error prices the rungs: "hqq" (the profiler's HQQ rungs) or "gptq"
+(the error GPTQ leaves after its error feedback: `fisher_dloss_gptq` / `out_err_gptq`, profiled when a
+run has the gptq backend; the pipeline gives the gptq backend's `optimal` these, see docs/methods.md §11).
 """
 
 from __future__ import annotations
@@ -41,14 +45,17 @@ from tasks.ladder import split_key
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("fisher", "sensitivity", "output")
+ERRORS = {"hqq": "", "gptq": "_gptq"}  # whose rung errors -> the suffix of their score columns
 # The SensiBoost part of each projection (an MoE expert's projections take their layer's MLP parts).
 PARTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out", "gate_proj": "mlp_gate",
          "up_proj": "mlp_gate", "down_proj": "mlp_down"}  # fmt: skip
 
 
-def error_column(scores: Scores) -> str:
-    if scores.has("out_err"):
-        return "out_err"
+def error_column(scores: Scores, suffix: str = "") -> str:
+    if scores.has("out_err" + suffix):
+        return "out_err" + suffix
+    if suffix:
+        raise PipelineError(f"scores table {scores.source} lacks column out_err{suffix}: profile with gptq_errors (a run with the gptq backend does)")
     if not scores.has("fnorm"):
         raise PipelineError(f"scores table {scores.source} lacks column(s) out_err (or fnorm) needed by method 'optimal'")
     log.warning("optimal: %s has no out_err column; using fnorm**2 (output error with isotropic inputs)", scores.source)
@@ -102,18 +109,21 @@ def module_weights(scores: Scores, column: str) -> np.ndarray | None:
     return sensitivity_weights(scores.keys, sensitivity, reference)
 
 
-def objective_costs(scores: Scores, objective: str, rungs: tuple) -> tuple[np.ndarray, dict]:
+def objective_costs(scores: Scores, objective: str, rungs: tuple, errors: str = "hqq") -> tuple[np.ndarray, dict]:
     """The cost matrix C [modules, rungs] of `objective` (see the module docstring), and what was used."""
     if objective not in OBJECTIVES:
         raise PipelineError(f"unknown objective {objective!r} for method 'optimal': one of {', '.join(OBJECTIVES)}")
+    if errors not in ERRORS:
+        raise PipelineError(f"unknown errors {errors!r} for method 'optimal': one of {', '.join(ERRORS)}")
+    suffix = ERRORS[errors]
     if objective == "fisher":
-        if scores.has("fisher_dloss"):
-            return scores.rung_matrix("fisher_dloss", rungs), {"objective_name": "fisher", "error": "fisher_dloss"}
-        log.warning("optimal: %s has no fisher_dloss column (profiled without gradients?); using the sensitivity objective", scores.source)
+        if scores.has("fisher_dloss" + suffix):
+            return scores.rung_matrix("fisher_dloss" + suffix, rungs), {"objective_name": "fisher", "error": "fisher_dloss" + suffix}
+        log.warning("optimal: %s has no fisher_dloss%s column (profiled without gradients?); using the sensitivity objective", scores.source, suffix)
         objective = "sensitivity"
-    column = error_column(scores)
+    column = error_column(scores, suffix)
     errors = error_matrix(scores, column, rungs)
-    facts = {"error": "out_err" if column == "out_err" else "fnorm^2"}
+    facts = {"error": column if column != "fnorm" else "fnorm^2"}
     if objective == "sensitivity":
         weights = module_weights(scores, column)
         if weights is not None:
@@ -127,41 +137,43 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
 
 
 def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                  tie_fused: bool = False, tie_experts: bool = False) -> tuple[RungProgram, dict]:  # fmt: skip
+                  tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> tuple[RungProgram, dict]:  # fmt: skip
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
     cand = candidate_rungs(scores, as_rungs(rungs))
-    costs, facts = objective_costs(scores, objective, cand)
+    costs, facts = objective_costs(scores, objective, cand, errors)
     program = RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap), tie_fused=bool(tie_fused),
                           tie_experts=bool(tie_experts))  # fmt: skip
     return program, facts
 
 
 def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                     tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+                     tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> BitMap:  # fmt: skip
     """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter.
     tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need).
-    tie_experts: all expert linears of a mixture-of-experts layer share one rung (fused MoE kernels)."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts)
+    tie_experts: all expert linears of a mixture-of-experts layer share one rung (fused MoE kernels).
+    errors: whose quantization error prices the rungs, "hqq" or "gptq" (the module docstring)."""
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts, errors)
     return program.allocate(as_bpp(budget), options=facts)
 
 
 def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-             tie_fused: bool = False, tie_experts: bool = False) -> list[BitMap]:  # fmt: skip
+             tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> list[BitMap]:  # fmt: skip
     """`allocate_optimal` for each budget of a list, sharing one set-up; every budget is checked first
     (one below the cheapest allocation is a one-line error naming that minimum)."""
-    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts)
+    program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts, errors)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)
 
 
-def predicted_loss_increase(scores: Scores, bitmap: BitMap) -> float | None:
+def predicted_loss_increase(scores: Scores, bitmap: BitMap, errors: str = "hqq") -> float | None:
     """The Fisher estimate of the calibration loss increase (nats per token) of any bit map: the sum of
-    `fisher_dloss` at each module's rung, what `optimal` minimizes. None when the table has no such
-    column or a module's rung was not profiled."""
-    if not scores.has("fisher_dloss"):
+    `fisher_dloss` (with errors="gptq": `fisher_dloss_gptq`) at each module's rung, what `optimal`
+    minimizes. None when the table has no such column or a module's rung was not profiled."""
+    column = "fisher_dloss" + ERRORS[errors]
+    if not scores.has(column):
         return None
     rungs = tuple(sorted(set(bitmap.modules.values()), key=lambda r: r.bpp))
     if any(r not in scores.rungs for r in rungs) or set(bitmap.modules) != set(scores.keys):
         return None
-    matrix = scores.rung_matrix("fisher_dloss", rungs)
-    column = {r: j for j, r in enumerate(rungs)}
-    return float(sum(matrix[i, column[bitmap.modules[k]]] for i, k in enumerate(scores.keys)))
+    matrix = scores.rung_matrix(column, rungs)
+    position = {r: j for j, r in enumerate(rungs)}
+    return float(sum(matrix[i, position[bitmap.modules[k]]] for i, k in enumerate(scores.keys)))

@@ -143,6 +143,13 @@ class PipelineConfig:
         return bool(self.budgets) and any(m != "uniform" and method_spec(m).rival_scores for m in self.methods)
 
     @property
+    def gptq_errors(self) -> bool:
+        """Whether the profile must also price the rungs by the error GPTQ leaves: `optimal` on the gptq
+        backend uses it unless its method_options set `errors` (an extra cost of the profile)."""
+        chosen = (self.method_options.get("optimal") or {}).get("errors")
+        return bool(self.budgets) and "optimal" in self.methods and (chosen == "gptq" or (chosen is None and "gptq" in self.backends))
+
+    @property
     def dkld(self) -> bool:
         """Whether the profile must also measure ExLlamaV3's dKLD per layer group and rung (opt-in, costly)."""
         return bool(self.budgets) and any(m != "uniform" and method_spec(m).dkld for m in self.methods)

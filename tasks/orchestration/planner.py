@@ -44,7 +44,8 @@ class VariantSpec:
         """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused,
         '-experts-tied' with tie_experts)."""
         ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
-        return f"{self.label}-{self.budget_label}{ties}"
+        errors = f"-{self.options['errors']}-errors" if self.options.get("errors", "hqq") != "hqq" else ""
+        return f"{self.label}-{self.budget_label}{ties}{errors}"
 
 
 @dataclass(frozen=True)
@@ -58,28 +59,41 @@ def variant_name(backend: str, label: str, budget: str) -> str:
     return f"{backend}/{label}/{budget}"
 
 
-def plan_variants(config: PipelineConfig, stacked_family: str | None = None) -> list[VariantSpec]:
-    """Uniform first, then the boost methods, then the rest. A method that can tie fused modules gets
-    one bit map per tie setting its backends need (tied for TIE_FUSED_BACKENDS, and for every backend
-    when the model's family stores q/k/v or gate/up in one linear: `stacked_family`, e.g. phi3), unless
-    the user's method_options set tie_fused."""
+def backend_options(method: str, options: dict, backend: str, stacked_family: str | None, gptq_errors: bool) -> dict:
+    """What the backend needs of a method beyond the user's options: q/k/v and gate/up tied (fused serving
+    kernels: TIE_FUSED_BACKENDS, and every backend of a `stacked_family` such as phi3), and for `optimal`
+    on gptq the rungs priced by GPTQ's own error (when the profile measured it)."""
+    extra = {}
+    if METHODS[method].ties and "tie_fused" not in options and (backend in TIE_FUSED_BACKENDS or stacked_family):
+        extra["tie_fused"] = True
+    if method == "optimal" and "errors" not in options and backend == "gptq" and gptq_errors:
+        extra["errors"] = "gptq"
+    return extra
+
+
+def plan_variants(config: PipelineConfig, stacked_family: str | None = None, gptq_errors: bool | None = None) -> list[VariantSpec]:
+    """Uniform first, then the boost methods, then the rest. A method gets one bit map per set of options
+    its backends need (`backend_options`), each for those backends. `gptq_errors`: whether the profile
+    holds GPTQ's rung errors (default: whether the configuration asks for them)."""
+    gptq_errors = config.gptq_errors if gptq_errors is None else gptq_errors
     specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
     methods = sorted((m for m in config.methods if m != "uniform"), key=lambda m: not METHODS[m].boost)
-    tied = tuple(b for b in config.backends if b in TIE_FUSED_BACKENDS or stacked_family)
-    untied = tuple(b for b in config.backends if b not in tied)
     for method in methods:
         options = config.method_options.get(method) or {}
         if stacked_family and options.get("tie_fused") is False:
             raise PipelineError(f"{method}: tie_fused cannot be false for a {stacked_family} model, which stores q/k/v and "
                                 "gate/up each in one linear (they share one rung)")  # fmt: skip
+        groups: dict[tuple, list[str]] = {}  # the backends' extra options -> those backends
+        for backend in config.backends:
+            extra = backend_options(method, options, backend, stacked_family, gptq_errors)
+            groups.setdefault(tuple(sorted(extra.items())), []).append(backend)
         for raw in config.budgets:
             budget = parse_budget(raw)
-            if not METHODS[method].ties or "tie_fused" in options or not tied:
+            if list(groups) == [()]:
                 specs.append(VariantSpec.of(method, budget, options))
                 continue
-            if untied:
-                specs.append(VariantSpec.of(method, budget, options, untied))
-            specs.append(VariantSpec.of(method, budget, {**options, "tie_fused": True}, tied))
+            for extra, backends in sorted(groups.items(), key=lambda item: len(item[0])):  # the plain bit map first
+                specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends)))
     return specs
 
 

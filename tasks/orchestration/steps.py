@@ -122,7 +122,8 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     base = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
-    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld)]
+    gptq_errors = cfg.gptq_errors and _gptq_takes(local_model(ctx, prep["model"]))
+    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld), ({"gptq_errors": True}, gptq_errors)]
     key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     # A finished profile with more columns than this run needs (the opt-in rival measurements) serves as is.
@@ -132,7 +133,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
         richer = (StageOutput(ctx.settings.artifact_root, "profiling", {**key, **{k: v for e in c for k, v in e.items()}}) for c in combos)
         found = next((r for r in richer if r.is_complete()), None)
         if found is not None:
-            log.info("profiling: reusing %s, which also holds the opt-in rival scores", found.uri)
+            log.info("profiling: reusing %s, which also holds opt-in scores this run does not need", found.uri)
             out = found
     with out.exclusive():  # concurrent runs on one model: one profiles, the others wait for its scores
         if not out.is_complete():
@@ -141,7 +142,8 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                     log.info("profiling: the interrupted attempt had finished its scores; %s", tmp)
                 else:
                     run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
-                                  device=ctx.device, rival_scores=cfg.rival_scores, dkld_windows=DKLD_WINDOWS if cfg.dkld else 0)  # fmt: skip
+                                  device=ctx.device, rival_scores=cfg.rival_scores, dkld_windows=DKLD_WINDOWS if cfg.dkld else 0,
+                                  gptq_errors=gptq_errors)  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
         # One MLflow run per profile, which every pipeline run that uses it links to.
@@ -149,6 +151,18 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                                       ensure_local(out.path), out.key, str(ctx.settings.mlflow_artifacts))  # fmt: skip
     client_for(ctx.settings.tracking_uri).set_tag(prep["parent_run_id"], "profile_run_id", profile_run)
     return str(out.path / "scores.csv")
+
+
+def _gptq_takes(model_path: str) -> bool:
+    """Whether the gptq backend quantizes this model's family (else its rung errors are not profiled)."""
+    from tasks.families import layout_for
+    from tasks.model_io import read_config
+    from tasks.quantize.registry import get_backend
+
+    refusal = get_backend("gptq").family_refusal(layout_for(read_config(model_path)).model_type)
+    if refusal:
+        log.info("profiling: no GPTQ rung errors: %s", refusal)
+    return refusal is None
 
 
 def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Variant]:
@@ -169,7 +183,8 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
 
     model_config = read_config(local_model(ctx, model))
     layout = layout_for(model_config)
-    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None), table,
+    gptq_errors = table is not None and table.has("out_err_gptq")
+    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None, gptq_errors), table,
                                 linear_param_counts(model_config), cfg.match_boost_memory)  # fmt: skip
     out = StageOutput(
         ctx.settings.artifact_root,
@@ -211,7 +226,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                     "bitmap": str(out.path / f"{p.spec.name}.json"),
                     "nominal_bpp": p.bitmap.nominal_bpp,
                     "extra_pct": p.bitmap.extra_pct,
-                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap),
+                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, "gptq" if backend == "gptq" and gptq_errors else "hqq"),
                 }
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}

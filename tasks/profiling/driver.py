@@ -40,6 +40,7 @@ from tasks.failpoints import failpoint
 from tasks.families import ATTN_IN, MLP_GATE, Layout, leaf
 from tasks.ladder import LADDER, Rung
 from tasks.profiling import dkld, hqq_fast, rivals
+from tasks.profiling.gptq_errors import gptq_rung_errors
 from tasks.profiling.fisher import TOKENS, InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
@@ -57,6 +58,7 @@ DEFAULT_FISHER_SAMPLES = 8
 # included) and the loss head a [tokens, vocab chunk] block, so it takes fewer samples than the forward;
 # the sums it accumulates do not depend on the split.
 GRAD_BATCH = 2
+GPTQ_KEY = "gptq:"  # row_errors of GPTQ's rungs: under this prefix + the module's key
 CALIBRATION_FILE = "calibration.safetensors"
 SUMMARY_FILE = "profiling.json"
 
@@ -236,12 +238,13 @@ def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, tor
 
 
 def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
-                  batch_size: int, rungs: tuple[Rung, ...], normalize: bool,
-                  seconds: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
+                  batch_size: int, rungs: tuple[Rung, ...], normalize: bool, seconds: dict,
+                  gptq: bool = False) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
     """Score decoder layer `index` and advance `hidden` in place to its full-precision output.
 
     Returns the layer's rows of the scores table (one per module and rung) and, per module, the summed
-    squared output error of every rung per output feature [rungs, out] (for `fisher_dloss`).
+    squared output error of every rung per output feature [rungs, out] (for `fisher_dloss`); with `gptq`,
+    also the rows' `out_err_gptq` and the same errors of GPTQ's rungs under `GPTQ_KEY + module`.
     """
     weights = factory.layout.weights(state)
     tokens = hidden.shape[0] * hidden.shape[1]
@@ -281,7 +284,27 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
                           lim=lim, zd=zd, out_err=e, parts=parts)  # fmt: skip
             )
         del errors
+    if gptq:
+        _gptq_errors(rows, row_errors, weights, matrices, counts, forms, layout, rungs, seconds)
     return rows, row_errors
+
+
+def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: dict, counts: dict, forms: dict, layout: Layout,
+                 rungs: tuple[Rung, ...], seconds: dict) -> None:  # fmt: skip
+    """`out_err_gptq` on the layer's rows and GPTQ's per-output errors into `row_errors` (gptq_errors.py)."""
+    by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for m in layout.modules:
+        by_input[layout.input_of(m)][m] = weights[m]
+    out_err = {}
+    for key, members in by_input.items():
+        with _phase(seconds, "gptq"):
+            errors = gptq_rung_errors(members, matrices[key], int(counts[key]), rungs)
+        for m, e in errors.items():
+            row_errors[GPTQ_KEY + m] = forms[key].row_sums(e).view(len(rungs), -1)
+            out_err[m] = (row_errors[GPTQ_KEY + m].sum(dim=1) / (counts[key] * weights[m].shape[0])).tolist()
+    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
+    for row in rows:
+        row["out_err_gptq"] = out_err[row["module"]][position[(row["nbit1"], row["gsize1"])]]
 
 
 def _input_statistics(index: int, grams: dict[str, Gram], layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -409,13 +432,18 @@ def _unrouted_gradients(squares: dict[str, torch.Tensor], index: int, layout: La
 
 def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: dict[str, torch.Tensor],
                        squares: dict[str, torch.Tensor], tokens: int, grad_tokens: int) -> None:  # fmt: skip
-    """fisher_dloss per row; an expert's squared gradients are means over the gradient tokens routed to it,
-    scaled by its routed share: 1/2 sum_o rowerr_o * sq_o / (tokens * routed gradient tokens)."""
+    """fisher_dloss per row (and fisher_dloss_gptq from GPTQ's errors, where profiled); an expert's squared
+    gradients are means over the gradient tokens routed to it, scaled by its routed share:
+    1/2 sum_o rowerr_o * sq_o / (tokens * routed gradient tokens)."""
     position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    routed = {k: float(squares[f"{TOKENS}{k}"]) if f"{TOKENS}{k}" in squares else grad_tokens for k in row_errors}
-    dloss = {k: fisher_loss_delta(e, squares[k], tokens, routed[k]).tolist() for k, e in row_errors.items()}
-    for row in rows:
-        row["fisher_dloss"] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
+    for column, prefix in (("fisher_dloss", ""), ("fisher_dloss_gptq", GPTQ_KEY)):
+        errors = {k[len(prefix):]: e for k, e in row_errors.items() if k.startswith(prefix) and (prefix or not k.startswith(GPTQ_KEY))}
+        if not errors:
+            continue
+        routed = {k: float(squares[f"{TOKENS}{k}"]) if f"{TOKENS}{k}" in squares else grad_tokens for k in errors}
+        dloss = {k: fisher_loss_delta(e, squares[k], tokens, routed[k]).tolist() for k, e in errors.items()}
+        for row in rows:
+            row[column] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
 
 
 def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str, torch.Tensor], grad_tokens: int) -> None:
@@ -429,6 +457,12 @@ def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str
             row[column] = values[position[(row["nbit1"], row["gsize1"])]]
 
 
+def _error_key(index: int, module: str) -> str:
+    """'3.mlp.down_proj', or 'gptq:3.mlp.down_proj' for GPTQ's errors of that module."""
+    prefix = GPTQ_KEY if module.startswith(GPTQ_KEY) else ""
+    return f"{prefix}{index}.{module[len(prefix):]}"
+
+
 def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return state if device.type == "cpu" else {k: v.to(device) for k, v in state.items()}
 
@@ -436,7 +470,7 @@ def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
                   rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES,
                   device: str = "cpu", rival_scores: bool = False, dkld_windows: int = 0,
-                  dkld_rungs: tuple[Rung, ...] = dkld.DEFAULT_RUNGS) -> Path:  # fmt: skip
+                  dkld_rungs: tuple[Rung, ...] = dkld.DEFAULT_RUNGS, gptq_errors: bool = False) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -453,11 +487,15 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     dkld_windows: with more than 0, also ExLlamaV3's measured KLD change per layer group and rung of
         `dkld_rungs` on that many calibration windows (column dkld; tasks.profiling.dkld; loads the
         whole model).
+    gptq_errors: also price every rung by the error GPTQ leaves (columns out_err_gptq and
+        fisher_dloss_gptq; tasks.profiling.gptq_errors), for `optimal` on the gptq backend.
     """
     if dkld_windows < 0:
         raise PipelineError(f"dkld_windows must be 0 or more, got {dkld_windows}")
     if rival_scores and fisher_samples == 0:
         raise PipelineError("rival_scores needs the backward pass: fisher_samples must be at least 1")
+    if gptq_errors and LayerFactory(load_config(model_path)).layout.experts:
+        raise PipelineError("gptq_errors: the GPTQ backend does not quantize mixture-of-experts models; profile without it")
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
     if fisher_samples < 0:
@@ -479,7 +517,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     signature = {"calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape), "layers": layers,
                  "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs],
-                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores}  # fmt: skip
+                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores, "gptq_errors": gptq_errors}  # fmt: skip
     progress = ProfileProgress(out_dir, signature)
     resumed_at = progress.forward_done if progress.backward_next is None else layers
     stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
@@ -499,9 +537,10 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
                 with _phase(seconds, "backward"):
                     stash.put(index, hidden[:grad_samples])
             layer_rows, errors = profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
-                                               normalize=normalize, seconds=seconds)  # fmt: skip
+                                               normalize=normalize, seconds=seconds, gptq=gptq_errors)  # fmt: skip
             rows += layer_rows
-            row_errors.update({f"{index}.{m}": e for m, e in errors.items()})
+            errors = {_error_key(index, m): e for m, e in errors.items()}
+            row_errors.update(errors)
             del state
             failpoint(f"profiling.layer.{index}")
             with _phase(seconds, "checkpoint"):
@@ -537,6 +576,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "fisher_samples": grad_samples,
         "rival_scores": rival_scores,
         "dkld_windows": min(dkld_windows, int(ids.shape[0])),
+        "gptq_errors": gptq_errors,
         "device": str(device),
         "resumed_at_layer": resumed_at,
         "seconds": round(total, 3),

@@ -72,14 +72,14 @@ class ProfileProgress:
         (self.dir / f"hidden-{index}.safetensors").unlink(missing_ok=True)
 
     def load_forward(self, device: torch.device) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor]:
-        """Rows, per-module row errors (keyed `layer.module`) and hidden states after `forward_done` layers."""
+        """Rows, per-module row errors (as saved: keyed `layer.module`) and hidden states after `forward_done` layers."""
         from safetensors.torch import load_file
 
         rows: list[dict] = []
         errors: dict[str, torch.Tensor] = {}
         for index in range(self.forward_done):
             rows += json.loads((self.dir / f"rows-{index}.json").read_text())
-            errors.update({f"{index}.{m}": e for m, e in load_file(str(self.dir / f"errors-{index}.safetensors")).items()})
+            errors.update(load_file(str(self.dir / f"errors-{index}.safetensors")))
         hidden = load_file(str(self.dir / f"hidden-{self.forward_done}.safetensors"), device=str(device))["hidden"]
         return rows, errors, hidden
 
