@@ -103,6 +103,14 @@ def test_skipped_backend_pairs_are_named_up_front():
     assert not any(n.startswith("bnb will skip uniform b4g64") for n in notes) and not any(n.startswith("hqq") for n in notes)
 
 
+def test_the_extra_cost_of_gptq_priced_rungs_is_announced_and_skipped_where_gptq_refuses_the_family():
+    config = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"]})
+    assert any(n.startswith("gptq: the profile also prices every rung by GPTQ's own error") for n in backend_notes(config, "llama"))
+    assert not any("prices" in n for n in backend_notes(config, "phi3")), "gptq refuses phi3: no GPTQ solves"
+    off = PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}})
+    assert not any("prices" in n for n in backend_notes(off, "llama"))
+
+
 # ---- model files ------------------------------------------------------------------------------------
 
 

@@ -56,4 +56,7 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
         if sensitive and cfg.budgets and caps.bitmap != "any":
             notes.append(f"{name} expresses only {caps.bitmap} bit maps on bits {caps.uniform_bits} and group sizes {caps.group_sizes}:"
                          f" the {', '.join(sensitive)} maps that use other rungs will be skipped")  # fmt: skip
+        if name == "gptq" and cfg.gptq_errors:
+            notes.append("gptq: the profile also prices every rung by GPTQ's own error for optimal on gptq (one GPTQ solve per "
+                         "module input and rung; method_options.optimal.errors: hqq turns it off)")  # fmt: skip
     return notes
