@@ -105,7 +105,7 @@ def main() -> int:
         p.bitmap.save(path)
         variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
         metrics = measure(ctx, variant, args.full_wikitext2)
-        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, "gptq" if table.has("out_err_gptq") else "hqq"), metrics))
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, "gptq" if args.backend == "gptq" and table.has("out_err_gptq") else "hqq"), metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f KLD %.4f%s", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key],
                      metrics["ppl_c4" + key], metrics.get("kld_wikitext2" + key, math.nan),
                      f" full wiki2 {metrics['full_ppl_wikitext2_gptq']:.3f}" if args.full_wikitext2 else "")  # fmt: skip
