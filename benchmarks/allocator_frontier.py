@@ -39,7 +39,7 @@ from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.config import PipelineConfig  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.orchestration.planner import VariantSpec, backend_options, allocate_variants, plan_variants  # noqa: E402
+from tasks.orchestration.planner import VariantSpec, allocate_variants, backend_options, plan_variants, rung_errors  # noqa: E402
 
 UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
 BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
@@ -87,12 +87,12 @@ def main() -> int:
         targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in UNIFORM]
         pricings = [("optimal", backend_options("optimal", {}, args.backend, None, table.has("out_err_gptq")))]
         if args.backend == "gptq":  # the same budgets priced by HQQ's errors, for comparison
-            pricings.append(("optimal[hqq]", {"tie_fused": True}))
+            pricings.append(("optimal[hqq]", backend_options("optimal", {}, args.backend, None, gptq_errors=False)))
         planned += [(f"{row} {who} {label}", p) for row, options in pricings for who, label, bpp in targets
                     for p in allocate_variants([VariantSpec.of("optimal", float(bpp), options)], table, params)]  # fmt: skip
     named = [item if isinstance(item, tuple) else (_name(item), item) for item in planned]
-    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
-    out.mkdir(exist_ok=True)
+    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps" / args.backend  # one backend's maps never replace another's
+    out.mkdir(parents=True, exist_ok=True)
 
     rows = []
     base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
@@ -105,7 +105,7 @@ def main() -> int:
         p.bitmap.save(path)
         variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
         metrics = measure(ctx, variant, args.full_wikitext2)
-        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, "gptq" if args.backend == "gptq" and table.has("out_err_gptq") else "hqq"), metrics))
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, table.has("out_err_gptq"))), metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f KLD %.4f%s", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key],
                      metrics["ppl_c4" + key], metrics.get("kld_wikitext2" + key, math.nan),
                      f" full wiki2 {metrics['full_ppl_wikitext2_gptq']:.3f}" if args.full_wikitext2 else "")  # fmt: skip

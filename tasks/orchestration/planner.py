@@ -59,6 +59,11 @@ def variant_name(backend: str, label: str, budget: str) -> str:
     return f"{backend}/{label}/{budget}"
 
 
+def rung_errors(backend: str, gptq_errors: bool) -> str:
+    """Whose quantization error prices a backend's rungs: GPTQ's own on gptq when the profile measured it."""
+    return "gptq" if backend == "gptq" and gptq_errors else "hqq"
+
+
 def backend_options(method: str, options: dict, backend: str, stacked_family: str | None, gptq_errors: bool) -> dict:
     """What the backend needs of a method beyond the user's options: q/k/v and gate/up tied (fused serving
     kernels: TIE_FUSED_BACKENDS, and every backend of a `stacked_family` such as phi3), and for `optimal`
@@ -66,8 +71,8 @@ def backend_options(method: str, options: dict, backend: str, stacked_family: st
     extra = {}
     if METHODS[method].ties and "tie_fused" not in options and (backend in TIE_FUSED_BACKENDS or stacked_family):
         extra["tie_fused"] = True
-    if method == "optimal" and "errors" not in options and backend == "gptq" and gptq_errors:
-        extra["errors"] = "gptq"
+    if method == "optimal" and "errors" not in options and rung_errors(backend, gptq_errors) != "hqq":
+        extra["errors"] = rung_errors(backend, gptq_errors)
     return extra
 
 

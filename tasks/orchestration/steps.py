@@ -20,7 +20,7 @@ from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
 from tasks.orchestration.config import PipelineConfig
 from tasks.orchestration.context import StepContext
-from tasks.orchestration.planner import allocate_variants, plan_variants, variant_name
+from tasks.orchestration.planner import allocate_variants, plan_variants, rung_errors, variant_name
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                     "bitmap": str(out.path / f"{p.spec.name}.json"),
                     "nominal_bpp": p.bitmap.nominal_bpp,
                     "extra_pct": p.bitmap.extra_pct,
-                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, "gptq" if backend == "gptq" and gptq_errors else "hqq"),
+                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, rung_errors(backend, gptq_errors)),
                 }
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}

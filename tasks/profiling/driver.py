@@ -302,9 +302,18 @@ def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: di
         for m, e in errors.items():
             row_errors[GPTQ_KEY + m] = forms[key].row_sums(e).view(len(rungs), -1)
             out_err[m] = (row_errors[GPTQ_KEY + m].sum(dim=1) / (counts[key] * weights[m].shape[0])).tolist()
+    for row, value in zip(rows, _rung_values(rows, rungs, lambda row: row["module"], out_err)):
+        row["out_err_gptq"] = value
+
+
+def _rung_values(rows: list[dict], rungs: tuple[Rung, ...], key, values: dict) -> list:
+    """For each row, values[key(row)][the position of the row's rung in `rungs`] (values: one list per key)."""
     position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    for row in rows:
-        row["out_err_gptq"] = out_err[row["module"]][position[(row["nbit1"], row["gsize1"])]]
+    return [values[key(row)][position[(row["nbit1"], row["gsize1"])]] for row in rows]
+
+
+def _row_key(row: dict) -> str:
+    return f"{row['layer']}.{row['module']}"
 
 
 def _input_statistics(index: int, grams: dict[str, Gram], layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -435,26 +444,22 @@ def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: di
     """fisher_dloss per row (and fisher_dloss_gptq from GPTQ's errors, where profiled); an expert's squared
     gradients are means over the gradient tokens routed to it, scaled by its routed share:
     1/2 sum_o rowerr_o * sq_o / (tokens * routed gradient tokens)."""
-    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    for column, prefix in (("fisher_dloss", ""), ("fisher_dloss_gptq", GPTQ_KEY)):
-        errors = {k[len(prefix):]: e for k, e in row_errors.items() if k.startswith(prefix) and (prefix or not k.startswith(GPTQ_KEY))}
-        if not errors:
-            continue
+    by_column: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for k, e in row_errors.items():
+        by_column["fisher_dloss_gptq" if k.startswith(GPTQ_KEY) else "fisher_dloss"][k.removeprefix(GPTQ_KEY)] = e
+    for column, errors in by_column.items():
         routed = {k: float(squares[f"{TOKENS}{k}"]) if f"{TOKENS}{k}" in squares else grad_tokens for k in errors}
         dloss = {k: fisher_loss_delta(e, squares[k], tokens, routed[k]).tolist() for k, e in errors.items()}
-        for row in rows:
-            row[column] = dloss[f"{row['layer']}.{row['module']}"][position[(row["nbit1"], row["gsize1"])]]
+        for row, value in zip(rows, _rung_values(rows, rungs, _row_key, dloss)):
+            row[column] = value
 
 
 def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str, torch.Tensor], grad_tokens: int) -> None:
-    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    per_module = {}
-    for row in rows:
-        key = f"{row['layer']}.{row['module']}"
-        if key not in per_module:
-            per_module[key] = rivals.columns(sums, key, grad_tokens)
-        for column, values in per_module[key].items():
-            row[column] = values[position[(row["nbit1"], row["gsize1"])]]
+    per_module = {key: rivals.columns(sums, key, grad_tokens) for key in dict.fromkeys(map(_row_key, rows))}
+    for column in rivals.COLUMNS:
+        values = {key: columns[column] for key, columns in per_module.items()}
+        for row, value in zip(rows, _rung_values(rows, rungs, _row_key, values)):
+            row[column] = value
 
 
 def _error_key(index: int, module: str) -> str:
