@@ -79,8 +79,8 @@ class ProfileProgress:
         errors: dict[str, torch.Tensor] = {}
         for index in range(self.forward_done):
             rows += json.loads((self.dir / f"rows-{index}.json").read_text())
-            errors.update(load_file(str(self.dir / f"errors-{index}.safetensors")))
-        hidden = load_file(str(self.dir / f"hidden-{self.forward_done}.safetensors"), device=str(device))["hidden"]
+            errors.update(_aligned(load_file(str(self.dir / f"errors-{index}.safetensors"))))
+        hidden = _aligned(load_file(str(self.dir / f"hidden-{self.forward_done}.safetensors"), device=str(device)))["hidden"]
         return rows, errors, hidden
 
     # ---- backward pass: after layer i (from the last down), the gradient into it and the sums so far
@@ -102,7 +102,7 @@ class ProfileProgress:
     def load_backward(self, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
 
-        saved = load_file(str(self.dir / f"grad-{self.backward_next}.safetensors"), device=str(device))
+        saved = _aligned(load_file(str(self.dir / f"grad-{self.backward_next}.safetensors"), device=str(device)))
         return saved.pop("grad"), {k[len("sq.") :]: v for k, v in saved.items()}
 
     def _commit(self, **changes) -> None:
@@ -111,3 +111,10 @@ class ProfileProgress:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies in fresh (allocator-aligned) memory: a tensor loaded from a file can start at any 8-byte offset,
+    and BLAS takes another code path (another summation order) for unaligned data, which would make a resumed
+    profile differ from an uninterrupted one in the last digit."""
+    return {k: v.clone() for k, v in tensors.items()}
