@@ -1,20 +1,32 @@
-"""The reload check a registered version passes before it may become champion: in a fresh process, load
-it through the standard client (`mlflow.pyfunc.load_model("models:/<name>/<version>")`) and reproduce
-its recorded WikiText-2 perplexity (same protocol, same tokens) within TOLERANCE. The evaluation records
-the perplexity of its first 2,048 tokens (`reload_ppl`, the same windows as a 2,048-token evaluation),
-which is what the check reproduces, so it costs a fraction of the evaluation. The outcome is
-the version's tags `load_check` ("passed" / "failed") and `load_check_detail` (the numbers, or why).
+"""The reload check a registered version passes before it may become champion: in a clean process (one
+that imported nothing of the pipeline's run), load it through the standard client
+(`mlflow.pyfunc.load_model("models:/<name>/<version>")`) and reproduce its recorded WikiText-2 perplexity
+(same protocol, same tokens) within TOLERANCE. The evaluation records the perplexity of its first 2,048
+tokens (`reload_ppl`, the same windows as a 2,048-token evaluation), which is what the check reproduces,
+so it costs a fraction of the evaluation. The outcome is the version's tags `load_check` ("passed" /
+"failed") and `load_check_detail` (the numbers, or why).
+
+The clean process serves the checks of one pipeline process one after another (`--serve`: one JSON request
+per line in, one result per line out), each version loaded anew from the registry: starting Python, torch,
+transformers and MLflow is most of a check's cost (about 7 of 10 s for a small model on 2 cores), and a
+run checks every variant it registered. A process that dies or hangs fails only the check it was on; the
+next check starts a new one.
 
     python -m tasks verify --model-uri models:/NAME/VERSION --calibration DIR --eval-tokens N --expect PPL
+    python -m tasks verify --serve
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 from tasks.errors import PipelineError
@@ -60,18 +72,12 @@ def load_torch_model(model_uri: str):
 
 def check_version(tracking_uri: str, name: str, version: str, calibration_dir: str, eval_tokens: int, expected: float,
                   protocol: str = "paper") -> dict:
-    """Run `reproduce` in a fresh Python process and record the outcome on the version's tags."""
+    """Run `reproduce` in the clean checking process and record the outcome on the version's tags."""
     from tasks.registry.tracking import client_for
 
-    cmd = [sys.executable, "-m", "tasks", "verify", "--model-uri", f"models:/{name}/{version}", "--calibration", str(calibration_dir),
-           "--eval-tokens", str(eval_tokens), "--expect", repr(float(expected)), "--protocol", protocol]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        lines = proc.stdout.strip().splitlines()
-        result = json.loads(lines[-1]) if lines else {"passed": False, "detail": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    except (subprocess.TimeoutExpired, ValueError) as exc:
-        result = {"passed": False, "detail": f"the check did not finish: {type(exc).__name__}"}
+    request = {"model_uri": f"models:/{name}/{version}", "calibration": str(calibration_dir), "eval_tokens": int(eval_tokens),
+               "expected": float(expected), "protocol": protocol}  # fmt: skip
+    result = _checker({**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}).check(request)
     client = client_for(tracking_uri)
     client.set_model_version_tag(name, version, TAG, "passed" if result["passed"] else "failed")
     client.set_model_version_tag(name, version, DETAIL_TAG, result["detail"][:500])
@@ -79,15 +85,113 @@ def check_version(tracking_uri: str, name: str, version: str, calibration_dir: s
     return result
 
 
+class _Checker:
+    """A `python -m tasks verify --serve` process: requests on its stdin, one JSON result per stdout line
+    (a reader thread, so that a hung check times out); its stderr goes to a temporary file whose last line
+    explains a death."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasks", "verify", "--serve"], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)  # fmt: skip
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # end of output: the process exited
+
+    def check(self, request: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.lines.get(timeout=TIMEOUT_S)
+        except queue.Empty:
+            self.close()
+            return {"passed": False, "detail": f"the check did not finish within {TIMEOUT_S} s"}
+        except (BrokenPipeError, OSError):
+            line = None
+        if line is None:
+            detail = f"the checking process died: {self._last_error()}"
+            self.close()
+            return {"passed": False, "detail": detail}
+        return json.loads(line)
+
+    def _last_error(self) -> str:
+        code = self.proc.wait(timeout=30)
+        self.log.seek(0)
+        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+        return f"exit code {code}" + (f": {lines[-1][:300]}" if lines else "")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.proc.stdin.close()  # end of requests: it exits
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+_CHECKERS: list[_Checker] = []  # at most one: this process's
+
+
+def _checker(env: dict) -> _Checker:
+    """This process's checker for `env` (a new one if the environment changed or the last one died)."""
+    if _CHECKERS and _CHECKERS[0].alive() and _CHECKERS[0].env == env:
+        return _CHECKERS[0]
+    _close_checkers()
+    _CHECKERS.append(_Checker(env))
+    return _CHECKERS[0]
+
+
+@atexit.register
+def _close_checkers() -> None:
+    while _CHECKERS:
+        _CHECKERS.pop().close()
+
+
+def serve(requests, results) -> None:
+    """Answer each request line with one result line, until the requests end. Libraries that print go to
+    stderr: `results` carries nothing but the results."""
+    import gc
+
+    from tasks.failpoints import failpoint
+
+    for line in requests:
+        if line.strip():
+            r = json.loads(line)
+            failpoint("verify.check")
+            result = reproduce(r["model_uri"], r["calibration"], r["eval_tokens"], r["expected"], r["protocol"])
+            gc.collect()  # the model goes before the next one loads
+            results.write(json.dumps(result) + "\n")
+            results.flush()
+
+
 def configure_parser(parser) -> None:
-    parser.add_argument("--model-uri", required=True, help="models:/NAME/VERSION (or @alias)")
-    parser.add_argument("--calibration", required=True, help="the calibration stage's output (holds wikitext2.safetensors)")
-    parser.add_argument("--eval-tokens", type=int, required=True, help="the WikiText-2 tokens the recorded perplexity used (0 = all)")
-    parser.add_argument("--expect", type=float, required=True, help="the recorded WikiText-2 perplexity")
+    parser.add_argument("--serve", action="store_true", help="answer JSON check requests from stdin, one result line each (the pipeline's checker)")
+    parser.add_argument("--model-uri", help="models:/NAME/VERSION (or @alias)")
+    parser.add_argument("--calibration", help="the calibration stage's output (holds wikitext2.safetensors)")
+    parser.add_argument("--eval-tokens", type=int, help="the WikiText-2 tokens the recorded perplexity used (0 = all)")
+    parser.add_argument("--expect", type=float, help="the recorded WikiText-2 perplexity")
     parser.add_argument("--protocol", default="paper", choices=("paper", "gptq"), help="the protocol it was recorded with")
 
 
 def run_cli(args) -> int:
+    if args.serve:
+        results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints goes to stderr
+        serve(sys.stdin, results)
+        return 0
+    missing = [f"--{n.replace('_', '-')}" for n in ("model_uri", "calibration", "eval_tokens", "expect") if getattr(args, n) is None]
+    if missing:
+        raise PipelineError(f"verify needs {', '.join(missing)} (or --serve)")
     if args.expect <= 0:
         raise PipelineError(f"--expect must be a positive perplexity, got {args.expect}")
     result = reproduce(args.model_uri, args.calibration, args.eval_tokens, args.expect, args.protocol)
