@@ -123,6 +123,26 @@ def test_budget_exact_methods_get_the_memory_the_boost_method_reached():
     assert alone.target == parse_rung("b3g64").bpp
 
 
+def test_layerwise_methods_match_the_memory_of_the_tied_boost_map_on_tied_backends():
+    """On gptq, SB30's bit map is tied (q/k/v, gate/up on one rung) and reaches another memory than on hqq:
+    lim and zd are compared with the SB30 of their own backend."""
+    from tasks.allocation.scores import scores_from_frame
+    from test_allocation import make_table
+
+    table = scores_from_frame(make_table(n_layers=12, seed=3))  # SB30 boosts a layer here
+    for backends in (["hqq", "gptq"], ["gptq"]):
+        config = PipelineConfig.from_dict({"backends": backends, "uniform_budgets": [], "methods": ["sensiboost", "lim", "zd"], "budgets": ["b3g64"]})
+        planned = {p.spec.name: p for p in allocate_variants(plan_variants(config, gptq_errors=False), table, table.params)}
+        tied = planned["SB30-3.25-tied"].bitmap.nominal_bpp
+        assert tied > parse_rung("b3g64").bpp + 0.01
+        for method in ("lim", "zd"):
+            assert planned[f"{method}-3.25-tied-memory"].target == tied, (backends, method)
+            if "hqq" in backends:
+                assert planned[f"{method}-3.25"].target == planned["SB30-3.25"].bitmap.nominal_bpp
+        gptq = {p.spec.name for p in planned.values() if "gptq" in (p.spec.backends or backends)}
+        assert gptq == {"SB30-3.25-tied", "lim-3.25-tied-memory", "zd-3.25-tied-memory"}
+
+
 def test_the_method_table_matches_the_allocators():
     from tasks.allocation.registry import ALLOCATORS
 
@@ -161,10 +181,12 @@ def test_bad_configs_are_one_line_errors(bad, message):
 def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
     config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal", "lim"]})
     plan = {s.name: s for s in plan_variants(config, gptq_errors=False)}
-    assert set(plan) == {"uniform-4.25", "SB30-3.25", "SB30-3.25-tied", "optimal-3.25", "optimal-3.25-tied", "lim-3.25"}
+    assert set(plan) == {"uniform-4.25", "SB30-3.25", "SB30-3.25-tied", "optimal-3.25", "optimal-3.25-tied", "lim-3.25", "lim-3.25-tied-memory"}
     assert plan["optimal-3.25-tied"].backends == ("gptq", "awq") and plan["optimal-3.25-tied"].options["tie_fused"] is True
     assert plan["optimal-3.25"].backends == ("hqq",) and "tie_fused" not in plan["optimal-3.25"].options
-    assert plan["lim-3.25"].backends is None, "whole layers move together: nothing to tie"
+    # whole layers move together (nothing to tie), but each at the memory its backends' SB30 reached
+    assert plan["lim-3.25"].backends == ("hqq",) and plan["lim-3.25-tied-memory"].backends == ("gptq", "awq")
+    assert "tie_fused" not in plan["lim-3.25-tied-memory"].options and plan["lim-3.25-tied-memory"].ties == (True, False)
     explicit = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"], "method_options": {"optimal": {"tie_fused": False}}})
     assert [(s.name, s.backends) for s in plan_variants(explicit, gptq_errors=False) if s.method == "optimal"] == [("optimal-3.25", None)]
     hqq_only = PipelineConfig.from_dict({"methods": ["optimal"]})

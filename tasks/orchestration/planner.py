@@ -23,13 +23,24 @@ class VariantSpec:
     budget: Rung | float
     options: dict = field(default_factory=dict)
     backends: tuple[str, ...] | None = None  # the backends this bit map is for (None: every backend)
+    # For a method that ties nothing itself (lim, zd move whole layers): the ties of the boost bit maps
+    # whose memory it matches on its backends (a tied SB30 reaches another memory than an untied one).
+    memory_ties: tuple[bool, bool] | None = None
 
     @classmethod
-    def of(cls, method: str, budget, options: dict | None = None, backends: tuple[str, ...] | None = None) -> "VariantSpec":
+    def of(cls, method: str, budget, options: dict | None = None, backends: tuple[str, ...] | None = None,
+           memory_ties: tuple[bool, bool] | None = None) -> "VariantSpec":  # fmt: skip
         """The method's defaults under the given options."""
         spec = method_spec(method)
         budget = budget if isinstance(budget, (Rung, float)) else parse_budget(budget)
-        return cls(method, budget, {**spec.defaults, **(options or {})}, backends)
+        return cls(method, budget, {**spec.defaults, **(options or {})}, backends, memory_ties)
+
+    @property
+    def ties(self) -> tuple[bool, bool]:
+        """(tie_fused, tie_experts) of the boost bit maps this one is compared with at equal memory."""
+        if self.memory_ties is not None:
+            return self.memory_ties
+        return bool(self.options.get("tie_fused")), bool(self.options.get("tie_experts"))
 
     @property
     def label(self) -> str:
@@ -45,7 +56,8 @@ class VariantSpec:
         '-experts-tied' with tie_experts)."""
         ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
         errors = f"-{self.options['errors']}-errors" if self.options.get("errors", "hqq") != "hqq" else ""
-        return f"{self.label}-{self.budget_label}{ties}{errors}"
+        memory = "-tied-memory" if self.memory_ties and any(self.memory_ties) else ""
+        return f"{self.label}-{self.budget_label}{ties}{errors}{memory}"
 
 
 @dataclass(frozen=True)
@@ -92,14 +104,35 @@ def plan_variants(config: PipelineConfig, stacked_family: str | None = None, gpt
         for backend in config.backends:
             extra = backend_options(method, options, backend, stacked_family, gptq_errors)
             groups.setdefault(tuple(sorted(extra.items())), []).append(backend)
+        memory = _memory_groups(config, methods, method, stacked_family)
         for raw in config.budgets:
             budget = parse_budget(raw)
-            if list(groups) == [()]:
+            if memory:
+                specs += [VariantSpec.of(method, budget, options, b, ties) for ties, b in memory]
+            elif list(groups) == [()]:
                 specs.append(VariantSpec.of(method, budget, options))
-                continue
-            for extra, backends in sorted(groups.items(), key=lambda item: len(item[0])):  # the plain bit map first
-                specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends)))
+            else:
+                for extra, backends in sorted(groups.items(), key=lambda item: len(item[0])):  # the plain bit map first
+                    specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends)))
     return specs
+
+
+def _memory_groups(config: PipelineConfig, methods: list[str], method: str, stacked_family: str | None) -> list[tuple]:
+    """For a budget-exact method that ties nothing (lim, zd) in a run whose boost bit maps are tied on some
+    backends: [(ties, backends)], one bit map per memory the boost method reaches; else []."""
+    boost = next((m for m in methods if METHODS[m].boost), None)
+    if boost is None or METHODS[method].ties or METHODS[method].budget != "exact":
+        return []
+    options = {**METHODS[boost].defaults, **(config.method_options.get(boost) or {})}
+    by_ties: dict[tuple, list[str]] = {}
+    for backend in config.backends:
+        tied = {**options, **backend_options(boost, options, backend, stacked_family, False)}
+        by_ties.setdefault((bool(tied.get("tie_fused")), bool(tied.get("tie_experts"))), []).append(backend)
+    if list(by_ties) == [(False, False)]:
+        return []
+    if len(by_ties) == 1:
+        return [(next(iter(by_ties)), None)]
+    return [(ties, tuple(backends)) for ties, backends in sorted(by_ties.items())]
 
 
 def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True) -> list[PlannedVariant]:
@@ -112,8 +145,7 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
     out = []
     for spec in specs:
         method = METHODS[spec.method]
-        ties = (bool(spec.options.get("tie_fused")), bool(spec.options.get("tie_experts")))
-        where = (spec.budget.label, ties) if isinstance(spec.budget, Rung) else None
+        where = (spec.budget.label, spec.ties) if isinstance(spec.budget, Rung) else None
         if method.budget == "exact" and where in reached and match_boost_memory:
             target = reached[where]
         else:
