@@ -455,7 +455,8 @@ def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None
     from tasks.reports import write_reports
 
     scores = next((v.get("scores") for v in recorded if v.get("scores")), None)
-    bitmaps = [BitMap.load(ensure_local(v["bitmap"])) for v in recorded if v.get("bitmap")]
+    # one heatmap per bit map (backends that share a map share its figure), named by its file: SB30-3.25-tied
+    bitmaps = {Path(v["bitmap"]).stem: BitMap.load(ensure_local(v["bitmap"])) for v in recorded if v.get("bitmap")}
     write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out)
 
 

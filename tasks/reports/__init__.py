@@ -10,7 +10,8 @@ scores table of the profiling stage. Outputs in out_dir:
 
     comparison.md, comparison.html   the table, baseline first, with deltas (HTML embeds the figures)
     ppl_vs_bpp.png                   perplexity vs nominal bpp, every method and backend, Pareto front
-    bitmap_<name>.png                one heatmap per bit map (modules x layers, colour = rung)
+    bitmap_<name>.png                one heatmap per bit map (modules x layers, colour = rung); the pipeline
+                                     names it by its bit-map file, e.g. bitmap_SB30-3.25-tied.png
     score_profiles.png, outliers.json   per-layer kurtosis/sensitivity/LIM/ZD with the boost outliers
 """
 
