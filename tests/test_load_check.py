@@ -38,3 +38,15 @@ def test_a_checking_process_that_dies_fails_that_check_and_the_next_one_starts_a
     finally:
         load_check._close_checkers()
     assert again["detail"].startswith("does not reload:"), again
+
+
+def test_the_task_context_airflow_sets_per_task_keeps_the_same_process(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "AIRFLOW_CTX_TASK_ID": "verify"}
+    env.pop("QUANT_FAILPOINT", None)
+    try:
+        first = load_check._checker(env)
+        same = load_check._checker({**env, "AIRFLOW_CTX_TASK_ID": "verify", "AIRFLOW_CTX_MAP_INDEX": "3"})
+        other = load_check._checker({**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"})
+    finally:
+        load_check._close_checkers()
+    assert same is first and other is not first and not first.alive()

@@ -92,6 +92,7 @@ class _Checker:
 
     def __init__(self, env: dict):
         self.env = env
+        self.lock = threading.Lock()  # one request at a time, whichever thread asks
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "tasks", "verify", "--serve"], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)  # fmt: skip
@@ -104,6 +105,10 @@ class _Checker:
         self.lines.put(None)  # end of output: the process exited
 
     def check(self, request: dict) -> dict:
+        with self.lock:
+            return self._check(request)
+
+    def _check(self, request: dict) -> dict:
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -143,12 +148,20 @@ _CHECKERS: list[_Checker] = []  # at most one: this process's
 
 
 def _checker(env: dict) -> _Checker:
-    """This process's checker for `env` (a new one if the environment changed or the last one died)."""
-    if _CHECKERS and _CHECKERS[0].alive() and _CHECKERS[0].env == env:
+    """This process's checker for `env` (a new one if the environment changed, ignoring the task context
+    Airflow sets for each task, or the last one died)."""
+    if _CHECKERS and _CHECKERS[0].alive() and _same_env(_CHECKERS[0].env, env):
         return _CHECKERS[0]
     _close_checkers()
     _CHECKERS.append(_Checker(env))
     return _CHECKERS[0]
+
+
+def _same_env(a: dict, b: dict) -> bool:
+    def relevant(env: dict) -> dict:
+        return {k: v for k, v in env.items() if not k.startswith("AIRFLOW_CTX_")}
+
+    return relevant(a) == relevant(b)
 
 
 @atexit.register
