@@ -13,7 +13,9 @@ issue 18 (optimal no worse than every rival, strictly better outside the standar
                                           [--methods optimal,taylor,delta_loss,mxq,sensiboost] [--full-wikitext2]
 
 The profile is one pass with rival_scores (the rivals' scores cost an extra share of the backward pass,
-printed as the phase `rivals`); stage outputs are cached under $QUANT_HOME/artifacts.
+printed as the phase `rivals`); stage outputs are cached under $QUANT_HOME/artifacts. With --backend gptq
+every row is what the pipeline would build for gptq: q/k/v and gate/up tied, `optimal` priced by GPTQ's own
+rung errors (profile phase `gptq`), the rivals by plain rounding as their tools price them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.orchestration.planner import VariantSpec, allocate_variants  # noqa: E402
+from tasks.orchestration.planner import VariantSpec, allocate_variants, backend_options, rung_errors  # noqa: E402
 
 EXACT = ("optimal", "taylor", "delta_loss", "dkld_greedy", "mxq")
 RUNGS = "b3g128,b3g64,b3g32,b4g128,b4g64"
@@ -56,7 +58,7 @@ def main() -> int:
     methods = args.methods.split(",")
     rungs = [parse_rung(b) for b in args.budgets.split(",")]
     # The profile measures what the methods asked for need: the rivals' gradient scores, ExLlamaV3's dKLD.
-    needs = [m for m in methods if m in ("taylor", "delta_loss", "dkld_greedy")] or ["optimal"]
+    needs = [m for m in methods if m in ("taylor", "delta_loss", "dkld_greedy")] + ["optimal"]
     config = {"model": args.model, "backends": [args.backend], "uniform_budgets": [], "methods": needs, "budgets": ["3.2"],
               "eval_tokens": args.eval_tokens, "protocols": ["paper"], "calibration_samples": args.samples, "lm_eval_tasks": []}  # fmt: skip
     started = time.time()
@@ -66,16 +68,20 @@ def main() -> int:
     profile = json.loads((Path(scores).parent / "profiling.json").read_text())
     table = read_scores(scores)
     params = linear_param_counts(read_config(prep["model"]["path"]))
+    gptq_errors = table.has("out_err_gptq")
+
+    def spec(method: str, budget) -> VariantSpec:  # what the pipeline builds for this backend (ties, pricing)
+        return VariantSpec.of(method, budget, backend_options(method, {}, args.backend, None, gptq_errors) if method != "uniform" else {})
 
     plan: list[tuple[str, object, float]] = []  # (row name, planned variant, allocation seconds)
     for rung in rungs:
-        plan.append((f"uniform {rung.label}", *_allocate(VariantSpec.of("uniform", rung), table, params)))
+        plan.append((f"uniform {rung.label}", *_allocate(spec("uniform", rung), table, params)))
         for method in (m for m in methods if m in EXACT):
-            plan.append((f"{method} {rung.label}", *_allocate(VariantSpec.of(method, float(rung.bpp)), table, params)))
+            plan.append((f"{method} {rung.label}", *_allocate(spec(method, float(rung.bpp)), table, params)))
         if "sensiboost" in methods and rung.bits == 3:
-            sb, seconds = _allocate(VariantSpec.of("sensiboost", rung), table, params)
+            sb, seconds = _allocate(spec("sensiboost", rung), table, params)
             plan.append((f"SB30 {rung.label}", sb, seconds))
-            plan.append((f"optimal @SB30 {rung.label}", *_allocate(VariantSpec.of("optimal", sb.bitmap.nominal_bpp), table, params)))
+            plan.append((f"optimal @SB30 {rung.label}", *_allocate(spec("optimal", sb.bitmap.nominal_bpp), table, params)))
 
     out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
     out.mkdir(exist_ok=True)
@@ -87,13 +93,14 @@ def main() -> int:
         variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp,
                    "extra_pct": p.bitmap.extra_pct}  # fmt: skip
         metrics = measure(ctx, variant, args.full_wikitext2)
-        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap), seconds, metrics))
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, gptq_errors)), seconds, metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f kld %.4f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2"], metrics.get("kld_wikitext2", 0))
 
     phases = profile.get("phase_seconds", {})
     print(f"\nSmolLM2 + {args.backend}, paper protocol, first {args.eval_tokens} tokens of each set ({time.time() - started:.0f} s)")
     print(f"profile: {profile['seconds']:.0f} s in all; of it the backward pass {phases.get('backward', 0):.0f} s (optimal, taylor, "
-          f"delta_loss), the rivals' extra scores {phases.get('rivals', 0):.0f} s, ExLlamaV3's dKLD {phases.get('dkld', 0):.0f} s\n")  # fmt: skip
+          f"delta_loss), the rivals' extra scores {phases.get('rivals', 0):.0f} s, ExLlamaV3's dKLD {phases.get('dkld', 0):.0f} s, "
+          f"GPTQ's rung errors {phases.get('gptq', 0):.0f} s (optimal on gptq)\n")  # fmt: skip
     full = " | full wiki2 (gptq)" if args.full_wikitext2 else ""
     print(f"| variant | bpp | wiki2 ppl ± se | c4 ppl ± se | wiki2 KLD ± se | c4 KLD ± se | top-1 | dNLL | pred dNLL | solve s{full} |")
     print("|" + "---|" * (11 if full else 10))
