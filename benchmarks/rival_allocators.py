@@ -71,7 +71,7 @@ def main() -> int:
     gptq_errors = table.has("out_err_gptq")
 
     def spec(method: str, budget) -> VariantSpec:  # what the pipeline builds for this backend (ties, pricing)
-        return VariantSpec.of(method, budget, backend_options(method, {}, args.backend, None, gptq_errors) if method != "uniform" else {})
+        return VariantSpec.of(method, budget, backend_options(method, {}, args.backend, None, gptq_errors))
 
     plan: list[tuple[str, object, float]] = []  # (row name, planned variant, allocation seconds)
     for rung in rungs:

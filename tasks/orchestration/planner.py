@@ -56,7 +56,7 @@ class VariantSpec:
         '-experts-tied' with tie_experts)."""
         ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
         errors = f"-{self.options['errors']}-errors" if self.options.get("errors", "hqq") != "hqq" else ""
-        memory = "-tied-memory" if self.memory_ties and any(self.memory_ties) else ""
+        memory = "-tied-memory" if any(self.memory_ties or ()) else ""
         return f"{self.label}-{self.budget_label}{ties}{errors}{memory}"
 
 
@@ -83,8 +83,9 @@ def backend_options(method: str, options: dict, backend: str, stacked_family: st
     extra = {}
     if METHODS[method].ties and "tie_fused" not in options and (backend in TIE_FUSED_BACKENDS or stacked_family):
         extra["tie_fused"] = True
-    if method == "optimal" and "errors" not in options and rung_errors(backend, gptq_errors) != "hqq":
-        extra["errors"] = rung_errors(backend, gptq_errors)
+    errors = rung_errors(backend, gptq_errors)
+    if method == "optimal" and "errors" not in options and errors != "hqq":
+        extra["errors"] = errors
     return extra
 
 

@@ -456,7 +456,8 @@ def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None
 
     scores = next((v.get("scores") for v in recorded if v.get("scores")), None)
     # one heatmap per bit map (backends that share a map share its figure), named by its file: SB30-3.25-tied
-    bitmaps = {Path(v["bitmap"]).stem: BitMap.load(ensure_local(v["bitmap"])) for v in recorded if v.get("bitmap")}
+    files = dict.fromkeys(v["bitmap"] for v in recorded if v.get("bitmap"))  # each file fetched and read once
+    bitmaps = {Path(f).stem: BitMap.load(ensure_local(f)) for f in files}
     write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out)
 
 
