@@ -156,3 +156,16 @@ def test_run_comparisons_mark_ties_and_check_the_kld_ranking():
     agreement = ranking_agreement(tokens)
     assert agreement["pairs"] == 5 and agreement["agree"] == 3 and set(agreement["disagreeing"]) == {(1, 3), (2, 3)}
     assert metrics["kld_ppl_pairs"] == 5 and "pred_dnll_spearman" in metrics and any("#2/#4" in line for line in lines)
+
+
+def test_a_long_pass_reports_its_progress(monkeypatch, caplog):
+    import tasks.evaluation.perplexity as perplexity_module
+
+    monkeypatch.setattr(perplexity_module, "PROGRESS_SECONDS", 0.0)  # a line after every batch
+    forward = lambda ids, keep: torch.zeros(ids.shape[0], keep, 11)  # noqa: E731
+    with caplog.at_level("INFO", logger="tasks.evaluation.perplexity"):
+        score_stream(forward, torch.ones(3 * 2048, dtype=torch.long), PROTOCOLS["gptq"], batch_tokens=2048)
+    lines = [r.getMessage() for r in caplog.records if "tokens scored" in r.getMessage()]
+    assert len(lines) == 2  # none after the last batch
+    assert lines[0].startswith("gptq protocol: 2047/6141 tokens scored (33%")
+    assert lines[1].startswith("gptq protocol: 4094/6141 tokens scored (67%")

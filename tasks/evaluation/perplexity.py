@@ -26,6 +26,7 @@ outcome instead, as a top-k-only cache must, underestimates the divergence by p_
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import torch
 
 from tasks.errors import PipelineError
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Protocol:
@@ -49,6 +51,7 @@ PROTOCOLS = {
     "gptq": Protocol("gptq", max_length=2048, stride=2048),
 }
 BATCH_TOKENS = 4096  # tokens per forward: 4 paper windows, 2 GPTQ windows
+PROGRESS_SECONDS = 60.0  # at most one progress line per minute of scoring
 
 # forward(input_ids [B, n], keep) -> logits [B, keep, vocab] of the last `keep` positions
 Forward = Callable[[torch.Tensor, int], torch.Tensor]
@@ -170,7 +173,8 @@ def score_stream(
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (begin, end, scored) in enumerate(spans):
         by_shape.setdefault((end - begin, scored), []).append(i)
-    started = time.perf_counter()
+    started = last_report = time.perf_counter()
+    done = 0
     with torch.inference_mode():
         for (length, scored), members in by_shape.items():
             per_batch = max(1, batch_tokens // length)
@@ -188,6 +192,12 @@ def score_stream(
                     if captured is not None:
                         _capture(logp, captured, sl, capture_top_k, capture_tail, generator)
                 del logits
+                done += sum(spans[i][2] for i in batch)
+                now = time.perf_counter()
+                if now - last_report >= PROGRESS_SECONDS and done < total:  # a whole set takes minutes on a CPU
+                    last_report, rate = now, done / (now - started)
+                    log.info("%s protocol: %d/%d tokens scored (%.0f%%, %.0f tok/s, about %.0f s left)", protocol.name, done, total,
+                             100 * done / total, rate, (total - done) / rate)  # fmt: skip
     seconds = time.perf_counter() - started
     if not torch.isfinite(nll).all():
         raise PipelineError("perplexity is not finite: the model produces NaN or infinite logits")
