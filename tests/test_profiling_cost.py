@@ -50,3 +50,21 @@ def test_floor_for_smollm2_and_llama2_7b_shapes():
     assert decoder_macs(smol) == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # q, o; k, v (3 KV heads); MLP
     assert sensitivity_floor_ratio(smol) == pytest.approx(1.579, abs=1e-3)
     assert sensitivity_floor_ratio(llama2) == pytest.approx(1.960, abs=1e-3)
+
+
+def test_exact_scores_floor_for_smollm2_at_both_calibration_sizes():
+    from transformers import LlamaConfig
+
+    from tasks.profiling.cost import exact_scores_floor_ratio
+
+    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3).to_dict()  # fmt: skip
+    forward = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 49152 * 576
+    gram = 30 * (3 * 576**2 + 1536**2) / 2 / forward  # attention, o_proj and MLP inputs 576 wide, down_proj's 1536
+    # d_out x d_in^2 / 2 per module and rung: q, o 576 x 576^2; k, v 192 x 576^2; gate, up 1536 x 576^2; down 576 x 1536^2
+    errors = 12 * 30 * (2 * 576**3 + 2 * 192 * 576**2 + 2 * 1536 * 576**2 + 576 * 1536**2) / 2
+    assert gram == pytest.approx(0.375, abs=1e-3)
+    for samples, expected in ((32, 2.69), (128, 2.14)):
+        want = 1.579 + gram + 2 * 8 / samples + errors / (samples * 512 * forward)
+        assert exact_scores_floor_ratio(smol, samples, 512, fisher_samples=8) == pytest.approx(want, abs=1e-3)
+        assert exact_scores_floor_ratio(smol, samples, 512, fisher_samples=8) == pytest.approx(expected, abs=0.006)
