@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     print(f"forward pass     {forward['seconds']:8.1f} s   peak +{forward['peak_mib']:7.0f} MiB   (fastest of {spread(forwards)} s)")
     print(f"profiling        {profile['seconds']:8.1f} s   peak +{profile['peak_mib']:7.0f} MiB   (fastest of {spread(profiles)} s)")
     print("  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in profile["phase_seconds"].items()))
-    print(f"time ratio   (profiling / forward)          {result['time_ratio']:.2f}   = {result['time_ratio'] / floor:.2f} x the floor below")
+    print(f"time ratio   (profiling / forward)          {result['time_ratio']:.2f}   = {result['time_ratio'] / floor:.2f} x SensiBoost's floor, {result['time_ratio'] / exact_floor:.2f} x the exact scores' floor")
     print(f"  without the Fisher pass (phase 'backward', for `optimal` only)   {result['time_ratio_without_fisher']:.2f}")
     print(f"  floor of any exact SensiBoost sensitivity (tasks/profiling/cost.py: every decoder linear twice)  {floor:.2f}")
     print(f"  floor of every exact score of the profile (tasks/profiling/cost.py: Gram matrices, Fisher pass, rung errors too)  {exact_floor:.2f}")
