@@ -33,7 +33,7 @@ from tasks.allocation.program import RungProgram  # noqa: E402
 from tasks.ladder import split_key  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.profiling.dkld import _assign, _kld, _run_from, _weights, group_of  # noqa: E402
+from tasks.profiling.dkld import _assign, _kld, _run_from, _weights, forward_with_layer_inputs, group_of  # noqa: E402
 
 log = logging.getLogger("closed_loop")
 CLIP = 8.0
@@ -78,20 +78,9 @@ class QuantizedModel:
             per_layer.setdefault(layer, {})[module] = rung
         for i, rungs in per_layer.items():
             _assign(self.layers[i], self.layout, {m: self._weight(i, m, r) for m, r in rungs.items()})
-        entry: list = [None] * len(self.layers)
-
-        def keep(index):
-            def hook(module, args, kwargs):
-                entry[index] = (args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
-        try:
-            total = _kld(self.model(self.ids, use_cache=False).logits, self.ref)
-        finally:
-            for handle in handles:
-                handle.remove()
+        logits, entry = forward_with_layer_inputs(self.model, self.ids)
+        total = _kld(logits, self.ref)
+        del logits
         shares = {}
         for i, rungs in per_layer.items():
             for group in ("attn", "mlp"):

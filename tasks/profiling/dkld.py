@@ -71,21 +71,8 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
         _assign(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in layout.modules})
 
     # The base model's input to every decoder layer (and that layer's mask and rotary tables), and its KLD.
-    entry: list = [None] * len(layers)
-
-    def keep(index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            entry[index] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        base_kld = _kld(model(ids, use_cache=False).logits, ref_logprobs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    logits, entry = forward_with_layer_inputs(model, ids)
+    base_kld = _kld(logits, ref_logprobs)
     log.info("dkld: base %s, KLD %.4f over %d tokens", base.name, base_kld, ids.numel())
 
     result: dict[tuple[int, str, Rung], float] = {}
@@ -111,6 +98,27 @@ def _assign(layer, layout, weights: dict[str, torch.Tensor]) -> None:
     for module, w in weights.items():
         rows = layout.rows[module]
         layer.get_submodule(rows.name).weight.data[rows.start : rows.stop] = w
+
+
+def forward_with_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The model's logits and, per decoder layer, its input and keyword arguments (masks and rotary tables
+    per layer kind), so that `_run_from` can re-run the model from any layer."""
+    entry: list = [None] * len(model.model.layers)
+
+    def keep(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            entry[index] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    try:
+        logits = model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, entry
 
 
 def _run_from(model, index: int, entry: list) -> torch.Tensor:
