@@ -33,7 +33,7 @@ from tasks.allocation.program import RungProgram  # noqa: E402
 from tasks.ladder import split_key  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.profiling.dkld import _assign, _kld, _run_from, _weights, forward_with_layer_inputs, group_of  # noqa: E402
+from tasks.profiling.dkld import assign_weights, forward_with_layer_inputs, group_of, layer_weights, output_kld, run_from  # noqa: E402
 
 log = logging.getLogger("closed_loop")
 CLIP = 8.0
@@ -58,7 +58,7 @@ class QuantizedModel:
         with torch.inference_mode():
             logits = self.model(ids, use_cache=False).logits.float()
         self.ref = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-        self.originals = {(i, m): w.clone() for i, layer in enumerate(self.layers) for m, w in _weights(layer, self.layout).items()}
+        self.originals = {(i, m): w.clone() for i, layer in enumerate(self.layers) for m, w in layer_weights(layer, self.layout).items()}
         self._quantized: dict = {}  # (layer, module, rung) -> dequantized weight
 
     def _weight(self, layer: int, module: str, rung):
@@ -77,17 +77,17 @@ class QuantizedModel:
             layer, module = split_key(key)
             per_layer.setdefault(layer, {})[module] = rung
         for i, rungs in per_layer.items():
-            _assign(self.layers[i], self.layout, {m: self._weight(i, m, r) for m, r in rungs.items()})
+            assign_weights(self.layers[i], self.layout, {m: self._weight(i, m, r) for m, r in rungs.items()})
         logits, entry = forward_with_layer_inputs(self.model, self.ids)
-        total = _kld(logits, self.ref)
+        total = output_kld(logits, self.ref)
         del logits
         shares = {}
         for i, rungs in per_layer.items():
             for group in ("attn", "mlp"):
                 members = [m for m in rungs if group_of(m) == group]
-                _assign(self.layers[i], self.layout, {m: self.originals[(i, m)] for m in members})
-                shares[(i, group)] = total - _kld(_run_from(self.model, i, entry), self.ref)
-                _assign(self.layers[i], self.layout, {m: self._weight(i, m, rungs[m]) for m in members})
+                assign_weights(self.layers[i], self.layout, {m: self.originals[(i, m)] for m in members})
+                shares[(i, group)] = total - output_kld(run_from(self.model, i, entry), self.ref)
+                assign_weights(self.layers[i], self.layout, {m: self._weight(i, m, rungs[m]) for m in members})
         return total, shares
 
 
@@ -100,12 +100,12 @@ def closed_loop(table, costs, rungs, budget: float, qm: QuantizedModel, iteratio
         group_index.setdefault((layer, group_of(module)), []).append(j)
     log_ratios: dict = {g: [] for g in group_index}
     corrected = costs.copy()
+    position = {r: c for c, r in enumerate(rungs)}
     open_loop = best = None
     best_kld = math.inf
     trace = []
     for it in range(iterations + 1):
         bitmap = RungProgram(table, corrected, rungs, "optimal", time_limit=60.0).allocate(budget)
-        position = {r: c for c, r in enumerate(rungs)}
         chosen = np.array([costs[j, position[bitmap.modules[k]]] for j, k in enumerate(keys)])
         started = time.perf_counter()
         kld, shares = qm.measure(bitmap.modules)

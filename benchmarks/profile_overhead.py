@@ -201,8 +201,9 @@ def main(argv=None) -> int:
     from tasks.profiling.cost import exact_scores_floor_ratio, sensitivity_floor_ratio
     from tasks.profiling.driver import DEFAULT_FISHER_SAMPLES
 
-    floor = sensitivity_floor_ratio(read_config(model.path))
-    exact_floor = exact_scores_floor_ratio(read_config(model.path), args.samples, args.seq_len, DEFAULT_FISHER_SAMPLES)
+    config = read_config(model.path)
+    floor = sensitivity_floor_ratio(config)
+    exact_floor = exact_scores_floor_ratio(config, args.samples, args.seq_len, DEFAULT_FISHER_SAMPLES)
     fisher = profile["phase_seconds"].get("backward", 0.0)
     result = {
         "model": model.name,

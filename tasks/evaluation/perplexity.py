@@ -39,6 +39,7 @@ from tasks.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Protocol:
     name: str

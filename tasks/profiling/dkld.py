@@ -39,7 +39,7 @@ def group_of(module: str) -> str:
     return "attn" if module.startswith("self_attn.") else "mlp"
 
 
-def _kld(logits: torch.Tensor, ref_logprobs: torch.Tensor) -> float:
+def output_kld(logits: torch.Tensor, ref_logprobs: torch.Tensor) -> float:
     """Mean over tokens of KL(ref || model), in nats."""
     logprobs = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
     return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(dim=-1).mean())
@@ -66,34 +66,34 @@ def measure_dkld(model_path, ids: torch.Tensor, rungs: tuple[Rung, ...]) -> dict
     # Every stored linear at the base rung; keep each logical module's original weight to re-quantize.
     originals: dict[tuple[int, str], torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        for module, w in _weights(layer, layout).items():
+        for module, w in layer_weights(layer, layout).items():
             originals[(i, module)] = w.clone()
-        _assign(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in layout.modules})
+        assign_weights(layer, layout, {m: hqq_fast.quant_dequant(originals[(i, m)], base) for m in layout.modules})
 
     # The base model's input to every decoder layer (and that layer's mask and rotary tables), and its KLD.
     logits, entry = forward_with_layer_inputs(model, ids)
-    base_kld = _kld(logits, ref_logprobs)
+    base_kld = output_kld(logits, ref_logprobs)
     log.info("dkld: base %s, KLD %.4f over %d tokens", base.name, base_kld, ids.numel())
 
     result: dict[tuple[int, str, Rung], float] = {}
     for i in range(len(layers)):
         for group, members in groups.items():
             result[(i, group, base)] = 0.0
-            base_weights = {m: w.clone() for m, w in _weights(layers[i], layout).items() if m in members}  # as assigned above
+            base_weights = {m: w.clone() for m, w in layer_weights(layers[i], layout).items() if m in members}  # as assigned above
             for rung in rungs[1:]:
-                _assign(layers[i], layout, {m: hqq_fast.quant_dequant(originals[(i, m)], rung) for m in members})
-                result[(i, group, rung)] = _kld(_run_from(model, i, entry), ref_logprobs) - base_kld
-            _assign(layers[i], layout, base_weights)
+                assign_weights(layers[i], layout, {m: hqq_fast.quant_dequant(originals[(i, m)], rung) for m in members})
+                result[(i, group, rung)] = output_kld(run_from(model, i, entry), ref_logprobs) - base_kld
+            assign_weights(layers[i], layout, base_weights)
         log.info("dkld: layer %d/%d measured (%.0f s)", i + 1, len(layers), time.perf_counter() - started)
     return result
 
 
-def _weights(layer, layout) -> dict[str, torch.Tensor]:
+def layer_weights(layer, layout) -> dict[str, torch.Tensor]:
     """Logical module -> its weight in the layer (a view of the stored linear's rows)."""
     return layout.weights({f"{name}.weight": layer.get_submodule(name).weight.data for name in layout.linears})
 
 
-def _assign(layer, layout, weights: dict[str, torch.Tensor]) -> None:
+def assign_weights(layer, layout, weights: dict[str, torch.Tensor]) -> None:
     """Write logical modules' weights into the layer's stored linears (Phi-3: rows of qkv_proj)."""
     for module, w in weights.items():
         rows = layout.rows[module]
@@ -102,7 +102,7 @@ def _assign(layer, layout, weights: dict[str, torch.Tensor]) -> None:
 
 def forward_with_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """The model's logits and, per decoder layer, its input and keyword arguments (masks and rotary tables
-    per layer kind), so that `_run_from` can re-run the model from any layer."""
+    per layer kind), so that `run_from` can re-run the model from any layer."""
     entry: list = [None] * len(model.model.layers)
 
     def keep(index):
@@ -121,7 +121,7 @@ def forward_with_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, l
     return logits, entry
 
 
-def _run_from(model, index: int, entry: list) -> torch.Tensor:
+def run_from(model, index: int, entry: list) -> torch.Tensor:
     """The logits of the model from decoder layer `index` on, given that layer's recorded input and each
     layer's recorded keyword arguments (masks and rotary tables per layer kind)."""
     hidden = entry[index][0]
