@@ -1,5 +1,6 @@
-"""The container images: every Dockerfile is well formed, the image table is consistent with the code,
-and every family's pin set resolves on PyPI (`-m network`).
+"""The container images: every Dockerfile is well formed for every family built from it (the stage
+families share one Dockerfile and differ in build arguments), the image table is consistent with the
+code, and every family's pin set resolves on PyPI (`-m network`).
 
 There is no Docker engine here, so a Dockerfile is checked by parsing it with dockerfile-parse, and its
 .dockerignore by docker-py's own pattern matcher (what `docker build` through docker-py applies).
@@ -48,11 +49,34 @@ FAMILY_PINS = {
 # ------------------------------------------------------------------------------------------ parsing
 
 
-def parse_dockerfile(path: Path) -> list[tuple[str, str, int]]:
-    """(INSTRUCTION, arguments, line number) per instruction: continuations joined, comments dropped."""
+def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> list[tuple[str, str, int]]:
+    """(INSTRUCTION, arguments, line number) per instruction: continuations joined, comments dropped.
+    With build_args, every ARG reference is replaced by its value as `docker build --build-arg` would
+    (else the ARG's default); an argument the Dockerfile does not declare is an error (docker only warns)."""
     dfp = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse not installed (a test dependency)")
     parser = dfp.DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))
-    return [(i["instruction"], i["value"], i["startline"] + 1) for i in parser.structure if i["instruction"] != "COMMENT"]
+    parsed = [(i["instruction"], i["value"], i["startline"] + 1) for i in parser.structure if i["instruction"] != "COMMENT"]
+    if build_args is None:
+        return parsed
+    declared = {}
+    for word, args, _ in parsed:
+        if word == "ARG":
+            name, _, default = args.partition("=")
+            declared[name.strip()] = shlex.split(default)[0] if shlex.split(default) else ""
+    unknown = set(build_args) - set(declared)
+    assert not unknown, f"{path}: build args {sorted(unknown)} are not ARGs of the Dockerfile"
+    values = {**declared, **build_args}
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
+
+    return [(word, args if word == "ARG" else substitute(args), line) for word, args, line in parsed]
+
+
+def family_build(family: str) -> tuple[Path, dict[str, str]]:
+    """The family's Dockerfile and its build arguments (images.json)."""
+    entry = FAMILIES[family]
+    return REPO / entry["dockerfile"], entry.get("build_args", {})
 
 
 def exec_form(args: str) -> list[str] | None:
@@ -100,7 +124,11 @@ def test_image_table_lists_every_dockerfile():
     assert listed == {p.resolve() for p in DOCKERFILES}
     for name, fam in FAMILIES.items():
         assert (REPO / fam["requirements"]).is_file(), name
-        assert Path(fam["requirements"]).parent == Path(fam["dockerfile"]).parent, f"{name}: pins live beside the Dockerfile"
+        assert fam["requirements"] == f"containers/{name}/requirements.txt", f"{name}: pins live in containers/<family>/"
+        if fam["role"] == "stage":  # one Dockerfile, told the family by FAMILY
+            assert fam["dockerfile"] == "containers/stage/Dockerfile" and fam["build_args"]["FAMILY"] == name, name
+        else:
+            assert Path(fam["dockerfile"]).parent == Path(fam["requirements"]).parent and not fam.get("build_args"), name
         assert fam["role"] in ("stage", "service"), name
         assert re.fullmatch(r"[a-z0-9]+([._-][a-z0-9]+)*", fam["image"]), fam["image"]
     assert len({fam["image"] for fam in FAMILIES.values()}) == len(FAMILIES), "image names must be unique"
@@ -141,10 +169,12 @@ def test_readme_names_every_image():
 # ------------------------------------------------------------------------------------------ Dockerfiles
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_dockerfile_is_well_formed(dockerfile: Path):
-    parsed = parse_dockerfile(dockerfile)
-    assert parsed and parsed[0][0] == "FROM", f"{dockerfile}: the first instruction must be FROM"
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dockerfile_is_well_formed(family: str):
+    dockerfile, build_args = family_build(family)
+    parsed = parse_dockerfile(dockerfile, build_args)
+    first = next(i for i, (word, _, _) in enumerate(parsed) if word != "ARG")  # only ARGs may precede FROM
+    assert parsed and parsed[first][0] == "FROM", f"{dockerfile}: the first instruction must be FROM"
     for word, args, line in parsed:
         assert word in INSTRUCTIONS, f"{dockerfile}:{line}: unknown instruction {word}"
         assert args, f"{dockerfile}:{line}: {word} without arguments"
@@ -166,9 +196,8 @@ def test_dockerfile_is_well_formed(dockerfile: Path):
                 assert var in declared | env, f"{dockerfile}:{line}: ${var} is neither an ARG nor an ENV"
 
     entrypoints = [exec_form(a) for w, a, _ in parsed if w == "ENTRYPOINT"]
-    family = next(n for n, f in FAMILIES.items() if (REPO / f["dockerfile"]).resolve() == dockerfile.resolve())
     if FAMILIES[family]["role"] == "stage":
-        base = [t for t in parsed[0][1].split() if not t.startswith("--")][0]  # FROM [--platform=..] image [AS n]
+        base = [t for w, a, _ in parsed if w == "FROM" for t in a.split() if not t.startswith("--")][0]  # FROM [--platform=..] image
         assert CUDA_BASE.match(base), f"{dockerfile}: a stage image is CUDA-based, got {base}"
         assert entrypoints and entrypoints[-1] == ENTRYPOINT, f"{dockerfile}: ENTRYPOINT must be exactly {ENTRYPOINT}"
         requirements = FAMILIES[family]["requirements"]
@@ -178,15 +207,16 @@ def test_dockerfile_is_well_formed(dockerfile: Path):
         assert any(w == "USER" for w, _, _ in parsed), f"{dockerfile}: drops root"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_copy_sources_exist_in_the_context(dockerfile: Path):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_copy_sources_exist_in_the_context(family: str):
     """The build context is the repository root; its Dockerfile.dockerignore must let every source in."""
+    dockerfile, build_args = family_build(family)
     ignore = dockerfile.with_name("Dockerfile.dockerignore")
     assert ignore.is_file(), f"{ignore} missing: the context would carry .venv/ and .state/"
     patterns = [l.strip() for l in ignore.read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert patterns[0] == "*", f"{ignore}: start from excluding everything"
     copies = 0
-    for word, args, line in parse_dockerfile(dockerfile):
+    for word, args, line in parse_dockerfile(dockerfile, build_args):
         if word not in ("COPY", "ADD"):
             continue
         tokens = [t for t in (exec_form(args) or shlex.split(args)) if not t.startswith("--")]

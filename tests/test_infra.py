@@ -167,6 +167,19 @@ def test_compose_has_the_stack(compose):
     assert {c[0] for c in commands.values() if c} >= {"api-server", "scheduler", "dag-processor", "triggerer"}
 
 
+def test_compose_builds_each_stage_image_as_the_image_table_says(compose):
+    """stage-<family> builds the shared stage Dockerfile with exactly the family's build_args of
+    containers/images.json (the arguments that make it that family's image)."""
+    families = json.loads((REPO / "containers" / "images.json").read_text())["families"]
+    for family, entry in families.items():
+        if entry["role"] != "stage":
+            continue
+        build = compose["services"][f"stage-{family}"]["build"]
+        assert build["dockerfile"] == entry["dockerfile"], family
+        assert build.get("args") == entry["build_args"], f"stage-{family}: build args {build.get('args')} != images.json {entry['build_args']}"
+        assert entry["image"] in compose["services"][f"stage-{family}"]["image"], family
+
+
 def test_compose_gpu_workers_get_a_gpu(compose):
     gpu = {}
     for name, service in compose["services"].items():
