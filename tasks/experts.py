@@ -84,8 +84,7 @@ def unstack_experts(model: nn.Module) -> int:
                 for linear, weight in ((expert.gate_proj, module.gate_up_proj[e, :half]),
                                        (expert.up_proj, module.gate_up_proj[e, half:]), (expert.down_proj, module.down_proj[e])):
                     linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
         replaced += 1
     return replaced
 

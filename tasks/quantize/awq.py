@@ -29,7 +29,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import Backend, Capabilities
+from tasks.quantize.base import Backend, Capabilities, patched
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     calibration_rows,
@@ -109,17 +109,11 @@ def config_groups(rungs: dict[str, Rung], symmetric: bool = False) -> dict[str, 
     }
 
 
-@contextmanager
 def _no_pinned_memory():
-    """Make llm-compressor's IntermediatesCache.pin_memory a no-op while AWQ runs (CPU has nothing to pin for)."""
+    """llm-compressor's IntermediatesCache.pin_memory as a no-op while AWQ runs (CPU has nothing to pin for)."""
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    saved = IntermediatesCache.pin_memory
-    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        IntermediatesCache.pin_memory = saved
+    return patched(IntermediatesCache, "pin_memory", lambda self, *args, **kwargs: None)
 
 
 class AWQBackend(Backend):

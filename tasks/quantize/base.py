@@ -34,6 +34,18 @@ def true_config(path: Path) -> dict:
 
 
 @contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    """`owner.name` set to `value` for the duration, restored afterwards: how a backend steers a library
+    setting that its API does not expose."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+@contextmanager
 def plain_checkpoint(path: Path) -> Iterator[Path]:
     """The checkpoint as a library's own loader expects it: the directory itself, or, when it hides its
     model type, a temporary directory of links to its files with the true config.json."""

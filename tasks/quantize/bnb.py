@@ -94,11 +94,6 @@ def _bnb_config(mode: str, skip: list[str], opts: dict):
     )
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _int8_linear(linear: nn.Linear, threshold: float, weight: torch.Tensor | None = None,
                  row_scales: torch.Tensor | None = None) -> nn.Module:
     """A Linear8bitLt from a float linear (quantized here) or from saved int8 weights and row scales."""
@@ -163,7 +158,7 @@ class BnBBackend(Backend):
         if layout["mode"] == "4bit":
             for key in layout["int8"]:
                 name = hf_module_name(key)
-                _set_module(model, name, _int8_linear(model.get_submodule(name), float(opts["int8_threshold"])))
+                model.set_submodule(name, _int8_linear(model.get_submodule(name), float(opts["int8_threshold"])))
         seconds = time.perf_counter() - started
 
         out_dir = Path(out_dir)
@@ -207,7 +202,7 @@ class BnBBackend(Backend):
                 weight, scales = _read_tensors(files, f"{name}.weight", f"{name}.SCB")
                 layer = _int8_linear(model.get_submodule(name), record["int8_threshold"],
                                      weight.to(device), scales.to(device))
-                _set_module(model, name, layer)
+                model.set_submodule(name, layer)
         model.eval()
         return model
 

@@ -32,7 +32,6 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import Backend, Capabilities, plain_checkpoint
+from tasks.quantize.base import Backend, Capabilities, patched, plain_checkpoint
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     base_rung,
@@ -100,18 +99,12 @@ def _small_machine_workers() -> str | None:
     return str(cores) if cores <= 3 else None
 
 
-@contextmanager
 def _processor_logs_in(directory: str):
     """GPTQModel writes per-run logs to ./logs of the working directory; send them to `directory`
     instead (the same table is saved as quant_log.csv with the model)."""
     from gptqmodel.looper import loop_processor
 
-    saved = loop_processor._PROJECT_LOG_DIR
-    loop_processor._PROJECT_LOG_DIR = Path(directory)
-    try:
-        yield
-    finally:
-        loop_processor._PROJECT_LOG_DIR = saved
+    return patched(loop_processor, "_PROJECT_LOG_DIR", Path(directory))
 
 
 class GPTQBackend(Backend):

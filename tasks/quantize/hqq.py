@@ -32,11 +32,6 @@ BITMAP = "bitmap.json"
 STORAGE_DTYPE = torch.float16  # for the unquantized tensors
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def stored_rungs(bitmap: BitMap, config) -> dict[str, Rung]:
     """The model's stored linears (full names) -> their rungs: one per logical module, or, where the family
     stacks modules in one linear (Phi-3's qkv_proj), the one rung its members share (tasks.families)."""
@@ -78,7 +73,7 @@ class HQQBackend(Backend):
                 linear = model.get_submodule(name)
             except AttributeError:
                 raise PipelineError(f"bit map names module {name!r}, which the model does not have") from None
-            _set_module(model, name, hqq_linear(linear, rung))
+            model.set_submodule(name, hqq_linear(linear, rung))
             if (i + 1) % 50 == 0 or i + 1 == len(targets):
                 log.info("hqq: quantized %d/%d linears", i + 1, len(targets))
         seconds = time.perf_counter() - started
@@ -115,7 +110,7 @@ class HQQBackend(Backend):
 
         for name, rung in stored_rungs(bitmap, config).items():
             layer = HQQLinear(None, hqq_config(rung), compute_dtype=torch.float32, device=device, initialize=False)
-            _set_module(model, name, layer)
+            model.set_submodule(name, layer)
         state = load_file(str(out_dir / WEIGHTS))
         state = {k: (v.float() if v.dtype == STORAGE_DTYPE else v) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
