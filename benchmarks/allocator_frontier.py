@@ -11,6 +11,7 @@ of issue 7 (optimal vs SB30/KB21 at <= their bpp, and vs uniform at each rung).
 
     python benchmarks/allocator_frontier.py [--eval-tokens 16384] [--protocol paper] [--only 'uniform|optimal']
                                             [--full-wikitext2] [--samples 32] [--fisher-samples 16] [--backend gptq]
+                                            [--uniform b3g128,b3g64,b3g32,b4g128,b4g64] [--methods optimal]
 
 With --backend gptq every variant is quantized by GPTQ (q/k/v and gate/up tied, as the pipeline does for
 it), `optimal` is priced by GPTQ's own rung errors (docs/methods.md §11), and the rows `optimal[hqq]`
@@ -57,7 +58,9 @@ def main() -> int:
     ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; ~17 min per variant on 2 cores)")
     ap.add_argument("--calibrate-on", default="optimal @uniform 4.25", help="the row whose measured dNLL scales the predicted perplexity")
     ap.add_argument("--backend", default="hqq", choices=["hqq", "gptq"])
+    ap.add_argument("--uniform", default=",".join(UNIFORM), help="the uniform rungs, each also a budget of `optimal` (e.g. b4g32: 4.51 bpp)")
     args = ap.parse_args()
+    uniform = args.uniform.split(",")
     key = "" if args.protocol == "paper" else "_gptq"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tasks.allocation import read_scores
@@ -66,7 +69,7 @@ def main() -> int:
     methods = args.methods.split(",")
     # The pipeline's own plan: uniform rungs, SB30/KB21 at the 3-bit rungs, LIM/ZD/MXQ at SB30's memory.
     config = {
-        "model": args.model, "uniform_budgets": UNIFORM, "methods": [m for m in methods if m != "optimal"], "budgets": BOOST_RUNGS,
+        "model": args.model, "uniform_budgets": uniform, "methods": [m for m in methods if m != "optimal"], "budgets": BOOST_RUNGS,
         "eval_tokens": args.eval_tokens, "protocols": [args.protocol], "calibration_samples": args.samples,
         "lm_eval_tasks": [],  # perplexity only: the comparison is at equal memory on the same tokens
         "backends": [args.backend],
@@ -84,7 +87,7 @@ def main() -> int:
     # ... plus `optimal` at exactly the bpp each boost method reached and at each uniform rung.
     if "optimal" in methods:
         targets = [("@" + p.spec.label, p.spec.budget.label, p.bitmap.nominal_bpp) for p in planned if p.spec.method in BOOST_METHODS]
-        targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in UNIFORM]
+        targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in uniform]
         pricings = [("optimal", backend_options("optimal", {}, args.backend, None, table.has("out_err_gptq")))]
         if args.backend == "gptq":  # the same budgets priced by HQQ's errors, for comparison
             pricings.append(("optimal[hqq]", backend_options("optimal", {}, args.backend, None, gptq_errors=False)))
@@ -152,7 +155,7 @@ def main() -> int:
     checks = []
     for (short, label), bpp in reached.items():
         checks.append((f"optimal @{short} {label}", f"{short} {label}"))
-    for r in UNIFORM:
+    for r in uniform:
         checks.append((f"optimal @uniform {parse_rung(r).label}", f"uniform {parse_rung(r).label}"))
     for ours, theirs in checks:
         if ours in ppl_of and theirs in ppl_of:
