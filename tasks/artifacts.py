@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from typing import Iterator
 from tasks.failpoints import failpoint
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def stable_hash(obj, length: int = 16) -> str:
@@ -82,6 +84,18 @@ def local_root(root: str | Path) -> Path:
         mirror = os.environ.get("QUANT_S3_CACHE", str(Path.home() / ".cache" / "quantpipe" / "s3"))
         return Path(mirror) / root[len("s3://") :].replace("/", "_")
     return Path(root)
+
+
+LOCK_POLL_SECONDS = 1.0  # how often a run waiting for another's output retries its lock
+WAIT_LOG_SECONDS = 60.0  # and how often it says it still waits
+
+
+def _try_flock(fh) -> bool:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 OWNER = ".owner.json"  # in a partial directory: the host and pid of the attempt writing it
@@ -183,8 +197,20 @@ class StageOutput:
         wait and then find it complete. Pods that share only an S3 root each build; their uploads carry
         the same content."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.parent / f".{self.key}.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        lock = self.path.parent / f".{self.key}.lock"
+        with open(lock, "a") as fh:
+            if not _try_flock(fh):  # say whom this run waits for, or a wait looks like a hang
+                holder = lock.read_text().strip() or "another process"
+                log.info("%s %s: waiting for %s, which holds this output's lock", self.stage, self.key, holder)
+                started = last = time.monotonic()
+                while not _try_flock(fh):
+                    time.sleep(LOCK_POLL_SECONDS)
+                    if time.monotonic() - last >= WAIT_LOG_SECONDS:
+                        last = time.monotonic()
+                        log.info("%s %s: still waiting for %s (%.0f s)", self.stage, self.key, holder, last - started)
+            os.ftruncate(fh.fileno(), 0)
+            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            fh.flush()
             try:
                 yield
             finally:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -152,6 +154,35 @@ assert (out.path / "scores.csv").read_text() == "a"
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert (tmp_path / "computed.log").read_text() == "x", "computed once; the others waited and reused it"
+
+
+def test_a_run_waiting_for_another_runs_output_says_whom_it_waits_for(tmp_path, monkeypatch, caplog):
+    """A lock held by a live run is waited for, and the wait is logged with the holder (not a silent hang)."""
+    import logging
+
+    from tasks import artifacts
+
+    monkeypatch.setattr(artifacts, "LOCK_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(artifacts, "WAIT_LOG_SECONDS", 0.3)
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(__import__('tasks').__path__[0] + '/..')!r})
+from tasks.artifacts import StageOutput
+with StageOutput({str(tmp_path)!r}, "evaluation", {{"model": "m"}}).exclusive():
+    print("held", flush=True)
+    time.sleep(1.5)
+"""
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    out = artifacts.StageOutput(tmp_path, "evaluation", {"model": "m"})
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="tasks.artifacts"), out.exclusive():
+        assert time.monotonic() - started > 1.0, "entered only once the holder let go"
+    assert holder.wait(timeout=60) == 0
+    waits = [r.getMessage() for r in caplog.records]
+    assert any(f"waiting for {socket.gethostname()} pid {holder.pid}" in m for m in waits), waits
+    assert any("still waiting" in m for m in waits), waits
+    assert (tmp_path / "evaluation" / f".{out.key}.lock").read_text().strip() == f"{socket.gethostname()} pid {os.getpid()}"
 
 
 # ---- registration under races --------------------------------------------------------------------------
