@@ -167,12 +167,14 @@ def main() -> int:
 
 
 def measure(ctx, variant: dict, full_wikitext2: bool) -> dict:
-    """The pipeline's evaluation of a variant (KLD against the base model included) and, optionally,
-    its perplexity on the whole WikiText-2 test under the GPTQ protocol (every token scored once)."""
+    """The pipeline's evaluation of a variant (KLD against the base model included; `evaluation_dir`:
+    its output, which holds the per-token values for paired comparisons) and, optionally, its perplexity
+    on the whole WikiText-2 test under the GPTQ protocol (every token scored once)."""
     from tasks.evaluation.stage import EvalParams, run_evaluation
 
     variant = steps.quantize(ctx, variant)
-    metrics = dict(steps.evaluate(ctx, variant)["metrics"])
+    evaluated = steps.evaluate(ctx, variant)
+    metrics = {**evaluated["metrics"], "evaluation_dir": evaluated["evaluation"]}
     if full_wikitext2:
         whole, _ = run_evaluation(variant["model_dir"], variant["backend"], variant["calibration"],
                                   EvalParams(eval_tokens=0, protocols=("gptq",), datasets=("wikitext2",)),

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allocator_frontier import measure  # noqa: E402
 
 from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
+from tasks.evaluation.stage import load_tokens  # noqa: E402
+from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
@@ -112,8 +114,8 @@ def main() -> int:
         if full:
             cells.append(f"{m['full_ppl_wikitext2_gptq']:.3f}")
         print("| " + " | ".join(cells) + " |")
-    print("\nverdicts (KLD on WikiText-2; 'better' = lower by more than the two standard errors combined):")
-    by_name = {name: m for name, *_, m in rows}
+    print(f"\nverdicts (KLD on WikiText-2; 'better' = lower by more than {NOISE_Z:g} standard errors of the paired per-token difference):")
+    by_name = {name: {**m, "tokens": load_tokens(m["evaluation_dir"])} for name, *_, m in rows}
     for rung in rungs:
         ours = by_name.get(f"optimal {rung.label}")
         if ours is None:
@@ -131,13 +133,21 @@ def main() -> int:
 
 
 def _compare(ours: dict, theirs: dict, metric: str = "kld_wikitext2") -> int:
-    """-1 better, 0 within noise, +1 worse: `ours` against `theirs` on `metric`, noise being the two
-    standard errors combined."""
-    a, b, noise = ours.get(metric, 0.0), theirs.get(metric, 0.0), _noise(ours, theirs, metric)
+    """-1 better, 0 within noise, +1 worse: `ours` against `theirs` on `metric`, by the pipeline's rule
+    (a difference is noise below NOISE_Z standard errors of the paired per-token differences, when both
+    rows have their per-token values; else of the two standard errors combined)."""
+    a, b, noise = ours.get(metric, 0.0), theirs.get(metric, 0.0), NOISE_Z * _noise(ours, theirs, metric)
     return -1 if a < b - noise else 1 if a > b + noise else 0
 
 
 def _noise(ours: dict, theirs: dict, metric: str = "kld_wikitext2") -> float:
+    """The standard error of the difference of `metric` (perplexity: of the mean NLL, scaled to ours)."""
+    kind, _, dataset = metric.partition("_")
+    key = f"{'nll' if kind == 'ppl' else kind}/{dataset}"
+    pair = [row.get("tokens", {}).get(key) for row in (ours, theirs)]
+    if all(p is not None and p.shape == pair[0].shape for p in pair):
+        se = paired_difference(*pair)[1]
+        return se * ours[metric] if kind == "ppl" else se  # delta method: se(ppl) = ppl * se(mean NLL)
     return (ours.get(metric + "_se", 0.0) ** 2 + theirs.get(metric + "_se", 0.0) ** 2) ** 0.5
 
 
@@ -190,7 +200,7 @@ def _allocate(spec, table, params):
 def _verdict(ours: dict, theirs: dict) -> str:
     word = {-1: "better", 0: "within noise", 1: "worse"}[_compare(ours, theirs)]
     a, b = ours.get("kld_wikitext2", 0.0), theirs.get("kld_wikitext2", 0.0)
-    return f"{word:<13} KLD {a:.4f} vs {b:.4f} (±{_noise(ours, theirs):.4f}); ppl {ours['ppl_wikitext2']:.3f} vs {theirs['ppl_wikitext2']:.3f}"
+    return f"{word:<13} KLD {a:.4f} vs {b:.4f} (se of the difference {_noise(ours, theirs):.4f}); ppl {ours['ppl_wikitext2']:.3f} vs {theirs['ppl_wikitext2']:.3f}"
 
 
 if __name__ == "__main__":

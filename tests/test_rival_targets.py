@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from rival_allocators import target_verdicts  # noqa: E402
+import numpy as np  # noqa: E402
+from rival_allocators import _compare, target_verdicts  # noqa: E402
 
 from tasks.ladder import parse_rung  # noqa: E402
 
@@ -52,3 +53,19 @@ def test_sb30_is_a_rival_at_its_own_memory_and_missing_rows_say_so():
     assert lines[0].startswith("MISS") and "SB30 3.25" in lines[0], lines
     assert lines[1].startswith("n/a"), lines  # 1 of 5 budgets measured: the other four could still make 3
     assert lines[2].startswith("n/a") and lines[3].startswith("n/a"), lines
+
+
+def test_verdicts_pair_the_tokens_when_both_rows_have_them():
+    """Two variants that differ by a small constant on every token: within noise by their own standard
+    errors, clearly apart token by token (the pipeline's rule: NOISE_Z paired standard errors)."""
+    rng = np.random.default_rng(0)
+    hard = rng.gamma(0.5, 1.0, 16384)  # the text's difficulty, shared by both variants
+    ours, theirs = hard, hard + 0.02 + rng.normal(0, 0.01, hard.size)
+    rows = [{"kld_wikitext2": float(v.mean()), "kld_wikitext2_se": 0.02, "ppl_wikitext2": 1.0} for v in (ours, theirs)]
+    assert _compare(*rows) == 0, "unpaired: the 0.02 difference is within the combined standard error"
+    for row, values in zip(rows, (ours, theirs)):
+        row["tokens"] = {"kld/wikitext2": values}
+    assert _compare(*rows) == -1 and _compare(rows[1], rows[0]) == 1
+    rows[1]["tokens"]["kld/wikitext2"] = hard + rng.normal(0, 0.5, hard.size)  # unrelated noise: no longer apart
+    rows[1]["kld_wikitext2"] = float(rows[1]["tokens"]["kld/wikitext2"].mean())
+    assert _compare(*rows) == 0
