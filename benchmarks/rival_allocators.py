@@ -117,14 +117,7 @@ def main() -> int:
     print(f"\nverdicts (KLD on WikiText-2; 'better' = lower by more than {NOISE_Z:g} standard errors of the paired per-token difference):")
     by_name = {name: {**m, "tokens": load_tokens(m["evaluation_dir"])} for name, *_, m in rows}
     for rung in rungs:
-        ours = by_name.get(f"optimal {rung.label}")
-        if ours is None:
-            continue
-        for rival in [f"{m} {rung.label}" for m in ("uniform", *EXACT) if m != "optimal"] + [f"SB30 {rung.label}"]:
-            theirs = by_name.get(rival)
-            if theirs is None:
-                continue
-            mine = by_name[f"optimal @SB30 {rung.label}"] if rival.startswith("SB30") else ours
+        for rival, (mine, theirs) in rival_pairs(by_name, rung).items():
             print(f"  {rung.label}: optimal vs {rival:<16} {_verdict(mine, theirs)}")
     print("\nissue 18's targets:")
     for line in target_verdicts(by_name, rungs):
@@ -151,6 +144,20 @@ def _noise(ours: dict, theirs: dict, metric: str = "kld_wikitext2") -> float:
     return (ours.get(metric + "_se", 0.0) ** 2 + theirs.get(metric + "_se", 0.0) ** 2) ** 0.5
 
 
+def rival_pairs(by_name: dict[str, dict], rung) -> dict[str, tuple[dict, dict]]:
+    """At one budget: rival row name -> (the `optimal` row it is judged against, the rival's row), for the
+    measured rivals: uniform and the exact allocators against `optimal` at the rung's memory, SB30 against
+    `optimal` at SB30's. Empty when `optimal` was not measured there."""
+    ours = by_name.get(f"optimal {rung.label}")
+    if ours is None:
+        return {}
+    pairs = {f"{m} {rung.label}": (ours, by_name[f"{m} {rung.label}"]) for m in ("uniform", *EXACT)
+             if m != "optimal" and f"{m} {rung.label}" in by_name}  # fmt: skip
+    if f"SB30 {rung.label}" in by_name and f"optimal @SB30 {rung.label}" in by_name:
+        pairs[f"SB30 {rung.label}"] = (by_name[f"optimal @SB30 {rung.label}"], by_name[f"SB30 {rung.label}"])
+    return pairs
+
+
 def target_verdicts(by_name: dict[str, dict], rungs) -> list[str]:
     """The acceptance targets of issue 18 on the measured rows (KLD on WikiText-2 unless said):
     `optimal` no worse than any rival at any budget and strictly better than all of them at >= 3 of 5
@@ -158,17 +165,13 @@ def target_verdicts(by_name: dict[str, dict], rungs) -> list[str]:
     4.25 bpp within 5% of the unquantized model's perplexity. A target whose rows were not measured says so."""
     lines, strict, worse, budgets = [], 0, [], 0
     for rung in rungs:
-        ours = by_name.get(f"optimal {rung.label}")
-        rivals = {name: (ours, m) for name, m in by_name.items() if name == f"{name.split()[0]} {rung.label}"
-                  and name.split()[0] in ("uniform", *EXACT) and name.split()[0] != "optimal"}  # fmt: skip
-        if f"SB30 {rung.label}" in by_name and f"optimal @SB30 {rung.label}" in by_name:  # SB30 at its own memory
-            rivals[f"SB30 {rung.label}"] = (by_name[f"optimal @SB30 {rung.label}"], by_name[f"SB30 {rung.label}"])
-        if ours is None or not rivals:
+        pairs = rival_pairs(by_name, rung)
+        if not pairs:
             continue
         budgets += 1
-        verdicts = {name: _compare(mine, theirs) for name, (mine, theirs) in rivals.items()}
+        verdicts = {name: _compare(mine, theirs) for name, (mine, theirs) in pairs.items()}
         strict += all(v < 0 for v in verdicts.values())
-        worse += [f"{name}" for name, v in verdicts.items() if v > 0]
+        worse += [name for name, v in verdicts.items() if v > 0]
     if budgets:
         lines.append(f"{'MET ' if not worse else 'MISS'} optimal no worse than every rival: "
                      + ("at every budget" if not worse else f"worse than {', '.join(worse)}"))  # fmt: skip

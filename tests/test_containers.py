@@ -62,7 +62,7 @@ def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> li
     for word, args, _ in parsed:
         if word == "ARG":
             name, _, default = args.partition("=")
-            declared[name.strip()] = shlex.split(default)[0] if shlex.split(default) else ""
+            declared[name.strip()] = next(iter(shlex.split(default)), "")
     unknown = set(build_args) - set(declared)
     assert not unknown, f"{path}: build args {sorted(unknown)} are not ARGs of the Dockerfile"
     values = {**declared, **build_args}
