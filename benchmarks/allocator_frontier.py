@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--fisher-samples", type=int, default=None, help="samples of the profiler's backward pass (default: the pipeline's)")
     ap.add_argument("--methods", default="sensiboost,kurtboost,lim,zd,mxq,optimal")
     ap.add_argument("--only", default=None, help="regular expression: evaluate only the rows whose name matches")
-    ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; ~17 min per variant on 2 cores)")
+    ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; ~11 min per variant on 2 idle cores)")
     ap.add_argument("--calibrate-on", default="optimal @uniform 4.25", help="the row whose measured dNLL scales the predicted perplexity")
     ap.add_argument("--backend", default="hqq", choices=["hqq", "gptq"])
     ap.add_argument("--uniform", default=",".join(UNIFORM), help="the uniform rungs, each also a budget of `optimal` (e.g. b4g32: 4.51 bpp)")
