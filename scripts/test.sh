@@ -5,4 +5,5 @@ set -euo pipefail
 export QUANT_CACHE_DIR=${QUANT_CACHE_DIR:-$QUANT_HOME/cache}  # converted checkpoints are content-keyed: share them
 export QUANT_HOME=$(mktemp -d -t quant-test-XXXX)  # tests never touch the embedded run's state
 export AIRFLOW_HOME=$QUANT_HOME/airflow MLFLOW_TRACKING_URI=sqlite:///$QUANT_HOME/mlflow.db
-exec python -m pytest -q "$@"
+trap 'rm -rf "$QUANT_HOME"' EXIT
+python -m pytest -q "$@"
