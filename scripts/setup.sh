@@ -9,8 +9,8 @@ fi
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "quantpipe needs Python 3.11, found " + sys.version.split()[0])'
 # The pinned environment takes about 3 GiB, and pip unpacks torch beside it: fail early, in one line.
 if [ ! -f .venv/.installed ]; then
-  free_gib=$(df -Pk . | awk 'NR==2 {printf "%d", $4 / 1048576}')
-  [ "$free_gib" -ge 5 ] || { echo "error: setup needs 5 GiB free on $(df -P . | awk 'NR==2 {print $6}') for .venv, found ${free_gib} GiB" >&2; exit 1; }
+  read -r free_gib mount < <(df -Pk . | awk 'NR==2 {printf "%d %s\n", $4 / 1048576, $6}')
+  [ "$free_gib" -ge 5 ] || { echo "error: setup needs 5 GiB free on $mount for .venv, found $free_gib GiB" >&2; exit 1; }
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
