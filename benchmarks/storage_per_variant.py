@@ -41,7 +41,7 @@ def main() -> int:
                 owner[(p.stat().st_dev, p.stat().st_ino)] = stage_dir
     rows, totals = [], [0, 0]
     for mv in sorted(client.search_model_versions(""), key=lambda v: (v.name, int(v.version))):
-        model = local_dir(f"{client.get_run(mv.run_id).info.artifact_uri}/model")
+        model = local_dir(client.get_model_version_download_uri(mv.name, mv.version))  # the version's MLflow model
         if model is None or not model.is_dir():
             continue
         files = _files(model)

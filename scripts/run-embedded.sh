@@ -36,4 +36,13 @@ echo
 cat "$QUANT_HOME/reports/latest/results.md"
 echo
 echo "Reports and plots: $QUANT_HOME/reports/latest/"
-echo "MLflow UI:         mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --host 127.0.0.1 --port 5000"
+echo "MLflow UI:         . .venv/bin/activate && mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --host 127.0.0.1 --port 5000"
+echo "                   (the links open it in \"Model training\" mode, the toggle at the top of MLflow's sidebar)"
+python - "$QUANT_HOME/reports/latest/links.json" <<'PY'
+import json, sys
+names = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
+links = json.load(open(sys.argv[1]))
+for key, label in names.items():
+    if key in links:
+        print(f"  {label + ':':<18}{links[key]}")
+PY

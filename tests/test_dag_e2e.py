@@ -79,18 +79,22 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
     assert q4.data.metrics["nominal_bpp"] == pytest.approx(4.2539, abs=1e-3)
     assert q4.data.metrics["saved_bytes"] < by_variant["none/unquantized/fp32"].data.metrics["saved_bytes"]
     artifacts = {a.path for a in client.list_artifacts(q4.info.run_id)}
-    assert {"uniform-4.25.json", "manifest.json", "model"} <= artifacts
-    bitmap = json.loads(Path(client.download_artifacts(q4.info.run_id, "uniform-4.25.json")).read_text())
+    assert {"bitmap.json", "bitmap.png", "manifest.json"} <= artifacts and q4.outputs.model_outputs  # and its logged model
+    bitmap = json.loads(Path(client.download_artifacts(q4.info.run_id, "bitmap.json")).read_text())
     assert bitmap["modules"]["1.self_attn.o_proj"] == {"bits": 4, "group_size": 64}
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "reports")} >= {"reports/results.md"}
 
     versions = client.search_model_versions(f"name = '{name}-quant'")
     assert len(versions) == 3 and all(v.tags["load_check"] == "passed" for v in versions)
     for v in versions:
-        for tag in ("method", "backend", "budget", "nominal_bpp", "ppl_wikitext2", "ppl_c4", "saved_bytes", "run_id", "config_hash"):
+        for tag in ("variant", "method", "backend", "bpp", "size_mib", "kld_wikitext2", "ppl_wikitext2", "serving", "model_hash"):
             assert v.tags.get(tag), (v.version, tag)
+    # The default rule: the smallest version within KLD 0.35 of the base model, else the closest.
     champion = client.get_model_version_by_alias(f"{name}-quant", "champion")
-    assert champion.tags["budget"] == min(versions, key=lambda v: float(v.tags["ppl_wikitext2"])).tags["budget"]
+    size = {v.version: by_variant[v.tags["variant"]].data.metrics["saved_bytes"] for v in versions}
+    within = [v for v in versions if float(v.tags["kld_wikitext2"]) <= 0.35]
+    pick = min(within, key=lambda v: size[v.version]) if within else min(versions, key=lambda v: float(v.tags["kld_wikitext2"]))
+    assert champion.version == pick.version and champion.description.startswith("**Champion**")
 
     # A rerun hits every cache: no new variant runs, no duplicate versions, same champion.
     again = dags_test(airflow_env, conf)

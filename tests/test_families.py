@@ -90,7 +90,7 @@ def test_a_family_runs_every_stage_on_every_backend_or_is_refused_up_front(famil
     rows = json.loads((tmp_path / "state" / "reports" / "latest" / "results.json").read_text())
     names = {r["variant"] for r in rows}
     for backend in BACKENDS:
-        expected = {f"{backend}/{v}" for v in EXPECTED.get(backend, ("uniform/4.25", "SB30/3.25", "optimal/3.25"))}
+        expected = {f"{backend}/{v}" for v in EXPECTED.get(backend, ("uniform/4.25", "SB30/3.25", "optimal/3.25@SB30"))}
         if backend in REFUSED.get(family, ()):  # refused up front: a pre-flight note, no variant, no traceback
             assert not {n for n in names if n.startswith(f"{backend}/")} and f"note: {backend} will skip every variant" in check.stdout, check.stdout
         else:

@@ -21,16 +21,11 @@ CONF = {"uniform_budgets": ["b4g64"], "methods": [], "budgets": [], "calibration
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, tiny_model_dir):
-    """One pipeline run (HQQ b4g64) in a private state directory; returns (state, registered model name)."""
-    import os
+    """One pipeline run (HQQ b4g64) in a private state directory; returns (state, env, registered model name)."""
+    from tests.services import pipeline_in_own_state
 
     state = tmp_path_factory.mktemp("mlflow-model-state")
-    env = {**os.environ, "QUANT_HOME": str(state), "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}"}
-    env.pop("QUANT_ARTIFACT_ROOT", None)
-    proc = subprocess.run([sys.executable, "-m", "tasks", "pipeline", "--config", json.dumps({**CONF, "model": str(tiny_model_dir)})],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return state, env, f"{tiny_model_dir.name}-quant"
+    return state, pipeline_in_own_state(state, {**CONF, "model": str(tiny_model_dir)}), f"{tiny_model_dir.name}-quant"
 
 
 def in_fresh_process(env: dict, code: str) -> str:
@@ -116,6 +111,39 @@ def test_mlflow_serves_the_champion(registered):
             server.wait(timeout=30)
 
 
+def test_the_store_holds_what_the_conventions_say(registered):
+    """Logged models linked to their runs and versions, the fixed version tags, the bit map's heat map on
+    the variant run, real run durations, the champion's reason in its description, the shared runs view."""
+    from mlflow import MlflowClient
+
+    from tasks.registry.load_check import DETAIL_TAG, TAG
+    from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, experiment_name
+    from tasks.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KEY_PREFIX
+    from tasks.registry.ui import SHARED_VIEW_TAG_PREFIX
+    from tasks.registry.versions import VERSION_TAGS, version_model_id
+
+    state, env, name = registered
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+    versions = client.search_model_versions(f"name='{name}'")
+    assert versions
+    for v in versions:
+        assert set(v.tags) <= {*VERSION_TAGS, TAG, DETAIL_TAG} and {"variant", "bpp", "size_mib", "model_hash"} <= set(v.tags)
+        model = client.get_logged_model(version_model_id(v))  # the version was made from its run's logged model
+        assert model.source_run_id == v.run_id and model.status == "READY"
+        assert {"name": name, "version": v.version} in json.loads(model.tags["mlflow.modelVersions"])
+        assert {m.key for m in model.metrics} >= {f"{KEY_PREFIX}bpp", f"{KEY_PREFIX}size_mib", f"{KEY_PREFIX}kld_wikitext2"}
+        run = client.get_run(v.run_id)
+        assert {a.path for a in client.list_artifacts(v.run_id)} >= {BITMAP_JSON, BITMAP_PNG}
+        quant_ms = 1000 * run.data.metrics["quant_seconds"]
+        assert run.info.end_time - run.info.start_time >= quant_ms > 0  # the run spans its quantize step
+        assert v.description.startswith("**Champion**") == (v.version == client.get_model_version_by_alias(name, "champion").version)
+    exp = client.get_experiment_by_name(experiment_name(name.removesuffix("-quant")))
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pipeline_run") == "true")
+    assert SHARED_VIEW_TAG_PREFIX + parent.info.run_id in exp.tags
+    assert "Champion:" in parent.data.tags["mlflow.note.content"] and "workflowType=machine_learning" in parent.data.tags["mlflow.note.content"]
+
+
 def test_the_reload_check_rejects_a_corrupted_version(registered):
     """A version whose weights no longer load fails its check, says why, and cannot be champion."""
     from mlflow import MlflowClient
@@ -127,7 +155,9 @@ def test_the_reload_check_rejects_a_corrupted_version(registered):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
     version = client.get_model_version_by_alias(name, "champion")
     assert version.tags["load_check"] == "passed" and "within" in version.tags["load_check_detail"]
-    stored = next(Path(state, "mlflow", "artifacts").rglob("model/artifacts/checkpoint/model.safetensors"))
+    from tasks.registry.dedup import local_dir
+
+    stored = local_dir(client.get_model_version_download_uri(name, version.version)) / "artifacts" / "checkpoint" / "model.safetensors"
     stored.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])  # truncated, as a failed upload leaves it
     calibration = next(Path(state, "artifacts", "calibration").glob("*/"))
     result = check_version(env["MLFLOW_TRACKING_URI"], name, version.version, str(calibration), 1024, float(version.tags["ppl_wikitext2"]))

@@ -22,70 +22,35 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import CHROMIUM, ServiceError, free_port, stop_group, tool, wait_http
+from tasks.registry.ui import compare_url
+from tests.services import chromium as _chromium
+
 pytestmark = pytest.mark.slow  # an MLflow server, moto and a browser: whole services
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "mlflow" / "serve.sh"
 BUCKET = "mlflow-artifacts"
 CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic", "--virtual-time-budget=15000",
-]
-
-
-def _tool(name: str) -> str | None:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Signal the whole process group (the MLflow server forks uvicorn workers), then make sure."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _wait(url: str, proc, log: Path, timeout: float) -> None:
+    try:
+        wait_http(url, proc, log, timeout)
+    except ServiceError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     pytest.importorskip("mlflow")
     boto3 = pytest.importorskip("boto3")
-    moto = _tool("moto_server")
-    mlflow_bin = _tool("mlflow")
+    moto = tool("moto_server")
+    mlflow_bin = tool("mlflow")
     if not moto:
         pytest.skip("moto_server not found (pip install 'moto[server]')")
     if not mlflow_bin:
         pytest.skip("the mlflow executable is not found")
     root = tmp_path_factory.mktemp("mlflow-server")
-    s3_port, mlflow_port = _free_port(), _free_port()
+    s3_port, mlflow_port = free_port(), free_port()
     s3_url, uri = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{mlflow_port}"
     env = {**os.environ, **CREDS, "MLFLOW_S3_ENDPOINT_URL": s3_url}
     started = []
@@ -94,7 +59,7 @@ def servers(tmp_path_factory):
         with open(moto_log, "w") as fh:
             started.append(subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(s3_port)], stdout=fh,
                                             stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        _wait_http(f"{s3_url}/", started[-1], moto_log, 30)
+        _wait(f"{s3_url}/", started[-1], moto_log, 30)
         s3 = boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
                           region_name=CREDS["AWS_DEFAULT_REGION"])
         s3.create_bucket(Bucket=BUCKET)
@@ -111,13 +76,13 @@ def servers(tmp_path_factory):
         with open(server_log, "w") as fh:
             started.append(subprocess.Popen(["bash", str(SERVE)], stdout=fh, stderr=subprocess.STDOUT,
                                             env=server_env, start_new_session=True))
-        _wait_http(f"{uri}/health", started[-1], server_log, 180)
+        _wait(f"{uri}/health", started[-1], server_log, 180)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast if the server dies
             yield {"uri": uri, "s3": s3, "root": root, "s3_url": s3_url}
     finally:
         for proc in reversed(started):
-            _stop(proc)
+            stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +137,15 @@ def test_runs_metrics_and_artifacts_round_trip_through_the_server_into_s3(server
     assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the client never talks to S3
 
     names = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"uniform-3.13.json", "manifest.json", "model"} <= names
-    local = client.download_artifacts(child.info.run_id, "uniform-3.13.json", str(tmp_path))
+    assert {"bitmap.json", "bitmap.png", "manifest.json"} <= names
+    model = client.get_logged_model(client.get_run(child.info.run_id).outputs.model_outputs[0].model_id)
+    assert model.artifact_location.startswith("mlflow-artifacts:")  # the logged model, proxied into S3 too
+    local = client.download_artifacts(child.info.run_id, "bitmap.json", str(tmp_path))
     bitmap = json.loads(Path(local).read_text())
     assert bitmap["method"] == "uniform" and bitmap["modules"]["0.mlp.down_proj"] == {"bits": 3, "group_size": 128}
 
     keys = [o["Key"] for o in servers["s3"].list_objects_v2(Bucket=BUCKET).get("Contents", [])]
-    key = next((k for k in keys if child.info.run_id in k and k.endswith("/uniform-3.13.json")), None)
+    key = next((k for k in keys if child.info.run_id in k and k.endswith("/bitmap.json")), None)
     assert key and key.startswith("artifacts/"), keys
     assert json.loads(servers["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())["modules"] == bitmap["modules"]
     # The pipeline's own artifact store lives in the same S3: every stage output with its manifest.
@@ -191,39 +158,26 @@ def test_register_and_promote_through_the_server(servers, logged):
 
     client, model, versions = logged["client"], logged["model"], logged["versions"]
     assert set(versions) == {"hqq/uniform/4.25", "hqq/uniform/3.13"}
-    size = {name: float(client.get_model_version(model, v).tags["saved_bytes"]) for name, v in versions.items()}
-    ppl = {name: float(client.get_model_version(model, v).tags["ppl_wikitext2"]) for name, v in versions.items()}
-    best = min(ppl, key=ppl.get)
-    # The pipeline's own promotion step already chose by the rule (no cap).
-    assert str(client.get_model_version_by_alias(model, "champion").version) == versions[best]
+    size = {name: float(client.get_run(client.get_model_version(model, v).run_id).data.metrics["saved_bytes"]) for name, v in versions.items()}
+    kld = {name: float(client.get_model_version(model, v).tags["kld_wikitext2"]) for name, v in versions.items()}
+    within = [name for name in kld if kld[name] <= 0.35]
+    pick = min(within, key=size.get) if within else min(kld, key=kld.get)
+    # The pipeline's own promotion step already chose by the default rule (no cap).
+    assert str(client.get_model_version_by_alias(model, "champion").version) == versions[pick]
     # Under a cap that only the 3-bit model fits, the champion moves there, and a rerun changes nothing.
     cap = int((size["hqq/uniform/4.25"] + size["hqq/uniform/3.13"]) / 2)
     moved = run_promotion(servers["uri"], model, max_saved_bytes=cap)
     assert moved["champion"] == versions["hqq/uniform/3.13"]
-    assert "champion_reason" in client.get_model_version(model, moved["champion"]).tags
+    assert moved["reason"] in client.get_model_version(model, moved["champion"]).description
     assert run_promotion(servers["uri"], model, max_saved_bytes=cap)["action"] == "keep"
     assert len(client.search_model_versions(f"name='{model}'")) == 2
-
-
-def compare_url(uri: str, run_ids: list[str], experiment_ids: list[str]) -> str:
-    """MLflow 3's runs-comparison page (a route of the single-page app, hence after '#')."""
-    query = f"runs={json.dumps(run_ids)}&experiments={json.dumps(experiment_ids)}"
-    return f"{uri}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}"
-
-
-def _chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
-
-
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
 def test_ui_compare_page_shows_the_runs(servers, logged, tmp_path):
     runs = logged["runs"]
     ids = [r.info.run_id for r in runs.values()]
-    url = compare_url(servers["uri"], ids, [logged["exp_id"]])
+    url = compare_url(servers["uri"], ids, [logged["exp_id"]])  # the link the pipeline prints
 
     dom = _chromium("--dump-dom", url, profile=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -243,13 +197,18 @@ def test_ui_compare_page_shows_the_runs(servers, logged, tmp_path):
 
 
 def _metrics_and_artifacts(client, experiment: str) -> dict:
+    import mlflow.artifacts
+
+    from tasks.registry.tracking import variant_model_id
+
     exp = client.get_experiment_by_name(experiment)
     out = {}
     for run in client.search_runs([exp.experiment_id]):
         if "variant" not in run.data.tags:  # the parent (and a profile's) run
             continue
         names = sorted(a.path for a in client.list_artifacts(run.info.run_id))
-        model = sorted(a.path.split("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "model")) if "model" in names else []
+        model_id = variant_model_id(client, run.info.run_id)  # the logged model's files, top level
+        model = sorted(a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=client.get_logged_model(model_id).artifact_location)) if model_id else []
         out[run.data.tags["variant"]] = {"metrics": run.data.metrics, "artifacts": names, "model": model, "status": run.info.status}
     return out
 

@@ -17,7 +17,7 @@ from tasks.errors import PipelineError
 from tasks.ladder import parse_rung
 from tasks.orchestration.config import BACKEND_NAMES, PROTOCOL_NAMES, PipelineConfig
 from tasks.orchestration.context import StepContext
-from tasks.orchestration.planner import VariantSpec, allocate_variants, plan_variants
+from tasks.orchestration.planner import VariantSpec, allocate_variants, memory_matches, plan_variants, variant_name
 from tasks.orchestration.step_table import CONF, STEPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,8 +119,44 @@ def test_budget_exact_methods_get_the_memory_the_boost_method_reached():
     sb, mxq = allocate_variants(specs, table, table.params)
     assert mxq.target == sb.bitmap.nominal_bpp
     assert mxq.bitmap.nominal_bpp <= sb.bitmap.nominal_bpp + 1e-9
+    assert (sb.matched, mxq.matched) == (None, "SB30") and [p.matched for p in (sb, mxq)] == memory_matches(specs)
     _, alone = allocate_variants(specs, table, table.params, match_boost_memory=False)
-    assert alone.target == parse_rung("b3g64").bpp
+    assert alone.target == parse_rung("b3g64").bpp and alone.matched is None
+
+
+def _names(config: dict, backend: str = "hqq") -> list[str]:
+    """The variant names a run of `config` gives on one backend, as allocate names them."""
+    cfg = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], **config})
+    specs = plan_variants(cfg, gptq_errors=False)
+    return [variant_name(backend, s.label, s.budget_label, m) for s, m in zip(specs, memory_matches(specs, cfg.match_boost_memory))]
+
+
+def test_a_variant_name_says_whose_memory_a_budget_exact_method_was_given():
+    """Two runs with other method sets on one MLflow store never give two different models one name: optimal
+    at a rung alone gets the rung's bpp, beside a boost method that boost method's memory (and says so)."""
+    alone = _names({"methods": ["optimal", "mxq"]})
+    with_boost = _names({"methods": ["sensiboost", "optimal", "mxq"]})
+    kurt_first = _names({"methods": ["kurtboost", "sensiboost", "optimal"]})
+    assert alone == ["hqq/uniform/4.25", "hqq/optimal/3.25", "hqq/mxq/3.25"]
+    assert with_boost == ["hqq/uniform/4.25", "hqq/SB30/3.25", "hqq/optimal/3.25@SB30", "hqq/mxq/3.25@SB30"]
+    assert kurt_first == ["hqq/uniform/4.25", "hqq/KB21/3.25", "hqq/SB30/3.25", "hqq/optimal/3.25@KB21"], "the first boost method's"
+    assert "hqq/optimal/3.25" not in with_boost and set(alone) & set(with_boost) == {"hqq/uniform/4.25"}
+    # uniform and boost names are unchanged; so is a budget-exact method's at a budget that is no rung, or unmatched
+    assert _names({"methods": ["sensiboost", "optimal"], "budgets": ["b3g64", "b4g64"]})[1:] == [
+        "hqq/SB30/3.25", "hqq/SB30/4.25", "hqq/optimal/3.25@SB30", "hqq/optimal/4.25@SB30"]  # fmt: skip
+    assert _names({"methods": ["optimal"], "budgets": ["3.4"]})[1:] == ["hqq/optimal/3.40"]
+    assert _names({"methods": ["sensiboost", "optimal"], "match_boost_memory": False})[2] == "hqq/optimal/3.25"
+    # on gptq, optimal's tied map is given the tied SB30's memory
+    assert _names({"backends": ["gptq"], "methods": ["sensiboost", "optimal"]}, "gptq")[1:] == ["gptq/SB30/3.25", "gptq/optimal/3.25@SB30"]
+
+
+def test_different_bit_maps_of_one_allocation_never_share_a_file_stem():
+    config = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "uniform_budgets": [], "methods": ["sensiboost", "lim"],
+                                       "method_options": {"sensiboost": {"tie_experts": True}}})  # fmt: skip
+    lim = [s for s in plan_variants(config, gptq_errors=False) if s.method == "lim"]
+    assert [(s.name, s.backends) for s in lim] == [("lim-3.25-experts-tied-memory", ("hqq",)), ("lim-3.25-tied-experts-tied-memory", ("gptq",))]
+    with pytest.raises(PipelineError, match="both be named 'optimal-3.40'"):
+        plan_variants(PipelineConfig.from_dict({"methods": ["optimal"], "budgets": ["3.401", "3.404"]}))
 
 
 def test_layerwise_methods_match_the_memory_of_the_tied_boost_map_on_tied_backends():

@@ -38,6 +38,8 @@ BAD = {
     "protocols": ({"protocols": ["lambada"]}, "unknown perplexity protocol"),
     "lm_eval_tasks": ({"lm_eval_tasks": ["no_such_task_anywhere"]}, "unknown lm-eval task"),
     "lm_eval_limit": ({"lm_eval_limit": 0}, "less than the minimum"),
+    "promote_metric": ({"promote_metric": "ppl_wikitext2"}, "is not one of ['kld_wikitext2'"),
+    "promote_tolerance": ({"promote_tolerance": -0.1}, "is less than the minimum of 0"),
     "promote_max_bytes": ({"promote_max_bytes": "a lot"}, "is not of type 'null', 'integer'"),
     "promote_min_improvement_pct": ({"promote_min_improvement_pct": "1%"}, "is not of type 'number'"),
     "seed": ({"seed": 4.5}, "seed"),
@@ -109,6 +111,53 @@ def test_the_extra_cost_of_gptq_priced_rungs_is_announced_and_skipped_where_gptq
     assert not any("prices" in n for n in backend_notes(config, "phi3")), "gptq refuses phi3: no GPTQ solves"
     off = PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}})
     assert not any("prices" in n for n in backend_notes(off, "llama"))
+
+
+# ---- the planned variants (--check) -----------------------------------------------------------------
+
+
+def _check(config: dict, capsys) -> list[str]:
+    """The stdout lines of `python -m tasks pipeline --check --config <config>`, in this process."""
+    import argparse
+
+    from tasks.orchestration.runner import configure_parser, run_cli
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert run_cli(parser.parse_args(["--check", "--config", json.dumps(config)])) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_check_lists_the_variants_the_run_would_name(tmp_path, state, capsys):
+    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())  # a llama; no lm-eval, no model download
+    out = _check({"model": str(model), "lm_eval_tasks": [], "backends": ["hqq", "bnb"], "uniform_budgets": ["b4g64", "b3g64"],
+                  "methods": ["sensiboost", "optimal"]}, capsys)  # fmt: skip
+    ok = next(i for i, line in enumerate(out) if line.startswith("ok: ckpt"))
+    rows = [line.split() for line in out[ok + 1 :]]
+    assert all(r[0] == "variant:" for r in rows), out
+    assert [r[1] for r in rows] == ["none/unquantized/fp32", "hqq/uniform/4.25", "bnb/uniform/4.25", "hqq/uniform/3.25", "bnb/uniform/3.25",
+                                    "hqq/SB30/3.25", "bnb/SB30/3.25", "hqq/optimal/3.25@SB30", "bnb/optimal/3.25@SB30"]  # fmt: skip
+    lines = {r[1]: line for r, line in zip(rows, out[ok + 1 :])}
+    assert " method optimal " in lines["hqq/optimal/3.25@SB30"] and "budget b3g64 at SB30's memory" in lines["hqq/optimal/3.25@SB30"]
+    assert lines["hqq/optimal/3.25@SB30"].endswith("backend hqq")
+    assert "budget b3g64 (3.25 bpp)" in lines["hqq/SB30/3.25"] and " method sensiboost " in lines["hqq/SB30/3.25"]
+    assert "(skipped: bnb cannot express rungs ['b3g64']" in lines["bnb/uniform/3.25"] and "skipped" not in lines["bnb/uniform/4.25"]
+    assert any(line.startswith("note: bnb will skip uniform b3g64: bnb cannot express") for line in out[:ok]), "the backend notes come first"
+
+
+def test_check_says_when_only_the_baseline_runs(tmp_path, state, capsys):
+    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
+    out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "uniform_budgets": []}, capsys)
+    assert out[-2:] == ["variant: none/unquantized/fp32  method unquantized  budget fp32  backend none",
+                        "note: uniform_budgets is empty and budgets is empty: only the baseline runs"]  # fmt: skip
+    from tasks.orchestration.preflight import plan_lines
+
+    skipped = plan_lines(PipelineConfig.from_dict({"backends": ["bnb"], "uniform_budgets": ["b3g64"], "methods": []}))
+    assert skipped[-1] == "note: every (backend, variant) pair is skipped: only the baseline runs"
+    nothing = plan_lines(PipelineConfig.from_dict({"uniform_budgets": [], "methods": ["uniform"], "include_baseline": False}))
+    assert nothing == ["note: uniform_budgets is empty and no layer-sensitive method is selected: nothing runs"]
+    default = plan_lines(PipelineConfig.from_dict({"methods": ["kurtboost", "optimal"], "match_boost_memory": False}))
+    assert [line.split()[1] for line in default][-2:] == ["hqq/KB21/3.25", "hqq/optimal/3.25"], "no matching: the plain name"
 
 
 # ---- model files ------------------------------------------------------------------------------------

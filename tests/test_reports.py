@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from tasks.errors import PipelineError
 from tasks.ladder import MODULES, parse_rung
 from tasks.reports.comparison import comparison_frame, to_html, to_markdown
 from tasks.reports.pareto import pareto_mask
+from tasks.reports.plots import pareto_points, plot_ppl_vs_size, spread_labels
+from tasks.reports.table import results_table
 from tasks.reports.profiles import profile_table, score_outliers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm-quant-toolkit"
@@ -59,15 +63,25 @@ def test_comparison_puts_the_baseline_first_sorts_by_budget_and_computes_deltas(
     assert sb["saved_mib"] == pytest.approx(153.0)
 
 
-def test_markdown_and_html_show_every_variant_and_mark_the_best():
+def test_markdown_and_html_show_every_variant_and_mark_the_best(tmp_path):
     frame = comparison_frame(results())
-    md = to_markdown(frame)
+    md = to_markdown(frame, champion="hqq/sensiboost/4.25")
     lines = md.splitlines()
-    assert lines[0].startswith("| variant | backend | method | budget | bpp |")
+    assert lines[0].startswith("| # | variant | backend | method | budget | bpp |")
     assert "ppl (GPTQ)" not in lines[0]  # no GPTQ numbers in the results: no empty columns
-    assert "| none/unquantized/16 |" in lines[2] and "**31.90**" in md and "-8.1" in md
-    page = to_html(frame, "Run", ["ppl_vs_bpp.png"])
-    assert page.count("<tr") == 5 and "class='num best'>31.90<" in page and "<img src='ppl_vs_bpp.png'" in page
+    # "#" is the input row (the results table's and the plot's number), not the sorted position
+    assert lines[2].startswith("| 3 | none/unquantized/16 |") and lines[5].startswith("| 1 | hqq/sensiboost/4.25 (champion) |")
+    assert "**31.90**" in md and "-8.1" in md and md.count("(champion)") == 1
+    assert "(champion)" not in to_markdown(frame)
+    figure = tmp_path / "ppl_vs_size.png"
+    figure.write_bytes(PNG_MAGIC + b"figure bytes")
+    page = to_html(frame, "Run", [figure], champion="hqq/sensiboost/4.25")
+    assert page.count("<tr") == 5 and "class='num best'>31.90<" in page
+    # self-contained: MLflow's sandboxed artifact viewer does not load relative links
+    embedded = base64.b64encode(figure.read_bytes()).decode()
+    assert f"<img src='data:image/png;base64,{embedded}'" in page
+    assert not re.search(r"src=['\"](?!data:)", page)
+    assert "<tr class=champion><td class='num'>1</td><td>hqq/sensiboost/4.25 (champion)</td>" in page
 
 
 def test_results_without_required_columns_are_refused():
@@ -75,6 +89,67 @@ def test_results_without_required_columns_are_refused():
         comparison_frame(results().drop(columns="method"))
     with pytest.raises(PipelineError, match="no rows"):
         comparison_frame(results().iloc[0:0])
+
+
+def test_results_table_marks_the_champion_in_the_version_column():
+    rows = [dict(variant="none/unquantized/16", ppl_wikitext2=28.15, version=None),
+            dict(variant="hqq/uniform/3.25", ppl_wikitext2=260.2, version=2),
+            dict(variant="hqq/sensiboost/3.25", ppl_wikitext2=131.0, version=3, champion=True)]
+    plain = results_table([{k: v for k, v in r.items() if k != "champion"} for r in rows])
+    marked = results_table(rows)
+    assert "(champion)" not in plain and marked.count("(champion)") == 1
+    last = [c.strip() for c in marked.splitlines()[-1].split("|")[1:-1]]
+    assert last == ["3", "hqq/sensiboost/3.25", "131.00", "3 (champion)"]
+    # every other cell as before: only the version column is wider
+    strip = lambda t: [[c.strip() for c in line.split("|")] for line in t.splitlines() if not line.startswith("|-")]  # noqa: E731
+    assert [r[:-2] for r in strip(marked)] == [r[:-2] for r in strip(plain)]
+
+
+# --- perplexity vs size --------------------------------------------------------------------------------
+
+def test_pareto_points_use_saved_size_numbers_and_mark_the_champion():
+    frame = comparison_frame(results())
+    pts = {p.name: p for p in pareto_points(frame, "ppl_wikitext2", champion="hqq/uniform/4.25")}
+    assert "none/unquantized/16" not in pts  # the baseline is the reference line, not a point
+    sb, u3, u4 = pts["hqq/sensiboost/4.25"], pts["hqq/uniform/3.25"], pts["hqq/uniform/4.25"]
+    assert (sb.number, u3.number, u4.number) == (1, 2, 4)  # the input rows: the results table's "#"
+    assert (sb.x, u3.x, u4.x) == pytest.approx((153.0, 118.0, 150.0))  # MiB, not bpp
+    assert sb.y == pytest.approx(31.9)
+    # each is smaller or better than the others
+    assert [sb.on_front, u3.on_front, u4.on_front] == [True, True, True]
+    assert [p.is_champion for p in (sb, u3, u4)] == [False, False, True]
+    worse = results()
+    worse.loc[0, "ppl_wikitext2"] = 40.0  # bigger and worse than 4.25 uniform: off the front
+    assert not {p.name: p for p in pareto_points(comparison_frame(worse), "ppl_wikitext2")}["hqq/sensiboost/4.25"].on_front
+
+
+def test_pareto_points_fall_back_to_nominal_bpp_without_saved_sizes():
+    frame = comparison_frame(results().drop(columns="saved_bytes"))
+    pts = {p.name: p for p in pareto_points(frame, "ppl_wikitext2")}
+    assert pts["hqq/sensiboost/4.25"].x == pytest.approx(4.33) and not any(p.is_champion for p in pts.values())
+
+
+def test_spread_labels_separates_only_overlapping_numbers():
+    # two variants at the same size and almost the same perplexity, a third far away
+    y = spread_labels([(100.0, 50.0), (100.0, 51.0), (300.0, 50.0)], [8.0, 8.0, 8.0], height=8.0)
+    assert y[1] - y[0] == pytest.approx(8.0, abs=0.02) and y[0] + y[1] == pytest.approx(101.0)  # apart, order kept
+    assert y[2] == 50.0
+    assert spread_labels([(0.0, 0.0), (0.0, 0.0)], [8.0, 8.0]).tolist() != [0.0, 0.0]  # exact duplicates too
+
+
+def test_ppl_vs_size_plot_keys_every_number_and_names_the_champion(tmp_path, caplog):
+    frame = comparison_frame(results())
+    path, labels = plot_ppl_vs_size(frame, tmp_path / "ppl_vs_size.png", champion="hqq/sensiboost/4.25")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert "champion" in labels and "Pareto front" in labels and "unquantized baseline" in labels
+    key = [label for label in labels if re.match(r"\s*\d+  ", label)]
+    assert [k.split() for k in key] == [["1", "hqq/sensiboost/4.25", "(champion)"], ["2", "hqq/uniform/3.25"],
+                                        ["3", "none/unquantized/16", "(baseline)"], ["4", "hqq/uniform/4.25"]]
+    _, plain = plot_ppl_vs_size(frame, tmp_path / "plain.png")
+    assert "champion" not in plain and not any("(champion)" in label for label in plain)
+    with caplog.at_level("WARNING"):
+        assert plot_ppl_vs_size(comparison_frame(results().drop(columns="saved_bytes")), tmp_path / "bpp.png") is not None
+    assert "against nominal bpp" in caplog.text
 
 
 # --- score profiles ----------------------------------------------------------------------------------
@@ -131,15 +206,18 @@ def test_write_reports_writes_every_file_and_the_cli_agrees(tmp_path, capsys):
     from tasks.reports import write_reports
 
     bitmaps = [tiny_bitmap("uniform", set()), tiny_bitmap("sensiboost", {"10.mlp.down_proj", "0.self_attn.o_proj"})]
-    paths = write_reports(results(), bitmaps, synthetic_scores(), tmp_path / "out")
+    paths = write_reports(results(), bitmaps, synthetic_scores(), tmp_path / "out", champion="hqq/sensiboost/4.25")
     names = sorted(p.name for p in paths)
-    assert names == sorted(["comparison.md", "comparison.html", "ppl_vs_bpp.png", "bitmap_hqq_uniform_4.25.png",
+    assert names == sorted(["comparison.md", "comparison.html", "ppl_vs_size.png", "bitmap_hqq_uniform_4.25.png",
                             "bitmap_hqq_sensiboost_4.25.png", "score_profiles.png", "outliers.json"])
     for p in paths:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "outliers.json").read_text())["sensitivity"]["mlp.down_proj"] == [10, 11]
     assert not list((tmp_path / "out").glob(".*"))  # no temporary leftovers
+    page = (tmp_path / "out" / "comparison.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and not re.search(r"src=['\"](?!data:)", page)
+    assert "hqq/sensiboost/4.25 (champion)" in (tmp_path / "out" / "comparison.md").read_text()
 
     # The CLI from files: the results CSV, a directory of bit maps (other JSON ignored), a scores CSV
     # without LIM/ZD (those panels say so instead of failing).
@@ -149,10 +227,11 @@ def test_write_reports_writes_every_file_and_the_cli_agrees(tmp_path, capsys):
     (tmp_path / "maps" / "manifest.json").write_text("{}")
     synthetic_scores(lim=False).to_csv(tmp_path / "scores.csv", index=False)
     args = ["report", "--results", str(tmp_path / "results.csv"), "--bitmaps", str(tmp_path / "maps"),
-            "--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "cli")]
+            "--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "cli"), "--champion", "hqq/uniform/3.25"]
     assert main(args) == 0
     printed = capsys.readouterr().out.split()
     assert str(tmp_path / "cli" / "bitmap_hqq_sensiboost_4.25.png") in printed and len(printed) == 6
+    assert "hqq/uniform/3.25 (champion)" in (tmp_path / "cli" / "comparison.md").read_text()
 
     assert main(["report", "--results", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == f"error: results file not found: {tmp_path / 'nope.csv'}"

@@ -19,6 +19,9 @@ BACKEND_NAMES = ("hqq", "gptq", "awq", "bnb")  # tasks.quantize.registry.BACKEND
 # precision per fused group: their bit maps tie those modules unless method_options say otherwise.
 TIE_FUSED_BACKENDS = ("gptq", "awq")
 PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
+# Params whose null means something other than their default (a null elsewhere is the default).
+NULLABLE = ("revision", "promote_tolerance")
+PROMOTE_METRICS = ("kld_wikitext2", "kld_c4", "dnll_wikitext2", "dnll_c4")  # measured against the base model: 0 for it
 PROTOCOL_MIN_TOKENS = {"paper": 2, "gptq": 2048}  # the shortest stream that gives one window
 
 
@@ -75,6 +78,12 @@ class PipelineConfig:
     lm_eval_tasks: list[str] = param(["quant_facts"], "lm-eval tasks", "local (data/lm_eval/) or lm-eval registry task names; [] = none",
                                      **_strings(minLength=1))
     lm_eval_limit: int | None = param(None, "lm-eval documents per task", type=["null", "integer"], minimum=1)
+    # The champion is the smallest saved model within the tolerance of the base model (README, "The champion").
+    promote_metric: str = param("kld_wikitext2", "Champion metric", "distance from the base model the tolerance bounds: KL divergence "
+                                "or NLL increase (log of the perplexity ratio), nats per token", type="string", enum=list(PROMOTE_METRICS))
+    promote_tolerance: float | None = param(0.35, "Champion tolerance", "the smallest version whose metric is at most this wins "
+                                            "(none: the version closest to the base model); null: the best metric wins whatever its size",
+                                            type=["null", "number"], minimum=0)
     promote_max_bytes: int | None = param(None, "Champion memory cap (bytes)", type=["null", "integer"], minimum=1)
     promote_min_improvement_pct: float = param(1.0, "Minimum improvement to replace the champion (%)", type="number", minimum=0)
     seed: int = param(42, "Seed", type="integer")
@@ -87,7 +96,7 @@ class PipelineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PipelineError(f"unknown pipeline option(s): {', '.join(unknown)}")
-        config = cls(**{k: v for k, v in data.items() if v is not None or k == "revision"})
+        config = cls(**{k: v for k, v in data.items() if v is not None or k in NULLABLE})
         config.validate()
         return config
 

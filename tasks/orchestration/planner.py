@@ -4,7 +4,9 @@
 uniform baselines first, then the boost methods (whose reached memory sets the equal-memory target of
 the budget-exact methods), then the rest. `allocate_variants` turns the plan into bit maps on a scores
 table. The pipeline's allocate step and the benchmarks both use these two, so a variant means the same
-thing everywhere; its one name is `variant_name(backend, label, budget_label)`, e.g. `hqq/SB30/3.25`.
+thing everywhere; its one name is `variant_name(backend, label, budget_label, matched)`, e.g. `hqq/SB30/3.25`,
+or `hqq/optimal/3.25@SB30` for a budget-exact method given SB30's memory at that rung (`memory_matches`):
+two runs with other method sets never give two different models one name.
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ class VariantSpec:
     @property
     def name(self) -> str:
         """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused,
-        '-experts-tied' with tie_experts)."""
+        '-experts-tied' with tie_experts; '-tied-memory' for a lim/zd map at the memory of a tied boost map)."""
         ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
         errors = f"-{self.options['errors']}-errors" if self.options.get("errors", "hqq") != "hqq" else ""
-        memory = "-tied-memory" if any(self.memory_ties or ()) else ""
+        tied, experts = self.memory_ties or (False, False)
+        memory = (("-tied" if tied else "") + ("-experts-tied" if experts else "") + "-memory") if tied or experts else ""
         return f"{self.label}-{self.budget_label}{ties}{errors}{memory}"
 
 
@@ -65,10 +68,13 @@ class PlannedVariant:
     spec: VariantSpec
     target: float  # the bpp the allocator was given
     bitmap: object  # tasks.bitmap.BitMap
+    matched: str | None = None  # the label of the boost variant whose reached memory `target` is (e.g. "SB30"), or None
 
 
-def variant_name(backend: str, label: str, budget: str) -> str:
-    return f"{backend}/{label}/{budget}"
+def variant_name(backend: str, label: str, budget: str, matched: str | None = None) -> str:
+    """'<backend>/<label>/<budget label>', plus '@<boost label>' when the allocator was given the memory that
+    boost variant reached at the rung rather than the rung's own bpp: 'hqq/optimal/3.25@SB30'."""
+    return f"{backend}/{label}/{budget}" + (f"@{matched}" if matched else "")
 
 
 def rung_errors(backend: str, gptq_errors: bool) -> str:
@@ -115,7 +121,19 @@ def plan_variants(config: PipelineConfig, stacked_family: str | None = None, gpt
             else:
                 for extra, backends in sorted(groups.items(), key=lambda item: len(item[0])):  # the plain bit map first
                     specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends)))
+    _check_stems(specs)
     return specs
+
+
+def _check_stems(specs: list[VariantSpec]) -> None:
+    """Two different bit maps of one allocation never share a file stem (nor a variant name): budgets such as
+    '3.401' and '3.404' both read '3.40'."""
+    seen: dict[str, VariantSpec] = {}
+    for spec in specs:
+        other = seen.setdefault(spec.name, spec)
+        if other != spec:
+            raise PipelineError(f"Param budgets: two {spec.method} bit maps would both be named {spec.name!r} "
+                                f"({other.budget!r} and {spec.budget!r}): give budgets that differ in their first two decimals")  # fmt: skip
 
 
 def _memory_groups(config: PipelineConfig, methods: list[str], method: str, stacked_family: str | None) -> list[tuple]:
@@ -136,18 +154,37 @@ def _memory_groups(config: PipelineConfig, methods: list[str], method: str, stac
     return [(ties, tuple(backends)) for ties, backends in sorted(by_ties.items())]
 
 
+def _memory_key(spec: VariantSpec) -> tuple | None:
+    return (spec.budget.label, spec.ties) if isinstance(spec.budget, Rung) else None
+
+
+def memory_matches(specs: list[VariantSpec], match_boost_memory: bool = True) -> list[str | None]:
+    """Per spec, the label of the boost variant whose reached memory it is allocated at (None: its own
+    budget). Pure, from the plan order (boost methods first): with match_boost_memory, a budget-exact method
+    given a rung gets the memory of the first boost spec at that rung with the same ties."""
+    first: dict[tuple, str] = {}  # (rung label, ties) -> label of the first boost spec there
+    out = []
+    for spec in specs:
+        method = METHODS[spec.method]
+        where = _memory_key(spec)
+        out.append(first.get(where) if match_boost_memory and method.budget == "exact" and where is not None else None)
+        if method.boost:
+            first.setdefault(where, spec.label)
+    return out
+
+
 def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True) -> list[PlannedVariant]:
     """Every spec's bit map. With match_boost_memory, a budget-exact method given a rung gets the memory
-    the first boost method reached at that rung (equal-memory comparison)."""
+    the first boost method reached at that rung (equal-memory comparison; `memory_matches`)."""
     from tasks.allocation import allocate
     from tasks.bitmap import uniform_bitmap
 
     reached: dict[tuple, float] = {}  # (rung label, tied) -> bpp the first boost method reached there
     out = []
-    for spec in specs:
+    for spec, matched in zip(specs, memory_matches(specs, match_boost_memory)):
         method = METHODS[spec.method]
-        where = (spec.budget.label, spec.ties) if isinstance(spec.budget, Rung) else None
-        if method.budget == "exact" and where in reached and match_boost_memory:
+        where = _memory_key(spec)
+        if matched is not None:
             target = reached[where]
         else:
             target = spec.budget.bpp if isinstance(spec.budget, Rung) else float(spec.budget)
@@ -157,5 +194,5 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
             bitmap = allocate(scores, spec.method, target, spec.options)
         if method.boost:
             reached.setdefault(where, bitmap.nominal_bpp)
-        out.append(PlannedVariant(spec, target, bitmap))
+        out.append(PlannedVariant(spec, target, bitmap, matched))
     return out

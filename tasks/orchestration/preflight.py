@@ -1,7 +1,8 @@
 """The pre-flight check of a pipeline run (`python -m tasks pipeline --check`, run by `make run` before
 Airflow starts): every Param against what consumes it, the text sources, the lm-eval tasks and the
 model's files and architecture. A bad value is one `error:` line naming the Param; what will be skipped
-(a backend that cannot express a variant) comes back as notes."""
+(a backend that cannot express a variant) comes back as notes; `planned_variants` lists the variants the run
+would name, without profiling."""
 
 from __future__ import annotations
 
@@ -60,3 +61,77 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
             notes.append("gptq: the profile also prices every rung by GPTQ's own error for optimal on gptq (one GPTQ solve per "
                          "module input and rung; method_options.optimal.errors: hqq turns it off)")  # fmt: skip
     return notes
+
+
+def model_family(model) -> tuple[str, str | None]:
+    """(model_type, the stacked family or None) of a resolved model: what allocation plans with."""
+    from tasks.model_io import read_config
+
+    layout = layout_for(read_config(model.path))
+    return layout.model_type, layout.model_type if layout.stacked else None
+
+
+def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str | None = None) -> list[dict]:
+    """The variants a run of `cfg` allocates, in its order, as it will name them (`hqq/optimal/3.25@SB30` where
+    a budget-exact method gets a boost method's memory): dicts of name, method, budget (text), backend and
+    skipped (why the backend will skip it, or None) or caveat (what decides at allocation). Pure: no profile,
+    no scores; the same cross product with the backends that allocation makes."""
+    from tasks.bitmap import uniform_bitmap
+    from tasks.errors import PipelineError
+    from tasks.ladder import Rung
+    from tasks.orchestration.planner import memory_matches, plan_variants, variant_name
+    from tasks.orchestration.steps import BASELINE_METHOD
+    from tasks.quantize.registry import get_backend
+
+    rows = []
+    if cfg.include_baseline:
+        rows.append({"name": variant_name("none", BASELINE_METHOD, "fp32"), "method": BASELINE_METHOD, "budget": "fp32",
+                     "backend": "none", "skipped": None, "caveat": None})  # fmt: skip
+    backends = {name: get_backend(name) for name in cfg.backends}
+    specs = plan_variants(cfg, stacked_family)
+    for spec, matched in zip(specs, memory_matches(specs, cfg.match_boost_memory)):
+        if not isinstance(spec.budget, Rung):
+            budget = f"{spec.budget_label} bpp"
+        elif matched:
+            budget = f"{spec.budget.name} at {matched}'s memory"
+        else:
+            budget = f"{spec.budget.name} ({spec.budget_label} bpp)"
+        for name in spec.backends or cfg.backends:
+            backend = backends[name]
+            caps = backend.capabilities
+            skipped, caveat = backend.family_refusal(family), None
+            if not skipped and spec.method == "uniform":
+                try:
+                    backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, spec.budget))
+                except PipelineError as exc:
+                    skipped = str(exc)
+            elif not skipped and caps.bitmap != "any":
+                caveat = f"skipped unless its bit map is {caps.bitmap} on bits {caps.uniform_bits} and group sizes {caps.group_sizes}"
+            rows.append({"name": variant_name(name, spec.label, spec.budget_label, matched), "method": spec.method,
+                         "budget": budget, "backend": name, "skipped": skipped, "caveat": caveat})  # fmt: skip
+    return rows
+
+
+def plan_lines(cfg: PipelineConfig, family: str = "", stacked_family: str | None = None) -> list[str]:
+    """`--check`'s listing: one `variant:` line per planned (backend, variant) pair, and a `note:` when the
+    run would quantize nothing."""
+    rows = planned_variants(cfg, family, stacked_family)
+    width = max((len(r["name"]) for r in rows), default=0)
+    method_width = max((len(r["method"]) for r in rows), default=0)
+    budget_width = max((len(r["budget"]) for r in rows), default=0)
+    lines = []
+    for r in rows:
+        line = f"variant: {r['name']:<{width}}  method {r['method']:<{method_width}}  budget {r['budget']:<{budget_width}}  backend {r['backend']}"
+        if r["skipped"]:
+            line += f"  (skipped: {r['skipped']})"
+        elif r["caveat"]:
+            line += f"  ({r['caveat']})"
+        lines.append(line.rstrip())
+    quantized = [r for r in rows if r["backend"] != "none" and not r["skipped"]]
+    if not quantized:
+        if not any(r["backend"] != "none" for r in rows):
+            why = "uniform_budgets is empty and " + ("budgets is empty" if not cfg.budgets else "no layer-sensitive method is selected")
+        else:
+            why = "every (backend, variant) pair is skipped"
+        lines.append(f"note: {why}: only the baseline runs" if cfg.include_baseline else f"note: {why}: nothing runs")
+    return lines

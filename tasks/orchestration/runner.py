@@ -61,7 +61,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--config", default=None, help="JSON file or inline JSON with PipelineConfig fields")
     parser.add_argument("--model", default=None)
     parser.add_argument("--eval-tokens", type=int, default=None)
-    parser.add_argument("--check", action="store_true", help="validate the config and resolve the model, then stop")
+    parser.add_argument("--check", action="store_true", help="validate the config and resolve the model, list the planned variants, then stop")
 
 
 def inline_or_file(text: str, option: str) -> str:
@@ -94,13 +94,15 @@ def run_cli(args) -> int:
     if args.eval_tokens is not None:
         config["eval_tokens"] = args.eval_tokens
     if args.check:
-        from tasks.orchestration.preflight import preflight
+        from tasks.orchestration.preflight import model_family, plan_lines, preflight
         from tasks.settings import Settings
 
-        _, model, notes = preflight(config, Settings.from_env().cache_dir)
+        cfg, model, notes = preflight(config, Settings.from_env().cache_dir)
         for note in notes:
             print(f"note: {note}")
         print(f"ok: {model.name} ({model.revision}) at {model.path}")
+        for line in plan_lines(cfg, *model_family(model)):  # what the run would name, in its order
+            print(line)
         return 0
     import signal
 
@@ -110,5 +112,8 @@ def run_cli(args) -> int:
     signal.signal(signal.SIGTERM, terminated)
     result = run_inprocess(config)
     print(result["table"])
+    print(result.get("champion", ""))
+    for label, url in (result.get("links") or {}).items():  # the MLflow UI pages of this run
+        print(f"{label}: {url}")
     print(f"\nreports: {result['reports']}")
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
+import time
 from pathlib import Path
 from typing import TypedDict
 
@@ -25,6 +27,7 @@ from tasks.orchestration.planner import allocate_variants, plan_variants, rung_e
 log = logging.getLogger(__name__)
 
 BASELINE_METHOD = "unquantized"
+NOTE_LIMIT = 7500  # characters of a run's description (a tag: MLflow stores up to 8,000)
 # The evaluation's quality metrics, with their standard errors, that the results table and JSON carry.
 QUALITY_PREFIXES = ("ppl_", "kld_", "kld99_", "top1_", "dnll_", "lmeval_")
 
@@ -66,6 +69,8 @@ class Variant(TypedDict, total=False):
     run_id: str  # record
     reused_run: bool
     version: str | None
+    started_ms: int  # quantize: when the variant's work began (its MLflow run's start)
+    model_id: str | None  # record: the run's MLflow logged model
     load_check: str  # verify: "passed" or "failed"
     load_check_detail: str
 
@@ -217,6 +222,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                 continue
             variants.append(
                 {
+                    "name": variant_name(backend, p.spec.label, p.spec.budget_label, p.matched),  # '@SB30': at SB30's memory
                     "backend": backend,
                     "method": p.spec.method,
                     "label": p.spec.label,
@@ -231,7 +237,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}
     for v in variants:
-        v.update(name=variant_name(v["backend"], v["label"], v["budget_label"]), model=model, calibration=prep["calibration"],
+        v.update(name=v.get("name") or variant_name(v["backend"], v["label"], v["budget_label"]), model=model, calibration=prep["calibration"],
                  parent_run_id=prep["parent_run_id"], scores=scores, eval=evaluation)  # fmt: skip
         v["model_hash"] = stable_hash({"model": model["revision"], "backend": v["backend"], "bitmap": v["bitmap"] and file_sha256(v["bitmap"])})
         v["config_hash"] = stable_hash({"model_hash": v["model_hash"], "calibration": Path(prep["calibration"]).name, "eval": v["eval"]})
@@ -242,6 +248,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
 def quantize(ctx: StepContext, variant: Variant) -> Variant:
     from tasks.quantize.stage import run_quantize
 
+    variant = {**variant, "started_ms": int(time.time() * 1000)}  # the variant's MLflow run starts here
     if variant["backend"] == "none":
         return {**variant, "model_dir": variant["model"]["path"], "model_key": variant["model"]["revision"]}
     uri = run_quantize(
@@ -285,9 +292,12 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
 
 
 def record(ctx: StepContext, variant: Variant) -> Variant:
-    """The variant's MLflow child run and, for quantized variants, its registered model version."""
+    """The variant's MLflow child run (bit map and its heat map, metrics, logged model) and, for quantized
+    variants, its registered model version, made from the logged model."""
+    from tasks.registry.mlflow_model import SERVING
+    from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON
     from tasks.registry.tracking import log_variant
-    from tasks.registry.versions import register_version
+    from tasks.registry.versions import register_version, version_description, version_tags
 
     model = variant["model"]
     info = {
@@ -298,51 +308,53 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
         "base_model": model["name"],
         "base_revision": model["revision"],
         "config_hash": variant["config_hash"],
+        "model_hash": variant["model_hash"],
         "options": variant["options"],
     }
-    files = {"bitmap": variant["bitmap"] and str(ensure_local(variant["bitmap"]))}
     quantized = variant["backend"] != "none"
-    if quantized:
-        files["manifest"] = str(ensure_local(variant["model_dir"]) / "manifest.json")
-    build = None
-    if quantized:
-        from tasks.registry.mlflow_model import build_mlflow_model
-        from tasks.registry.naming import registered_model_name
+    serving = SERVING.get(variant["backend"], "")
+    with tempfile.TemporaryDirectory(prefix="quant-record-") as tmp:
+        files = {BITMAP_JSON: variant["bitmap"] and str(ensure_local(variant["bitmap"]))}
+        if files[BITMAP_JSON]:
+            files[BITMAP_PNG] = str(_bitmap_figure(files[BITMAP_JSON], variant["name"], Path(tmp) / BITMAP_PNG))
+        build = None
+        if quantized:
+            from tasks.registry.mlflow_model import build_mlflow_model
+            from tasks.registry.naming import registered_model_name
 
-        local = {**variant, "model_dir": str(ensure_local(variant["model_dir"])),
-                 "bitmap": files["bitmap"], "model": {**model, "path": local_model(ctx, model)}}  # fmt: skip
-        name = registered_model_name(model["name"])
-        build = lambda out: build_mlflow_model(local, variant["metrics"], name, out)  # noqa: E731
-    run_id, reused = log_variant(ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build,
-                                 weights_dir=files.get("manifest") and Path(files["manifest"]).parent)  # fmt: skip
+            files[MANIFEST_JSON] = str(ensure_local(variant["model_dir"]) / "manifest.json")
+            local = {**variant, "model_dir": str(ensure_local(variant["model_dir"])),
+                     "bitmap": files[BITMAP_JSON], "model": {**model, "path": local_model(ctx, model)}}  # fmt: skip
+            name = registered_model_name(model["name"])
+            build = lambda out: build_mlflow_model(local, variant["metrics"], name, out)  # noqa: E731
+        description = version_description(info, variant["metrics"], serving if quantized else "the unquantized base model")
+        run_id, reused, model_id = log_variant(
+            ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build,
+            weights_dir=files.get(MANIFEST_JSON) and Path(files[MANIFEST_JSON]).parent,
+            started_ms=variant.get("started_ms"), description=description,
+        )  # fmt: skip
     version = None
     failpoint("record.logged")  # the run logged, the version not yet registered
     if quantized:
-        m = variant["metrics"]
         version, _ = register_version(
             ctx.settings.tracking_uri,
             model["name"],
             run_id,
-            {
-                "method": variant["method"],
-                "backend": variant["backend"],
-                "budget": variant["budget_label"],
-                "nominal_bpp": m.get("nominal_bpp"),
-                "extra_pct": m.get("extra_pct"),
-                "ppl_wikitext2": m.get("ppl_wikitext2"),
-                "ppl_c4": m.get("ppl_c4"),
-                "ppl_wikitext2_se": m.get("ppl_wikitext2_se"),
-                "kld_wikitext2": m.get("kld_wikitext2"),
-                "saved_bytes": m.get("saved_bytes"),
-                "variant": variant["name"],
-                "config_hash": variant["config_hash"],
-                "model_hash": variant["model_hash"],
-                "base_revision": model["revision"],
-            },
+            version_tags(variant["name"], variant["method"], variant["backend"], variant["metrics"], variant["model_hash"], serving),
             claims_root=str(ctx.settings.artifact_root),
+            description=description,
+            model_id=model_id,
         )
         failpoint("record.registered")
-    return {**variant, "run_id": run_id, "reused_run": reused, "version": version}
+    return {**variant, "run_id": run_id, "reused_run": reused, "version": version, "model_id": model_id}
+
+
+def _bitmap_figure(bitmap_json: str, name: str, out: Path) -> Path:
+    """The bit map's heat map (modules x layers, colour = rung), for the variant's run."""
+    from tasks.bitmap import BitMap
+    from tasks.reports.plots import plot_bitmap_heatmap
+
+    return plot_bitmap_heatmap(BitMap.load(bitmap_json), out, name=name)
 
 
 def verify(ctx: StepContext, variant: Variant) -> Variant:
@@ -393,8 +405,8 @@ def results_rows(variants: list[Variant]) -> list[dict]:
 
 
 def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
-    """Promote the champion, write the reports, log them on the parent run, close it, and mark this
-    configuration done for this checkpoint (the zoo's completion marker)."""
+    """Promote the champion, write the reports, log them on the parent run, close it, share its runs
+    view, and mark this configuration done for this checkpoint (the zoo's completion marker)."""
     from tasks.artifacts import write_json_atomic, write_text_atomic
     from tasks.orchestration.zoo import record_completion
     from tasks.registry.naming import registered_model_name
@@ -403,35 +415,72 @@ def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
 
     cfg = PipelineConfig.from_dict(prep["config"])
     recorded = list(recorded)
-    rows = results_rows(recorded)
     reports = ctx.settings.home / "reports"
     out = reports / prep["parent_run_id"]
+    registered = registered_model_name(prep["model"]["name"])
+    decision = promote(ctx, cfg, registered) if any(v["backend"] != "none" for v in recorded) else None
+    if decision is not None:
+        write_json_atomic(out / "promotion.json", decision)
+    champion = next((v["name"] for v in recorded if decision and v.get("version") == decision.get("champion")), None)
+    rows = results_rows(recorded)
+    for row in rows:
+        row["champion"] = row["variant"] == champion
     summary, run_metrics = compare_variants(recorded, rows)
     table = results_table(rows)
-    write_text_atomic(out / "results.md", table + "\n\n" + "\n\n".join(summary) + "\n")
+    choice = champion_line(decision, champion)
+    write_text_atomic(out / "results.md", table + "\n\n" + "\n\n".join([choice, *summary]) + "\n")
     write_json_atomic(out / "results.json", rows)
-    decision = None
-    if any(v["backend"] != "none" for v in recorded):
-        from tasks.registry.promotion import run_promotion
-
-        try:
-            decision = run_promotion(
-                ctx.settings.tracking_uri,
-                registered_model_name(prep["model"]["name"]),
-                max_saved_bytes=cfg.promote_max_bytes,
-                min_improvement_pct=cfg.promote_min_improvement_pct,
-            )
-        except PipelineError as exc:  # e.g. no version passed its reload check: recorded, not fatal
-            log.warning("promotion: %s", exc)
-            decision = {"action": "none", "changed": False, "reason": str(exc)}
-        write_json_atomic(out / "promotion.json", decision)
-    _write_reports(rows, recorded, out)
+    _write_reports(rows, recorded, out, champion)
     failpoint("finish.reported")
-    finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out, metrics=run_metrics)
+    links = _share_links(ctx, prep, recorded, registered, decision)
+    write_json_atomic(out / "links.json", links)
+    head = f"Results of {len(recorded)} variants ({_link_text(links)})."
+    description = "\n\n".join([head, choice, table, *summary])
+    if len(description) > NOTE_LIMIT:  # MLflow caps a tag's value: the table stays in reports/results.md
+        description = "\n\n".join([head, choice, "The table: artifact `reports/results.md`."])
+    finish_pipeline_run(ctx.settings.tracking_uri, prep["parent_run_id"], out, metrics=run_metrics, description=description)
     _point_latest(reports, out)
     record_completion(ctx.settings.artifact_root, prep["config"], prep["model"], prep["parent_run_id"], out, rows)
-    log.info("results:\n%s", table)
-    return {"reports": str(out), "promotion": decision, "table": table, "parent_run_id": prep["parent_run_id"]}
+    log.info("results:\n%s\n%s", table, choice)
+    return {"reports": str(out), "promotion": decision, "table": table, "champion": choice, "parent_run_id": prep["parent_run_id"],
+            "links": links}
+
+
+def promote(ctx: StepContext, cfg: PipelineConfig, registered: str) -> dict:
+    """The promotion rule of the run's Params applied to the registered model's versions."""
+    from tasks.registry.promotion import run_promotion
+
+    try:
+        return run_promotion(ctx.settings.tracking_uri, registered, metric=cfg.promote_metric, tolerance=cfg.promote_tolerance,
+                             max_saved_bytes=cfg.promote_max_bytes, min_improvement_pct=cfg.promote_min_improvement_pct)  # fmt: skip
+    except PipelineError as exc:  # e.g. no version passed its reload check: recorded, not fatal
+        log.warning("promotion: %s", exc)
+        return {"action": "none", "changed": False, "champion": None, "reason": str(exc)}
+
+
+def champion_line(decision: dict | None, champion: str | None) -> str:
+    """The champion decision in one line, printed under the results table."""
+    if not decision or not decision.get("champion"):
+        return f"Champion: none ({decision['reason']})." if decision else "Champion: none (no quantized variant)."
+    where = champion or "a version of an earlier run"
+    return (f"Champion: {where} (version {decision['champion']}, {decision['action']}), by the rule \"{decision['rule']}\": "
+            f"{decision['reason']}.")
+
+
+def _share_links(ctx: StepContext, prep: Prepared, recorded: list[Variant], registered: str, decision: dict | None) -> dict:
+    from tasks.registry.tracking import client_for
+    from tasks.registry.ui import run_links
+
+    client = client_for(ctx.settings.tracking_uri)
+    experiment = client.get_run(prep["parent_run_id"]).info.experiment_id
+    run_ids = [v["run_id"] for v in recorded if v.get("run_id")]
+    return run_links(ctx.settings.tracking_uri, experiment, prep["parent_run_id"], run_ids, registered,
+                     decision and decision.get("champion"))  # fmt: skip
+
+
+def _link_text(links: dict) -> str:
+    names = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
+    return ", ".join(f"[{label}]({links[k]})" for k, label in names.items() if k in links)
 
 
 def compare_variants(recorded: list[Variant], rows: list[dict]) -> tuple[list[str], dict]:
@@ -448,7 +497,7 @@ def compare_variants(recorded: list[Variant], rows: list[dict]) -> tuple[list[st
     return lines, metrics
 
 
-def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None:
+def _write_reports(rows: list[dict], recorded: list[Variant], out: Path, champion: str | None = None) -> None:
     import pandas as pd
 
     from tasks.bitmap import BitMap
@@ -458,7 +507,7 @@ def _write_reports(rows: list[dict], recorded: list[Variant], out: Path) -> None
     # one heatmap per bit map (backends that share a map share its figure), named by its file: SB30-3.25-tied
     files = dict.fromkeys(v["bitmap"] for v in recorded if v.get("bitmap"))  # each file fetched and read once
     bitmaps = {Path(f).stem: BitMap.load(ensure_local(f)) for f in files}
-    write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out)
+    write_reports(pd.DataFrame(rows), bitmaps, scores and ensure_local(scores), out, champion=champion)
 
 
 def _point_latest(reports: Path, out: Path) -> None:

@@ -48,6 +48,9 @@ BACKEND_CLIENTS = {
     "awq": "transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
     "bnb": "transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
 }
+# BACKEND_CLIENTS in a few words: the version's `serving` tag.
+SERVING = {"hqq": "mlflow pyfunc", "gptq": "mlflow pyfunc; GPTQModel (uniform maps)", "awq": "mlflow transformers; compressed-tensors",
+           "bnb": "mlflow pyfunc; transformers (4-bit maps)"}  # fmt: skip
 # Libraries the loaded model needs, by backend (pinned to what this environment runs).
 BACKEND_LIBRARIES = {"hqq": ["hqq"], "gptq": ["gptqmodel"], "awq": ["compressed-tensors"], "bnb": ["bitsandbytes"]}
 # A checkpoint transformers would load wrongly (HQQ: random weights; GPTQ with per-module overrides: the

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import re
 
+import time
+
 CHAMPION = "champion"
-VERSION_TAGS = (
-    "method", "backend", "budget", "nominal_bpp", "extra_pct", "ppl_wikitext2", "ppl_c4",
-    "saved_bytes", "run_id", "variant", "config_hash", "model_hash", "base_revision",
-)
+# A variant run's artifacts at its root (its MLflow model is its logged model, not an artifact).
+BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON = "bitmap.json", "bitmap.png", "manifest.json"
+
+
+def parent_run_name(when: float | None = None) -> str:
+    """`pipeline 2026-12-06T21:30:00Z`: a pipeline run, by its start (UTC)."""
+    return "pipeline " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def profile_run_name(base_model: str, samples, seq_len) -> str:
+    return f"profile {base_model} ({samples} x {seq_len} tokens)"
 
 
 def experiment_name(base_model: str) -> str:

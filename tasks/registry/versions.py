@@ -15,14 +15,69 @@ from tasks.registry.tracking import client_for
 log = logging.getLogger(__name__)
 
 
+# A version's tags: a short fixed set a reader scans in the registry's list (the rest is in its description
+# and its run). model_hash is the identity registration deduplicates by.
+VERSION_TAGS = ("variant", "method", "backend", "bpp", "size_mib", "kld_wikitext2", "ppl_wikitext2", "serving", "model_hash")
+NOTE_END = "\n\n---\n\n"  # ends the note (champion, demotion) that heads a version's description
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
+def version_tags(variant: str, method: str, backend: str, metrics: dict, model_hash: str, serving: str) -> dict:
+    """The fixed tag set, rounded for reading (the run holds the exact values)."""
+    m = metrics
+    size = m.get("saved_bytes")
+    values = {"variant": variant, "method": method, "backend": backend, "bpp": _round(m.get("nominal_bpp"), 3),
+              "size_mib": _round(size and size / 2**20, 1), "kld_wikitext2": _round(m.get("kld_wikitext2"), 4),
+              "ppl_wikitext2": _round(m.get("ppl_wikitext2"), 2), "serving": serving, "model_hash": model_hash}  # fmt: skip
+    assert tuple(values) == VERSION_TAGS
+    return {k: v for k, v in values.items() if v not in (None, "")}
+
+
+def _round(value, digits: int) -> str | None:
+    return None if value is None else f"{value:.{digits}f}"
+
+
+def _pm(m: dict, key: str, digits: int) -> str:
+    if m.get(key) is None:
+        return "-"
+    se = m.get(f"{key}_se")
+    return f"{m[key]:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def version_description(info: dict, metrics: dict, serving: str) -> str:
+    """What a version is, in numbers a reader compares (rounded), then where it comes from."""
+    m = metrics
+    size = f"{m['saved_bytes'] / 2**20:.1f} MiB" if m.get("saved_bytes") else "? MiB"
+    bpp = f"{m['nominal_bpp']:.3f} bpp" if m.get("nominal_bpp") is not None else "? bpp"
+    rows = [
+        ("WikiText-2 KLD / perplexity", f"{_pm(m, 'kld_wikitext2', 4)} / {_pm(m, 'ppl_wikitext2', 2)}"),
+        ("C4 KLD / perplexity", f"{_pm(m, 'kld_c4', 4)} / {_pm(m, 'ppl_c4', 2)}"),
+        ("top-1 agreement with the base model (WikiText-2)", _round(m.get("top1_wikitext2"), 3) or "-"),
+        ("method / backend / budget", f"{info['method']} / {info['backend']} / {info['budget_label']}"),
+        ("extra memory over the budget's rung", f"{m['extra_pct']:+.2f}%" if m.get("extra_pct") is not None else "-"),
+        ("served by", serving),
+        ("base model, revision", f"{info['base_model']}, {info['base_revision'][:12]}"),
+        ("config hash (run) / model hash (version)", f"{info['config_hash']} / {info['model_hash']}"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"**{info['name']}**: {bpp}, {size}.\n\n| | |\n|---|---|\n{table}\n"
+
+
+def set_note(client, name: str, version: str, note: str | None) -> None:
+    """Put `note` (the champion's reason, a demotion) at the head of a version's description, replacing
+    the note it had; the description's body stays."""
+    current = client.get_model_version(name, version).description or ""
+    body = current.split(NOTE_END, 1)[1] if NOTE_END in current else current
+    client.update_model_version(name, version, description=f"{note}{NOTE_END}{body}" if note else body)
+
+
 def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict, claims_root: str | None = None,
-                     wait_s: float = 600.0) -> tuple[str, bool]:  # fmt: skip
+                     wait_s: float = 600.0, description: str = "", model_id: str | None = None) -> tuple[str, bool]:  # fmt: skip
     """Return (version number, created). `tags` must include model_hash: the identity of the quantized
     weights, so re-evaluating the same model (other eval settings) adds runs but never a version.
 
@@ -64,15 +119,19 @@ def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict
                     claims.take_over(claims_root, key)
                     break
                 time.sleep(1.0)
-    run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri}/model"
+    # The version is made from the run's logged model (MLflow 3); a run from before logged models has its
+    # MLflow model under its own artifacts.
+    source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/model"
     mv = client.create_model_version(
         name,
         source=source,
         run_id=run_id,
-        tags={k: _fmt(v) for k, v in {**tags, "run_id": run_id}.items()},
-        description=f"{tags.get('variant', '')}: {tags.get('nominal_bpp', '')} bpp",
+        tags={k: _fmt(v) for k, v in tags.items()},
+        description=description,
+        model_id=model_id,
     )
+    if model_id:
+        _link_logged_model(client, model_id, name, mv.version)
     first = _existing(client, name, model_hash)
     if first is not None and int(first) < int(mv.version):  # two takeovers raced: keep both, say which counts
         client.set_model_version_tag(name, str(mv.version), "duplicate_of", first)
@@ -80,6 +139,27 @@ def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict
         return first, False
     log.info("registry: registered %s version %s (%s)", name, mv.version, tags.get("variant"))
     return str(mv.version), True
+
+
+def version_model_id(version) -> str | None:
+    """The logged model a version was made from (the SQL registry keeps it only in the source URI)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/") :] if source.startswith("models:/m-") else None
+
+
+def _link_logged_model(client, model_id: str, name: str, version) -> None:
+    """The logged model lists its registered versions (tag `mlflow.modelVersions`), as
+    `mlflow.register_model` writes it: the experiment's Models tab shows them."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    known = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": version}
+    if entry not in known:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*known, entry])})
 
 
 def _existing(client, name: str, model_hash: str) -> str | None:

@@ -1,15 +1,16 @@
 """Reports for a pipeline run: the comparison table (markdown, HTML) and the figures.
 
-    write_reports(results_df, bitmaps, scores_path, out_dir) -> [paths]
-    python -m tasks report --results results.csv [--bitmaps DIR] [--scores scores.csv] --out DIR
+    write_reports(results_df, bitmaps, scores_path, out_dir, champion=None) -> [paths]
+    python -m tasks report --results results.csv [--bitmaps DIR] [--scores scores.csv] [--champion VARIANT] --out DIR
 
 Inputs: the results table (one row per variant: variant, backend, method, budget, nominal_bpp,
 extra_pct, ppl_wikitext2, ppl_c4, ppl_wikitext2_gptq, ppl_c4_gptq, saved_bytes, tokens_per_s,
 quant_seconds; the baseline's method is "unquantized"), the variants' bit maps, and optionally the
 scores table of the profiling stage. Outputs in out_dir:
 
-    comparison.md, comparison.html   the table, baseline first, with deltas (HTML embeds the figures)
-    ppl_vs_bpp.png                   perplexity vs nominal bpp, every method and backend, Pareto front
+    comparison.md, comparison.html   the table, baseline first, with deltas and the champion marked (the HTML
+                                     embeds the figures as data: URIs, so it renders in MLflow's artifact viewer)
+    ppl_vs_size.png                  perplexity vs saved MiB, every method and backend, Pareto front, champion
     bitmap_<name>.png                one heatmap per bit map (modules x layers, colour = rung); the pipeline
                                      names it by its bit-map file, e.g. bitmap_SB30-3.25-tied.png
     score_profiles.png, outliers.json   per-layer kurtosis/sensitivity/LIM/ZD with the boost outliers
@@ -90,21 +91,34 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
         raise PipelineError(f"{what} file {path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
 
 
-def write_reports(results_df: pd.DataFrame, bitmaps, scores_path, out_dir, *, title: str = "Quantization comparison") -> list[Path]:
+def champion_variant(results_df: pd.DataFrame, champion: str | None) -> str | None:
+    """`champion` if given, else the variant of a row whose "champion" cell is true (results.json rows carry one)."""
+    if champion is None and "champion" in results_df.columns:
+        marked = results_df.loc[results_df["champion"].astype(str).str.lower().isin(["true", "1", "1.0"]), "variant"]
+        champion = str(marked.iloc[0]) if len(marked) else None
+    if champion is not None and champion not in set(results_df["variant"].astype(str)):
+        log.warning("champion %r is not a variant of this run: not marked in the report", champion)
+    return champion
+
+
+def write_reports(results_df: pd.DataFrame, bitmaps, scores_path, out_dir, *, title: str = "Quantization comparison",
+                  champion: str | None = None) -> list[Path]:
     """Write the table and figures described in the module docstring; return the paths written.
 
-    `scores_path` may be None, a CSV path or an already-loaded DataFrame.
+    `scores_path` may be None, a CSV path or an already-loaded DataFrame. `champion` is the champion's
+    variant name (the "variant" column), marked in the table and the plot; None marks none.
     """
     from tasks.reports.comparison import comparison_frame, to_html, to_markdown
-    from tasks.reports.plots import plot_bitmap_heatmap, plot_ppl_vs_bpp, plot_score_profiles
+    from tasks.reports.plots import plot_bitmap_heatmap, plot_ppl_vs_size, plot_score_profiles
     from tasks.reports.profiles import profile_table, score_outliers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = comparison_frame(results_df)
+    champion = champion_variant(frame, champion)
     figures: list[Path] = []
-    if (p := plot_ppl_vs_bpp(frame, out / "ppl_vs_bpp.png")) is not None:
-        figures.append(p)
+    if (plotted := plot_ppl_vs_size(frame, out / "ppl_vs_size.png", champion=champion)) is not None:
+        figures.append(plotted[0])
     for name, bitmap in named_bitmaps(bitmaps).items():
         figures.append(plot_bitmap_heatmap(bitmap, out / f"bitmap_{_slug(name)}.png", name=name))
     extra: list[Path] = []
@@ -112,8 +126,8 @@ def write_reports(results_df: pd.DataFrame, bitmaps, scores_path, out_dir, *, ti
         scores = scores_path if isinstance(scores_path, pd.DataFrame) else read_table(scores_path, "scores")
         figures.append(plot_score_profiles(scores, out / "score_profiles.png"))
         extra.append(write_json_atomic(out / "outliers.json", score_outliers(profile_table(scores))))
-    md = write_text_atomic(out / "comparison.md", f"# {title}\n\n" + to_markdown(frame))
-    page = write_text_atomic(out / "comparison.html", to_html(frame, title, [f.name for f in figures]))
+    md = write_text_atomic(out / "comparison.md", f"# {title}\n\n" + to_markdown(frame, champion))
+    page = write_text_atomic(out / "comparison.html", to_html(frame, title, figures, champion))
     paths = [md, page, *figures, *extra]
     log.info("report: %d files in %s", len(paths), out)
     return paths
@@ -125,11 +139,13 @@ def configure_parser(parser) -> None:
     parser.add_argument("--scores", default=None, help="scores CSV from the profiling stage (optional)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--title", default="Quantization comparison", help="report title")
+    parser.add_argument("--champion", default=None, help="the champion's variant name, marked in the table and plot")
 
 
 def run_cli(args) -> int:
     results = read_table(args.results, "results")
     bitmaps = load_bitmaps(args.bitmaps) if args.bitmaps else {}
-    for path in write_reports(results, bitmaps, args.scores, args.out, title=args.title):
+    for path in write_reports(results, bitmaps, args.scores, args.out, title=args.title,
+                              champion=args.champion):
         print(path)
     return 0

@@ -7,8 +7,12 @@ e.g. SB30 vs HQQ b3g128 on Llama-3-8B, WikiText-2 9.31 -> 8.43 = -9.4%).
 
 from __future__ import annotations
 
+import base64
 import html
 import math
+import mimetypes
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +31,7 @@ PPL = ("ppl_wikitext2", "ppl_c4", "ppl_wikitext2_gptq", "ppl_c4_gptq")
 
 # (column, title, format); a column with no value in any row is left out.
 DISPLAY = (
+    ("row", "#", "{}"),
     ("variant", "variant", "{}"),
     ("backend", "backend", "{}"),
     ("method", "method", "{}"),
@@ -51,6 +56,7 @@ DISPLAY = (
 TEXT_COLUMNS = {"variant", "backend", "method"}
 
 NOTES = (
+    "#: the variant's row in the run's results table and its number on the perplexity-vs-size plot. "
     "ppl: paper protocol (sliding window 1024, stride 512); (GPTQ): non-overlapping 2048-token windows. "
     "KLD: mean KL divergence of the variant's next-token distribution from the unquantized model's; top-1: how "
     "often both predict the same token. "
@@ -81,10 +87,11 @@ def comparison_frame(results: pd.DataFrame) -> pd.DataFrame:
     """Sorted copy of the results with numeric columns coerced and the delta columns added.
 
     Order: the baseline first, then by budget, backend, nominal bpp and method, so each budget's uniform
-    and mixed variants sit together.
+    and mixed variants sit together. "row" keeps the input order (1-based): the results table's "#".
     """
     check_results(results)
     df = results.copy().reset_index(drop=True)
+    df["row"] = np.arange(1, len(df) + 1)
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
     for col in ("backend",):
@@ -114,20 +121,24 @@ def _columns(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [c for c in DISPLAY if c[0] in frame.columns and frame[c[0]].replace("", np.nan).notna().any()]
 
 
-def _cells(frame: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """Header, formatted cells and which cells to emphasise (the best quantized perplexity per column)."""
+def _cells(frame: pd.DataFrame, champion: str | None = None) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, formatted cells and which cells to emphasise (the best quantized perplexity per column).
+
+    The champion's variant cell reads "<variant> (champion)".
+    """
     cols = _columns(frame)
     quantized = ~is_baseline(frame)
     best = {c: frame.loc[quantized, c].min() for c in PPL if c in frame.columns and frame.loc[quantized, c].notna().any()}
     cells, bold = [], []
     for i, row in frame.iterrows():
-        cells.append([format_cell(row[key], fmt) for key, _, fmt in cols])
+        mark = " (champion)" if champion is not None and str(row["variant"]) == champion else ""
+        cells.append([format_cell(row[key], fmt) + (mark if key == "variant" else "") for key, _, fmt in cols])
         bold.append([bool(key in best and quantized[i] and row[key] == best[key]) for key, _, _ in cols])
     return [title for _, title, _ in cols], cells, bold
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    head, cells, bold = _cells(frame)
+def to_markdown(frame: pd.DataFrame, champion: str | None = None) -> str:
+    head, cells, bold = _cells(frame, champion)
     keys = [k for k, _, _ in _columns(frame)]
     rows = [[f"**{c}**" if b else c for c, b in zip(r, e)] for r, e in zip(cells, bold)]
     return markdown(head, rows, [k not in TEXT_COLUMNS for k in keys]) + "\n\n" + NOTES + "\n"
@@ -140,28 +151,39 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
 th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.baseline td { background: #f7f7e8; }
+tr.champion td { background: #fdf3d0; }
 td.best { font-weight: bold; background: #e6f4e6; }
 p.notes { font-size: 0.85em; color: #555; max-width: 60em; }
 img { max-width: 100%; margin: 1em 0; border: 1px solid #eee; }
 """
 
 
-def to_html(frame: pd.DataFrame, title: str = "Quantization comparison", figures: list[str] = ()) -> str:
-    """A standalone HTML page: the table, its notes, and the figures (relative paths) below it."""
-    head, cells, bold = _cells(frame)
+def to_html(frame: pd.DataFrame, title: str = "Quantization comparison", figures: Sequence[str | Path] = (),
+            champion: str | None = None) -> str:
+    """A self-contained HTML page: the table, its notes, and the figures (image files) below it.
+
+    The figures are embedded as data: URIs: MLflow shows an HTML artifact in a sandboxed iframe where a
+    relative link to a sibling file does not load.
+    """
+    head, cells, bold = _cells(frame, champion)
     keys = [k for k, _, _ in _columns(frame)]
     base = is_baseline(frame).tolist()
+    best = frame["variant"].astype(str).eq(champion).tolist() if champion is not None else [False] * len(frame)
     out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<table>",
            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for row, em, b in zip(cells, bold, base):
+    for row, em, b, c in zip(cells, bold, base, best):
         tds = []
         for key, cell, e in zip(keys, row, em):
             cls = " ".join(filter(None, ["" if key in TEXT_COLUMNS else "num", "best" if e else ""]))
             tds.append(f"<td class='{cls}'>{html.escape(cell)}</td>" if cls else f"<td>{html.escape(cell)}</td>")
-        out.append(f"<tr{' class=baseline' if b else ''}>" + "".join(tds) + "</tr>")
+        cls = " class=baseline" if b else " class=champion" if c else ""
+        out.append(f"<tr{cls}>" + "".join(tds) + "</tr>")
     out += ["</tbody></table>", f"<p class='notes'>{html.escape(NOTES)}</p>"]
-    for fig in figures:
-        out.append(f"<figure><img src='{html.escape(fig)}' alt='{html.escape(fig)}'></figure>")
+    for fig in map(Path, figures):
+        mime = mimetypes.guess_type(fig.name)[0] or "image/png"
+        data = base64.b64encode(fig.read_bytes()).decode("ascii")
+        out.append(f"<figure><img src='data:{mime};base64,{data}' alt='{html.escape(fig.name)}'>"
+                   f"<figcaption>{html.escape(fig.name)}</figcaption></figure>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -1,6 +1,6 @@
 """The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
 
-- perplexity vs nominal bits per parameter, every method and backend, with the Pareto front;
+- perplexity vs saved model size, every method and backend, with the Pareto front and the champion;
 - a heatmap per bit map (modules x layers, colour = the rung);
 - per-layer score profiles (kurtosis, sensitivity, LIM, ZD) with SensiBoost/KurtBoost outliers marked.
 """
@@ -11,11 +11,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -23,7 +24,7 @@ from matplotlib.ticker import FuncFormatter
 
 from tasks.bitmap import BitMap
 from tasks.ladder import LADDER, MODULES, module_order, rung_index, split_key
-from tasks.reports.comparison import is_baseline
+from tasks.reports.comparison import BASELINE, is_baseline
 from tasks.reports.pareto import pareto_mask
 from tasks.reports.profiles import OUTLIER_RULES, profile_table, score_outliers
 
@@ -36,6 +37,7 @@ PPL_TITLES = {
     "ppl_c4_gptq": "C4 perplexity (GPTQ protocol, 2048)",
 }
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+CHAMPION_COLOUR = "#b8860b"  # dark goldenrod: no tab10 method colour is close
 SHORT = {m: m.split(".")[-1].replace("_proj", "") for m in MODULES}  # "self_attn.q_proj" -> "q"
 
 
@@ -70,63 +72,165 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-# --- perplexity vs bits ------------------------------------------------------------------------------
+# --- perplexity vs size -----------------------------------------------------------------------------
 
-def plot_ppl_vs_bpp(frame: pd.DataFrame, path: str | Path, metrics=("ppl_wikitext2", "ppl_c4")) -> Path | None:
-    """One panel per perplexity metric: quantized variants at their nominal bpp, the baseline as a line.
+class PlotPoint(NamedTuple):
+    number: int  # the row's "#" in the results table (the baseline is 1)
+    name: str  # the variant
+    x: float  # saved MiB (or nominal bpp, see cost_axis)
+    y: float  # the perplexity
+    on_front: bool
+    is_champion: bool
 
-    Colour = method, marker = backend; the Pareto front (no other variant has both fewer bits and lower
-    perplexity) is drawn as a dashed step line with its points labelled. None when nothing can be drawn.
+
+def cost_axis(frame: pd.DataFrame) -> tuple[str, str]:
+    """The x column and its label: the whole saved model in MiB; nominal bpp only if no variant has a size."""
+    quant = frame[~is_baseline(frame)]
+    if "saved_mib" in quant.columns and pd.to_numeric(quant["saved_mib"], errors="coerce").notna().any():
+        return "saved_mib", "saved model size (MiB, whole model as saved)"
+    return "nominal_bpp", "nominal bits per parameter (quantized linears only; no saved size recorded)"
+
+
+def row_numbers(frame: pd.DataFrame) -> list[int]:
+    """The results table's "#": comparison_frame's "row" column, else the frame's own order."""
+    if "row" in frame.columns:
+        return [int(n) for n in frame["row"]]
+    return list(range(1, len(frame) + 1))
+
+
+def pareto_points(frame: pd.DataFrame, metric: str, champion: str | None = None) -> list[PlotPoint]:
+    """The quantized variants with both a cost (cost_axis) and `metric`, as the plot draws them."""
+    cost, _ = cost_axis(frame)
+    numbers = row_numbers(frame)
+    rows = [(n, row) for n, (_, row) in zip(numbers, frame.iterrows())
+            if str(row["method"]).lower() != BASELINE and pd.notna(row[cost]) and pd.notna(row[metric])]
+    front = pareto_mask([float(r[cost]) for _, r in rows], [float(r[metric]) for _, r in rows])
+    return [PlotPoint(n, str(r["variant"]), float(r[cost]), float(r[metric]), bool(f),
+                      champion is not None and str(r["variant"]) == champion) for (n, r), f in zip(rows, front)]
+
+
+def plot_ppl_vs_size(frame: pd.DataFrame, path: str | Path, metrics=("ppl_wikitext2", "ppl_c4"),
+                     champion: str | None = None) -> tuple[Path, list[str]] | None:
+    """One panel per perplexity metric: quantized variants at their saved size, the baseline as a line.
+
+    Colour = method, marker = backend, the number in the marker = the row's "#" in the results table
+    (a long label beside each point collides with its neighbours); the legend maps numbers to variants.
+    The Pareto front (no other variant is both smaller and lower in perplexity) is a dashed step line;
+    the champion has a star outline. Returns the path and the legend's labels; None when nothing can be drawn.
     """
     base = is_baseline(frame)
     quant = frame[~base]
-    metrics = [m for m in metrics if m in frame.columns and (quant[m].notna() & quant["nominal_bpp"].notna()).any()]
+    cost, xlabel = cost_axis(frame)
+    if cost == "nominal_bpp":
+        log.warning("no saved size in the results: perplexity plotted against nominal bpp")
+    metrics = [m for m in metrics if m in frame.columns and (quant[m].notna() & quant[cost].notna()).any()]
     if not metrics:
-        log.warning("no perplexity with a nominal bpp in the results: perplexity-vs-bpp plot skipped")
+        log.warning("no perplexity with a %s in the results: perplexity-vs-size plot skipped", cost)
         return None
     methods = sorted(quant["method"].astype(str).unique())
     backends = sorted(quant["backend"].astype(str).unique())
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     markers = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(backends)}
+    numbers = row_numbers(frame)
+    kind = dict(zip(numbers, zip(frame["method"].astype(str), frame["backend"].astype(str))))
 
-    fig = new_figure(6.2 * len(metrics) + 2.2, 4.8)
+    fig = new_figure(6.2 * len(metrics) + 3.2, 4.8)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    drawn: dict[int, PlotPoint] = {}
+    panels = []
     for ax, metric in zip(axes, metrics):
-        pts = quant[quant[metric].notna() & quant["nominal_bpp"].notna()]
-        for _, row in pts.iterrows():
-            ax.scatter(row["nominal_bpp"], row[metric], s=55, color=colours[str(row["method"])],
-                       marker=markers[str(row["backend"])], edgecolor="black", linewidth=0.5, zorder=3)
-        front = pts[pareto_mask(pts["nominal_bpp"], pts[metric])].sort_values("nominal_bpp")
-        if len(front):
-            ax.step(front["nominal_bpp"], front[metric], where="post", color="black", linestyle="--",
+        pts = pareto_points(frame, metric, champion)
+        for p in pts:
+            drawn.setdefault(p.number, p)
+            method, backend = kind[p.number]
+            ax.scatter(p.x, p.y, s=170, color=colours[method], marker=markers[backend], edgecolor="black",
+                       linewidth=0.5, zorder=3)
+            if p.is_champion:
+                ax.scatter(p.x, p.y, s=650, marker="*", facecolor="none", edgecolor=CHAMPION_COLOUR, linewidth=1.6, zorder=5)
+        front = sorted((p for p in pts if p.on_front), key=lambda p: p.x)
+        if front:
+            ax.step([p.x for p in front], [p.y for p in front], where="post", color="black", linestyle="--",
                     linewidth=1, zorder=2)
-            for k, (_, row) in enumerate(front.iterrows()):  # alternate above/below: neighbours do not collide
-                ax.annotate(str(row["variant"]), (row["nominal_bpp"], row[metric]), textcoords="offset points",
-                            xytext=(6, 5 if k % 2 == 0 else -11), fontsize=7, color="#333")
         if base.any() and pd.notna(frame.loc[base, metric].iloc[0]):
             ref = float(frame.loc[base, metric].iloc[0])
             ax.axhline(ref, color="grey", linestyle=":", linewidth=1.2)
-            ax.annotate(f"unquantized {ref:.2f}", (0.01, ref), xycoords=("axes fraction", "data"),
-                        textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")
-        values = pts[metric].to_numpy(dtype=float)
+            ax.annotate(f"#{numbers[int(np.flatnonzero(base)[0])]} unquantized {ref:.2f}", (0.01, ref),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")
+        values = np.array([p.y for p in pts], dtype=float)
         if base.any():
             values = np.append(values, frame.loc[base, metric].to_numpy(dtype=float))
         values = values[np.isfinite(values) & (values > 0)]
         if values.size and values.max() / values.min() > 5:
             log_scale(ax)
-        ax.set_xlabel("nominal bits per parameter (quantized linears)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(PPL_TITLES.get(metric, metric))
-        ax.set_title(PPL_TITLES.get(metric, metric).split(" (")[0] + " vs bits per parameter")
+        versus = " vs saved size" if cost == "saved_mib" else " vs bits per parameter"
+        ax.set_title(PPL_TITLES.get(metric, metric).split(" (")[0] + versus)
         ax.grid(True, alpha=0.3)
+        panels.append((ax, pts))
     handles = [Line2D([], [], color=colours[m], marker="o", linestyle="", label=m) for m in methods]
     handles += [Line2D([], [], color="grey", marker=markers[b], linestyle="", markeredgecolor="black", label=f"backend {b}")
                 for b in backends]
     handles += [Line2D([], [], color="black", linestyle="--", label="Pareto front")]
     if base.any():
         handles += [Line2D([], [], color="grey", linestyle=":", label="unquantized baseline")]
-    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    if any(p.is_champion for p in drawn.values()):
+        handles += [Line2D([], [], marker="*", markersize=13, markerfacecolor="none", markeredgecolor=CHAMPION_COLOUR,
+                           linestyle="", label="champion")]
+    # The key: number -> variant, in the results table's order (handle-less entries, monospace for alignment).
+    key = [(n, str(v), " (baseline)" if b else "") for n, v, b in zip(numbers, frame["variant"], base)]
+    key = [(n, v, tail or (" (champion)" if n in drawn and drawn[n].is_champion else "")) for n, v, tail in key
+           if n in drawn or tail]
+    handles += [Line2D([], [], linestyle="", label=f"{n:>2}  {v}{tail}") for n, v, tail in sorted(key)]
+    legend = axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                             handlelength=1.5, ncol=1 if len(handles) <= 30 else 2, prop={"family": "monospace", "size": 7.5})
     fig.suptitle("Perplexity vs memory: lower left is better", fontsize=12)
-    return save(fig, path)
+    fig.draw_without_rendering()  # the layout fixes each panel's size: the numbers are spread in points
+    for ax, pts in panels:
+        _number_points(ax, pts, {p.number: colours[kind[p.number][0]] for p in pts})
+    return save(fig, path), [t.get_text() for t in legend.get_texts()]
+
+
+def spread_labels(xy, width, height: float = 8.0) -> np.ndarray:
+    """Vertical positions for labels centred at `xy` (display points, `width` wide, `height` tall) such
+    that no two overlap: each overlapping pair is pushed apart, half each, until none is left (100 rounds at most)."""
+    xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+    width = np.asarray(width, dtype=float)
+    y = xy[:, 1].copy()
+    for _ in range(100):
+        moved = False
+        for i in range(len(y)):
+            for j in range(i + 1, len(y)):
+                gap = height - abs(y[i] - y[j])
+                if gap > 0.01 and abs(xy[i, 0] - xy[j, 0]) < (width[i] + width[j]) / 2:
+                    up = 1.0 if (y[i], i) > (y[j], j) else -1.0  # the higher one goes up; a tie by order
+                    y[i] += up * gap / 2
+                    y[j] -= up * gap / 2
+                    moved = True
+        if not moved:
+            break
+    return y
+
+
+def _number_points(ax, pts: list[PlotPoint], colour: dict[int, str]) -> None:
+    """Each point's number on its marker; numbers that would overlap are pushed apart vertically (with a
+    leader line once off their marker) so that near-identical variants stay readable."""
+    if not pts:
+        return
+    ax.set_xlim(ax.get_xlim())  # freeze the limits the positions are computed in
+    ax.set_ylim(ax.get_ylim())
+    xy = ax.transData.transform([(p.x, p.y) for p in pts]) * 72.0 / ax.figure.dpi  # display points
+    y = spread_labels(xy, [4.5 * len(str(p.number)) + 2.0 for p in pts])
+    for p, shift in zip(pts, y - xy[:, 1]):
+        r, g, b = to_rgb(colour[p.number])
+        ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+        style = {}
+        if abs(shift) > 4.0:  # off its marker: dark on a light box, tied to the marker by a line
+            ink = "black"
+            style = dict(bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85),
+                         arrowprops=dict(arrowstyle="-", color="#444", linewidth=0.5, shrinkA=0, shrinkB=0))
+        ax.annotate(str(p.number), (p.x, p.y), textcoords="offset points", xytext=(0, shift), ha="center",
+                    va="center", fontsize=6.5, fontweight="bold", color=ink, zorder=6, **style)
 
 
 # --- bit map heatmap ---------------------------------------------------------------------------------

@@ -55,13 +55,23 @@ def markdown(head: list[str], cells: list[list[str]], numeric: list[bool], *, pa
 
 
 def results_table(rows: list[dict]) -> str:
-    rows = [{**r, "row": i + 1, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None} for i, r in enumerate(rows)]
+    """The run's results, one row per variant; a row with "champion": True reads e.g. "3 (champion)" under version."""
+    rows = [{**r, "row": i + 1, "saved_mib": (r.get("saved_bytes") or 0) / 2**20 or None, "version": _version(r)}
+            for i, r in enumerate(rows)]
     downstream = sorted({k for r in rows for k in r if k.startswith("lmeval_") and k.endswith("_acc")})
     extra = [(k, k[len("lmeval_"):].replace("_", " "), "{:.3f}") for k in downstream]
     ordered = RESULT_COLUMNS[:-TRAILING] + tuple(extra) + RESULT_COLUMNS[-TRAILING:]
     cols = [c for c in ordered if any(r.get(c[0]) not in (None, "") for r in rows)]
     cells = [[_cell(r, key, fmt) for key, _, fmt in cols] for r in rows]
     return markdown([title for _, title, _ in cols], cells, [key not in ("variant", "ties") for key, _, _ in cols], pad=True)
+
+
+def _version(row: dict):
+    version = row.get("version")
+    if row.get("champion") not in (True, 1):  # NaN, None, False: not the champion
+        return version
+    text = format_cell(version, "{}")
+    return "champion" if text == "-" else f"{text} (champion)"
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
