@@ -52,7 +52,7 @@ def test_names_and_artifacts():
     assert naming.parent_run_name(1796592600) in section  # 2026-12-06T21:30:00Z
     assert re.sub(r"\d+", "<n>", naming.profile_run_name("<base model>", 1, 2)).replace("<n> x <n>", "<samples> x <seq_len>") in section
     assert f"`{variant_name('none', BASELINE_METHOD, 'fp32')}`" in section
-    for name in (naming.BITMAP_JSON, naming.BITMAP_PNG, naming.MANIFEST_JSON):
+    for name in (naming.BITMAP_JSON, naming.BITMAP_PNG, naming.MANIFEST_JSON, naming.EVALUATION_JSON):
         assert f"`{name}`" in section, name
     assert tracking.logged_model_name("hqq/optimal/3.25@SB30") in section
     assert tracking.LOGGED_MODEL_TYPE in section

@@ -73,4 +73,6 @@ def test_a_logged_model_per_quantized_variant(pages):
 def test_a_variant_run_shows_its_bit_map_image_and_the_compare_page_its_runs(pages):
     dom, results = pages
     assert "bitmap.png" in dom["bitmap"] and "<img" in dom["bitmap"]
-    assert f"Comparing {len(results)} Runs" in _text(dom["compare"])
+    compare = _text(dom["compare"])
+    assert f"Comparing {len(results)} Runs" in compare and "Something went wrong" not in compare
+    assert "evaluation.json" in compare  # the file every run has, side by side

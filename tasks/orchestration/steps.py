@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
-from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash, write_json_atomic
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
 from tasks.orchestration.config import PipelineConfig
@@ -295,7 +295,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
     """The variant's MLflow child run (bit map and its heat map, metrics, logged model) and, for quantized
     variants, its registered model version, made from the logged model."""
     from tasks.registry.mlflow_model import SERVING
-    from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON
+    from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, EVALUATION_JSON, MANIFEST_JSON
     from tasks.registry.tracking import log_variant
     from tasks.registry.versions import register_version, version_description, version_tags
 
@@ -314,7 +314,9 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
     quantized = variant["backend"] != "none"
     serving = SERVING.get(variant["backend"], "")
     with tempfile.TemporaryDirectory(prefix="quant-record-") as tmp:
-        files = {BITMAP_JSON: variant["bitmap"] and str(ensure_local(variant["bitmap"]))}
+        evaluation = {"variant": variant["name"], "settings": variant["eval"], "metrics": variant["metrics"]}
+        files = {EVALUATION_JSON: str(write_json_atomic(Path(tmp) / EVALUATION_JSON, evaluation)),
+                 BITMAP_JSON: variant["bitmap"] and str(ensure_local(variant["bitmap"]))}  # fmt: skip
         if files[BITMAP_JSON]:
             files[BITMAP_PNG] = str(_bitmap_figure(files[BITMAP_JSON], variant["name"], Path(tmp) / BITMAP_PNG))
         build = None

@@ -7,8 +7,10 @@ import re
 import time
 
 CHAMPION = "champion"
-# A variant run's artifacts at its root (its MLflow model is its logged model, not an artifact).
-BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON = "bitmap.json", "bitmap.png", "manifest.json"
+# A variant run's artifacts at its root (its MLflow model is its logged model, not an artifact). Every
+# variant run, the baseline's too, has EVALUATION_JSON: the UI's compare page shows the files all the
+# compared runs share side by side (and fails on a run that has no file at all).
+BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON, EVALUATION_JSON = "bitmap.json", "bitmap.png", "manifest.json", "evaluation.json"
 
 
 def parent_run_name(when: float | None = None) -> str:
