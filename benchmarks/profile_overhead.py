@@ -36,7 +36,7 @@ profiling 71.2 s, time ratio 4.41 (3.67 without the Fisher pass; floor 1.58); me
 Phases: full-precision layer pass 13.0 s and b4g64 re-runs of the attention and MLP blocks 13.0 s
 (together 1.61 forwards: at the floor), Gram matrices 7.4 s, the Fisher backward pass (8 windows) 12.0 s,
 and the per-model fixed cost of 12-rung HQQ (17.2 s) and out_err (7.4 s), which dominates on a model this
-small and weighs less with more calibration tokens (128 x 512: see the README).
+small and weighs less with more calibration tokens (128 x 512: see docs/allocators.md, Profiling).
 
     python benchmarks/profile_overhead.py                       # SmolLM2, 32 x 512 tokens
     python benchmarks/profile_overhead.py --samples 8 --threads 2   # a quicker run, on 2 idle cores

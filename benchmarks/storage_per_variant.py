@@ -6,7 +6,7 @@ For each registered model version of the state directory's MLflow store: the pip
 output (`artifacts/quantized/...`), the version's MLflow model (`model/` of its run), and what the two
 occupy on disk together, counting each inode once (`after`), against what two independent copies would
 occupy (`before`: the stage output plus the MLflow model's apparent size). Local stores only: on S3 the
-two copies remain (README, Storage).
+two copies remain (docs/operations.md, Storage).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Layer-sensitive mixed-precision quantization pipeline: one package per stage (the README's *Layout*)."""
+"""Layer-sensitive mixed-precision quantization pipeline: one package per stage (docs/operations.md, *Layout*)."""

@@ -24,6 +24,7 @@ STAGES = {
     "promote": ("tasks.registry.promotion", "move the champion alias to the best registered version"),
     "verify": ("tasks.registry.load_check", "reload a registered version in this process and reproduce its perplexity"),
     "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
+    "docs": ("tasks.reports.docs_tables", "rewrite the generated tables of README.md and docs/ from stored results"),
     "pipeline": ("tasks.orchestration.runner", "run the whole pipeline in-process, without Airflow"),
     "downstream": ("tasks.evaluation.downstream", "lm-eval task scores of a model variant"),
     "zoo": ("tasks.orchestration.zoo", "validate, plan or run the model zoo (dags/zoo.yaml)"),

@@ -2,7 +2,7 @@
 arrives (a local safetensors directory): profile -> allocate (uniform, SensiBoost, optimal) -> quantize
 (HQQ, GPTQ, AWQ, bitsandbytes: one pipeline per family) -> evaluate -> record; AWQ and bitsandbytes also
 quantize a two-rung bit map of every family they claim and reload it. Families the pipeline cannot run
-are refused at pre-flight with one line. The README's families table is this file's matrix."""
+are refused at pre-flight with one line. The families table of docs/architectures.md is this file's matrix."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # one reduced pipeline per family
 REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
-# family -> backends that refuse it (README's families table)
+# family -> backends that refuse it (docs/architectures.md's families table)
 REFUSED = {"gemma3_text": ("gptq",), "phi3": ("gptq", "awq", "bnb"), "qwen3_moe": ("gptq", "awq", "bnb"), "mixtral": ("gptq", "awq", "bnb")}
 # One pipeline per family runs all four backends: those that claim it quantize, evaluate and record every
 # variant they can express; those that refuse it give a pre-flight note and no variant.

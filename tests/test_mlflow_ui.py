@@ -7,6 +7,7 @@ script that takes the README's screenshots from a `make run` store."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,10 +26,16 @@ CONF = {"uniform_budgets": ["b4g64", "b3g128"], "methods": ["sensiboost", "optim
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory, tiny_model_dir):
-    state = tmp_path_factory.mktemp("ui-state")
-    env = pipeline_in_own_state(state, {**CONF, "model": str(tiny_model_dir)})
-    out = state / "pages"
+def pages(tmp_path_factory, request):
+    """The pages of a tiny pipeline run of its own; with QUANT_UI_HOME=<a QUANT_HOME>, those of that
+    home's latest run instead (e.g. `QUANT_UI_HOME=.state` after `make run`: the embedded run's store)."""
+    if os.environ.get("QUANT_UI_HOME"):
+        state = Path(os.environ["QUANT_UI_HOME"]).resolve()
+        env = {**os.environ, "QUANT_HOME": str(state), "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"}
+    else:
+        state = tmp_path_factory.mktemp("ui-state")
+        env = pipeline_in_own_state(state, {**CONF, "model": str(request.getfixturevalue("tiny_model_dir"))})
+    out = tmp_path_factory.mktemp("ui-pages")
     shot = subprocess.run([sys.executable, "scripts/mlflow_ui_pages.py", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert shot.returncode == 0, shot.stdout[-2000:] + shot.stderr[-3000:]

@@ -1,5 +1,5 @@
 """The MLflow model of each backend, on a tiny model from a config: it loads in a fresh process with
-MLflow's own loader and generates; where the README says transformers reads the bare checkpoint, its
+MLflow's own loader and generates; where docs/backends.md says transformers reads the bare checkpoint, its
 logits match the pipeline's loader (max abs diff printed); where it does not, transformers refuses."""
 
 from __future__ import annotations

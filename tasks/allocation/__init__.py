@@ -1,4 +1,4 @@
-"""Allocation stage: scores table + method + budget -> bit map (the README's *The method ladder*).
+"""Allocation stage: scores table + method + budget -> bit map (docs/allocators.md, *The method ladder*).
 
 One module per concern: `scores` reads and validates the table, `boost` holds uniform/SensiBoost/
 KurtBoost, `layerwise` LIM/ZD, `knapsack` the exact multiple-choice knapsack, `program` its set-up on a

@@ -3,7 +3,7 @@ as the pipeline's quantized output, and where both stores are directories of one
 embedded default: both under $QUANT_HOME) the MLflow copy is replaced by hard links to the stage
 output's files. Both stay complete, independent directories (deleting either leaves the other whole),
 and neither is ever written in place (every write here is a new file renamed into place), so sharing
-the inode is safe. On object stores (S3) the two copies remain: see the README (Storage)."""
+the inode is safe. On object stores (S3) the two copies remain: see docs/operations.md (Storage)."""
 
 from __future__ import annotations
 

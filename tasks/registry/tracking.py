@@ -339,7 +339,7 @@ def _store_once(client, run_id: str, model_id: str, weights_dir) -> None:
 
     logged = local_dir(model_dir_of(client, model_id))
     if weights_dir is None or logged is None or not logged.is_dir():
-        return  # an object store: the copies stay (README, Storage)
+        return  # an object store: the copies stay (docs/operations.md, Storage)
     total, shared = link_duplicates(Path(weights_dir), logged)
     client.log_metric(run_id, "mlflow_model_bytes", total)
     client.log_metric(run_id, "stored_bytes", total - shared)  # what this version adds to the disk
