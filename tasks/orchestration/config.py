@@ -239,6 +239,18 @@ def check_budget(method: str, budget: float | Rung, raw, options: dict) -> None:
                                 " important ones: give a lower budget or method_options high")  # fmt: skip
 
 
+def calibration_params(cfg: PipelineConfig):
+    """The calibration stage's parameters of a run (prepare tokenizes by them, the pre-flight reads their sources)."""
+    from tasks.calibration import CalibrationParams
+
+    return CalibrationParams(
+        samples=cfg.calibration_samples,
+        seq_len=cfg.calibration_seq_len,
+        seed=cfg.seed,
+        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
+    )
+
+
 def budget_label(budget: float | Rung) -> str:
     return budget.label if isinstance(budget, Rung) else f"{budget:.2f}"
 

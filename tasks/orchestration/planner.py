@@ -18,6 +18,8 @@ from tasks.errors import PipelineError
 from tasks.ladder import Rung, parse_rung
 from tasks.orchestration.config import TIE_FUSED_BACKENDS, PipelineConfig, budget_label, parse_budget
 
+BASELINE_METHOD = "unquantized"  # the method of the unquantized base model's variant, `none/unquantized/fp32`
+
 
 @dataclass(frozen=True)
 class VariantSpec:

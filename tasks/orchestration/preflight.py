@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.families import layout_for
-from tasks.orchestration.config import PipelineConfig, named_error, parse_rung
+from tasks.orchestration.config import PipelineConfig, calibration_params, named_error, parse_rung
 
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
@@ -17,7 +17,6 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
     from tasks.calibration import read_sources
     from tasks.model_io import read_config, resolve_model
     from tasks.orchestration.planner import plan_variants
-    from tasks.orchestration.steps import calibration_params
 
     cfg = PipelineConfig.from_dict(config)  # every Param's type, range and combination
     read_sources(calibration_params(cfg))  # calibration_text, wikitext2_text, c4_parquet: readable, not empty
@@ -79,8 +78,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     from tasks.bitmap import uniform_bitmap
     from tasks.errors import PipelineError
     from tasks.ladder import Rung
-    from tasks.orchestration.planner import memory_matches, plan_variants, variant_name
-    from tasks.orchestration.steps import BASELINE_METHOD
+    from tasks.orchestration.planner import BASELINE_METHOD, memory_matches, plan_variants, variant_name
     from tasks.quantize.registry import get_backend
 
     rows = []

@@ -20,13 +20,12 @@ from typing import TypedDict
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
-from tasks.orchestration.config import PipelineConfig
+from tasks.orchestration.config import PipelineConfig, calibration_params
 from tasks.orchestration.context import StepContext
-from tasks.orchestration.planner import allocate_variants, plan_variants, rung_errors, variant_name
+from tasks.orchestration.planner import BASELINE_METHOD, allocate_variants, plan_variants, rung_errors, variant_name
 
 log = logging.getLogger(__name__)
 
-BASELINE_METHOD = "unquantized"
 NOTE_LIMIT = 7500  # characters of a run's description (a tag: MLflow stores up to 8,000)
 # The evaluation's quality metrics, with their standard errors, that the results table and JSON carry.
 QUALITY_PREFIXES = ("ppl_", "kld_", "kld99_", "top1_", "dnll_", "lmeval_")
@@ -102,17 +101,6 @@ def local_model(ctx: StepContext, model: dict) -> str:
     if resolved.revision != model["revision"]:
         raise PipelineError(f"model {model['source']} is now revision {resolved.revision}, but this run started on {model['revision']}")
     return str(resolved.path)
-
-
-def calibration_params(cfg: PipelineConfig):
-    from tasks.calibration import CalibrationParams
-
-    return CalibrationParams(
-        samples=cfg.calibration_samples,
-        seq_len=cfg.calibration_seq_len,
-        seed=cfg.seed,
-        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
-    )
 
 
 def profile(ctx: StepContext, prep: Prepared) -> str | None:
