@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.allocation.methods import METHODS
 from tasks.families import layout_for
 from tasks.orchestration.config import PipelineConfig, calibration_params, named_error, parse_rung
 
@@ -52,13 +53,16 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
                 backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, rung))
             except PipelineError as exc:
                 notes.append(f"{name} will skip uniform {rung.name}: {exc}")
-        sensitive = [m for m in cfg.methods if m != "uniform"]
+        sensitive = [m for m in cfg.methods if METHODS[m].scored]
         if sensitive and cfg.budgets and caps.bitmap != "any":
             notes.append(f"{name} expresses only {caps.bitmap} bit maps on bits {caps.uniform_bits} and group sizes {caps.group_sizes}:"
                          f" the {', '.join(sensitive)} maps that use other rungs will be skipped")  # fmt: skip
-        if name == "gptq" and cfg.gptq_errors:
-            notes.append("gptq: the profile also prices every rung by GPTQ's own error for optimal on gptq (one GPTQ solve per "
-                         "module input and rung; method_options.optimal.errors: hqq turns it off)")  # fmt: skip
+        own = caps.own_errors
+        if own and own.name in cfg.profiled_errors:
+            for method in (m for m in cfg.scored_methods if METHODS[m].errors_option):
+                option = METHODS[method].errors_option
+                notes.append(f"{name}: the profile also prices every rung by {own.title}'s own error for {method} on {name} ({own.cost}; "
+                             f"method_options.{method}.{option}: {METHODS[method].default(option)} turns it off)")  # fmt: skip
     return notes
 
 
@@ -98,7 +102,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
             backend = backends[name]
             caps = backend.capabilities
             skipped, caveat = backend.family_refusal(family), None
-            if not skipped and spec.method == "uniform":
+            if not skipped and not METHODS[spec.method].scored:
                 try:
                     backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, spec.budget))
                 except PipelineError as exc:

@@ -106,17 +106,19 @@ def local_model(ctx: StepContext, model: dict) -> str:
 def profile(ctx: StepContext, prep: Prepared) -> str | None:
     """The scores table (cached by model and calibration); None when only uniform variants run."""
     cfg = PipelineConfig.from_dict(prep["config"])
-    if not any(m != "uniform" for m in cfg.methods) or not cfg.budgets:
+    if not cfg.scored_methods:
         return None
     from tasks.profiling import SCORES_FORMAT, run_profiling
     from tasks.profiling.dkld import DEFAULT_WINDOWS as DKLD_WINDOWS
     from tasks.profiling.driver import SUMMARY_FILE as PROFILE_SUMMARY
+    from tasks.quantize.registry import own_error_names
     from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     base = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
-    gptq_errors = cfg.gptq_errors and _gptq_takes(local_model(ctx, prep["model"]))
-    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld), ({"gptq_errors": True}, gptq_errors)]
+    own_errors = _measurable(cfg.profiled_errors, local_model(ctx, prep["model"]))
+    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld),
+              *(({f"{name}_errors": True}, name in own_errors) for name in own_error_names())]  # e.g. {"gptq_errors": True}
     key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     # A finished profile with more columns than this run needs (the opt-in rival measurements) serves as is.
@@ -136,7 +138,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                 else:
                     run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
                                   device=ctx.device, rival_scores=cfg.rival_scores, dkld_windows=DKLD_WINDOWS if cfg.dkld else 0,
-                                  gptq_errors=gptq_errors)  # fmt: skip
+                                  **{f"{name}_errors": True for name in own_errors})  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
         # One MLflow run per profile, which every pipeline run that uses it links to.
@@ -146,16 +148,24 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     return str(out.path / "scores.csv")
 
 
-def _gptq_takes(model_path: str) -> bool:
-    """Whether the gptq backend quantizes this model's family (else its rung errors are not profiled)."""
+def _measurable(profiled_errors: tuple[str, ...], model_path: str) -> tuple[str, ...]:
+    """The own rung errors worth profiling for this model: those of a backend that quantizes its family."""
     from tasks.families import layout_for
     from tasks.model_io import read_config
-    from tasks.quantize.registry import get_backend
+    from tasks.quantize.registry import BACKENDS, get_backend
 
-    refusal = get_backend("gptq").family_refusal(layout_for(read_config(model_path)).model_type)
-    if refusal:
-        log.info("profiling: no GPTQ rung errors: %s", refusal)
-    return refusal is None
+    if not profiled_errors:
+        return ()
+    family = layout_for(read_config(model_path)).model_type
+    out = []
+    for name in profiled_errors:
+        owners = [b for b in map(get_backend, BACKENDS) if b.capabilities.own_errors and b.capabilities.own_errors.name == name]
+        refusals = [r for r in (b.family_refusal(family) for b in owners) if r]
+        if len(refusals) == len(owners):
+            log.info("profiling: no %s rung errors: %s", name, "; ".join(refusals))
+        else:
+            out.append(name)
+    return tuple(out)
 
 
 def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Variant]:
@@ -163,7 +173,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
     the baseline first."""
     from tasks.families import layout_for
     from tasks.model_io import linear_param_counts, read_config
-    from tasks.quantize.registry import get_backend
+    from tasks.quantize.registry import get_backend, own_error_names
 
     cfg = PipelineConfig.from_dict(prep["config"])
     model = prep["model"]
@@ -176,8 +186,9 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
 
     model_config = read_config(local_model(ctx, model))
     layout = layout_for(model_config)
-    gptq_errors = table is not None and table.has("out_err_gptq")
-    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None, gptq_errors), table,
+    # whose own rung errors the table holds (a reused richer profile may hold some this run did not ask for)
+    profiled_errors = () if table is None else tuple(e for e in own_error_names() if table.has(f"out_err_{e}"))
+    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None, profiled_errors), table,
                                 linear_param_counts(model_config), cfg.match_boost_memory)  # fmt: skip
     out = StageOutput(
         ctx.settings.artifact_root,
@@ -220,7 +231,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                     "bitmap": str(out.path / f"{p.spec.name}.json"),
                     "nominal_bpp": p.bitmap.nominal_bpp,
                     "extra_pct": p.bitmap.extra_pct,
-                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, rung_errors(backend, gptq_errors)),
+                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, rung_errors(backend, profiled_errors)),
                 }
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}
@@ -282,7 +293,7 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
 def record(ctx: StepContext, variant: Variant) -> Variant:
     """The variant's MLflow child run (bit map and its heat map, metrics, logged model) and, for quantized
     variants, its registered model version, made from the logged model."""
-    from tasks.registry.mlflow_model import SERVING
+    from tasks.registry.mlflow_model import serving as serving_of
     from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, MANIFEST_JSON
     from tasks.registry.tracking import log_variant
     from tasks.registry.versions import register_version, version_description, version_tags
@@ -300,7 +311,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
         "options": variant["options"],
     }
     quantized = variant["backend"] != "none"
-    serving = SERVING.get(variant["backend"], "")
+    serving = serving_of(variant["backend"]) if quantized else ""
     with tempfile.TemporaryDirectory(prefix="quant-record-") as tmp:
         files = {BITMAP_JSON: variant["bitmap"] and str(ensure_local(variant["bitmap"]))}
         if files[BITMAP_JSON]:
