@@ -116,7 +116,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     base = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
-    own_errors = _measurable(cfg.profiled_errors, local_model(ctx, prep["model"]))
+    own_errors = cfg.profiled_errors and _measurable(cfg.profiled_errors, local_model(ctx, prep["model"]))
     extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld),
               *(({f"{name}_errors": True}, name in own_errors) for name in own_error_names())]  # e.g. {"gptq_errors": True}
     key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
@@ -154,8 +154,6 @@ def _measurable(profiled_errors: tuple[str, ...], model_path: str) -> tuple[str,
     from tasks.model_io import read_config
     from tasks.quantize.registry import BACKENDS, get_backend
 
-    if not profiled_errors:
-        return ()
     family = layout_for(read_config(model_path)).model_type
     out = []
     for name in profiled_errors:
