@@ -110,3 +110,48 @@ def test_the_backends_declare_what_the_name_tables_said(tmp_path):
     assert misreads == {("hqq", "plain"), ("hqq", "dynamic"), ("hqq", "int8"), ("gptq", "dynamic")}
     runs = {(n, d.name) for n in caps for d in (plain, dynamic, int8) if get_backend(n).transformers_runs(d)}
     assert runs == {("awq", "plain"), ("awq", "dynamic"), ("awq", "int8"), ("bnb", "plain"), ("bnb", "dynamic")}
+
+
+@pytest.mark.parametrize(
+    "family,config,extra",
+    [
+        ("llama", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {"gptq_errors": True}),
+        ("phi3", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {}),  # gptq refuses phi3: nothing to price
+        ("llama", {"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}}, {}),
+        ("llama", {"backends": ["hqq"], "methods": ["sensiboost", "taylor"]}, {"rival_scores": True}),
+    ],
+)
+def test_the_profile_is_keyed_by_the_own_rung_errors_it_holds_as_before(family, config, extra, state, tmp_path, monkeypatch):
+    """The profiling stage output's key (its cache) names GPTQ's rung errors `gptq_errors`, as it did when
+    the orchestration asked for them by name, so that a rerun on an existing state hits its cache."""
+    import tasks.profiling
+    import tasks.registry.tracking
+    from tasks.artifacts import StageOutput, file_sha256
+    from tasks.orchestration import steps
+    from tasks.orchestration.context import StepContext
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": family, "hidden_size": 64, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "intermediate_size": 128, "num_hidden_layers": 2}))  # fmt: skip
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "calibration.safetensors").write_bytes(b"windows")
+    asked = {}
+
+    def profiled(model_path, calib, out, **kwargs):
+        asked.update(kwargs)
+        (Path(out) / "scores.csv").write_text("")
+
+    monkeypatch.setattr(tasks.profiling, "run_profiling", profiled)
+    monkeypatch.setattr(tasks.registry.tracking, "log_profile_run", lambda *args: "profile-run")
+    monkeypatch.setattr(tasks.registry.tracking, "client_for", lambda uri: type("C", (), {"set_tag": lambda *a: None})())
+    ctx = StepContext.from_env()
+    cfg = PipelineConfig.from_dict(config)
+    prep = {"config": cfg.to_dict(), "model": {"name": "m", "revision": "rev", "path": str(model), "source": str(model)},
+            "calibration": str(calibration), "parent_run_id": "parent"}  # fmt: skip
+    scores = steps.profile(ctx, prep)
+    key = {"model": "rev", "calibration": file_sha256(calibration / "calibration.safetensors"), "fisher_samples": cfg.gradient_windows,
+           "format": tasks.profiling.SCORES_FORMAT, **extra}  # fmt: skip
+    assert scores == str(StageOutput(ctx.settings.artifact_root, "profiling", key).path / "scores.csv")
+    assert asked.get("gptq_errors", False) is ("gptq_errors" in extra) and asked["rival_scores"] is ("rival_scores" in extra)
