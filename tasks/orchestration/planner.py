@@ -1,13 +1,13 @@
 """Which variants a configuration asks for, and their bit maps.
 
-`plan_variants(config)` is pure (no scores; the backends' capabilities it asks import torch): the
-(method, budget, options) of every bit map,
-uniform baselines first, then the boost methods (whose reached memory sets the equal-memory target of
-the budget-exact methods), then the rest. `allocate_variants` turns the plan into bit maps on a scores
-table. The pipeline's allocate step and the benchmarks both use these two, so a variant means the same
-thing everywhere; its one name is `variant_name(backend, label, budget_label, matched)`, e.g. `hqq/SB30/3.25`,
-or `hqq/optimal/3.25@SB30` for a budget-exact method given SB30's memory at that rung (`memory_matches`):
-two runs with other method sets never give two different models one name.
+`plan_variants(config)` is pure (no scores; asking the backends' capabilities imports torch): the
+(method, budget, options) of every bit map, uniform baselines first, then the boost methods (whose
+reached memory sets the equal-memory target of the budget-exact methods), then the rest.
+`allocate_variants` turns the plan into bit maps on a scores table. The pipeline's allocate step and the
+benchmarks both use these two, so a variant means the same thing everywhere; its one name is
+`variant_name(backend, label, budget_label, matched)`, e.g. `hqq/SB30/3.25`, or `hqq/optimal/3.25@SB30`
+for a budget-exact method given SB30's memory at that rung (`memory_matches`): two runs with other
+method sets never give two different models one name.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.errors import PipelineError
 from tasks.ladder import Rung, parse_rung
-from tasks.quantize.registry import capabilities
 from tasks.orchestration.config import PipelineConfig, budget_label, parse_budget
+from tasks.quantize.registry import capabilities
 
 BASELINE_METHOD = "unquantized"  # the method of the unquantized base model's variant, `none/unquantized/fp32`
 
