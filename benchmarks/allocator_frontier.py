@@ -88,9 +88,9 @@ def main() -> int:
     if "optimal" in methods:
         targets = [("@" + p.spec.label, p.spec.budget.label, p.bitmap.nominal_bpp) for p in planned if p.spec.method in BOOST_METHODS]
         targets += [("@uniform", parse_rung(r).label, parse_rung(r).bpp) for r in uniform]
-        pricings = [("optimal", backend_options("optimal", {}, args.backend, None, table.has("out_err_gptq")))]
+        pricings = [("optimal", backend_options("optimal", {}, args.backend, None, ("gptq",) if table.has("out_err_gptq") else ()))]
         if args.backend == "gptq":  # the same budgets priced by HQQ's errors, for comparison
-            pricings.append(("optimal[hqq]", backend_options("optimal", {}, args.backend, None, gptq_errors=False)))
+            pricings.append(("optimal[hqq]", backend_options("optimal", {}, args.backend, None, ())))
         planned += [(f"{row} {who} {label}", p) for row, options in pricings for who, label, bpp in targets
                     for p in allocate_variants([VariantSpec.of("optimal", float(bpp), options)], table, params)]  # fmt: skip
     named = [item if isinstance(item, tuple) else (_name(item), item) for item in planned]

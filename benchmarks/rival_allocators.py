@@ -38,6 +38,7 @@ from tasks.ladder import parse_rung  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.context import StepContext  # noqa: E402
 from tasks.orchestration.planner import VariantSpec, allocate_variants, backend_options, rung_errors  # noqa: E402
+from tasks.quantize.registry import own_error_names  # noqa: E402
 
 EXACT = ("optimal", "taylor", "delta_loss", "dkld_greedy", "mxq")
 RUNGS = "b3g128,b3g64,b3g32,b4g128,b4g64"
@@ -70,10 +71,10 @@ def main() -> int:
     profile = json.loads((Path(scores).parent / "profiling.json").read_text())
     table = read_scores(scores)
     params = linear_param_counts(read_config(prep["model"]["path"]))
-    gptq_errors = table.has("out_err_gptq")
+    profiled_errors = tuple(e for e in own_error_names() if table.has(f"out_err_{e}"))
 
     def spec(method: str, budget) -> VariantSpec:  # what the pipeline builds for this backend (ties, pricing)
-        return VariantSpec.of(method, budget, backend_options(method, {}, args.backend, None, gptq_errors))
+        return VariantSpec.of(method, budget, backend_options(method, {}, args.backend, None, profiled_errors))
 
     plan: list[tuple[str, object, float]] = []  # (row name, planned variant, allocation seconds)
     for rung in rungs:
@@ -95,7 +96,7 @@ def main() -> int:
         variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp,
                    "extra_pct": p.bitmap.extra_pct}  # fmt: skip
         metrics = measure(ctx, variant, args.full_wikitext2)
-        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, gptq_errors)), seconds, metrics))
+        rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, profiled_errors)), seconds, metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f kld %.4f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2"], metrics.get("kld_wikitext2", 0))
 
     phases = profile.get("phase_seconds", {})

@@ -27,7 +27,7 @@ STAGES = {
     "docs": ("tasks.reports.docs_tables", "rewrite the generated tables of README.md and docs/ from stored results"),
     "pipeline": ("tasks.orchestration.runner", "run the whole pipeline in-process, without Airflow"),
     "downstream": ("tasks.evaluation.downstream", "lm-eval task scores of a model variant"),
-    "zoo": ("tasks.orchestration.zoo", "validate, plan or run the model zoo (dags/zoo.yaml)"),
+    "zoo": ("tasks.orchestration.zoo_cli", "validate, plan or run the model zoo (dags/zoo.yaml)"),
     "step": ("tasks.orchestration.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
 }
 

@@ -323,7 +323,7 @@ def test_optimal_objective_falls_back_without_gradients(caplog):
     assert "no fisher_dloss column" in caplog.text and fallback.options["objective_name"] == "sensitivity"
     assert allocate_optimal(full, 3.4, objective="sensitivity").modules == fallback.modules
     assert allocate_optimal(full, 3.4, objective="output").options["objective_name"] == "output"
-    assert "unknown objective" in one_line_error(allocate, full, "optimal", 3.4, {"objective": "vibes"})
+    assert "optimal option objective: 'vibes' is not one of" in one_line_error(allocate, full, "optimal", 3.4, {"objective": "vibes"})
 
 
 def test_optimal_rung_restriction_and_minimum():
@@ -357,7 +357,7 @@ def test_error_cases(tmp_path):
     assert "lacks column(s) kurtosis" in one_line_error(allocate, no_scores, "kurtboost", 4.25)
     assert "lacks column(s) fnorm" in one_line_error(allocate, no_scores, "mxq", 4.25)
     assert "out_err" in one_line_error(allocate, no_scores, "optimal", 4.25)
-    assert "does not take option(s) boost_stop" in one_line_error(allocate, authors, "mxq", 4.25, {"boost_stop": 2})
+    assert "mxq does not take boost_stop" in one_line_error(allocate, authors, "mxq", 4.25, {"boost_stop": 2})
     assert "infeasible" in one_line_error(allocate, authors, "mxq", 2.0)
     assert "not found" in one_line_error(run_allocation, tmp_path / "nope.csv", "uniform", 4.25)
     assert "lacks column(s) params" in one_line_error(scores_from_frame, make_table(n_layers=1).drop(columns="params"))

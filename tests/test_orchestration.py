@@ -127,7 +127,7 @@ def test_budget_exact_methods_get_the_memory_the_boost_method_reached():
 def _names(config: dict, backend: str = "hqq") -> list[str]:
     """The variant names a run of `config` gives on one backend, as allocate names them."""
     cfg = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], **config})
-    specs = plan_variants(cfg, gptq_errors=False)
+    specs = plan_variants(cfg, profiled_errors=())
     return [variant_name(backend, s.label, s.budget_label, m) for s, m in zip(specs, memory_matches(specs, cfg.match_boost_memory))]
 
 
@@ -153,7 +153,7 @@ def test_a_variant_name_says_whose_memory_a_budget_exact_method_was_given():
 def test_different_bit_maps_of_one_allocation_never_share_a_file_stem():
     config = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "uniform_budgets": [], "methods": ["sensiboost", "lim"],
                                        "method_options": {"sensiboost": {"tie_experts": True}}})  # fmt: skip
-    lim = [s for s in plan_variants(config, gptq_errors=False) if s.method == "lim"]
+    lim = [s for s in plan_variants(config, profiled_errors=()) if s.method == "lim"]
     assert [(s.name, s.backends) for s in lim] == [("lim-3.25-experts-tied-memory", ("hqq",)), ("lim-3.25-tied-experts-tied-memory", ("gptq",))]
     with pytest.raises(PipelineError, match="both be named 'optimal-3.40'"):
         plan_variants(PipelineConfig.from_dict({"methods": ["optimal"], "budgets": ["3.401", "3.404"]}))
@@ -168,7 +168,7 @@ def test_layerwise_methods_match_the_memory_of_the_tied_boost_map_on_tied_backen
     table = scores_from_frame(make_table(n_layers=12, seed=3))  # SB30 boosts a layer here
     for backends in (["hqq", "gptq"], ["gptq"]):
         config = PipelineConfig.from_dict({"backends": backends, "uniform_budgets": [], "methods": ["sensiboost", "lim", "zd"], "budgets": ["b3g64"]})
-        planned = {p.spec.name: p for p in allocate_variants(plan_variants(config, gptq_errors=False), table, table.params)}
+        planned = {p.spec.name: p for p in allocate_variants(plan_variants(config, profiled_errors=()), table, table.params)}
         tied = planned["SB30-3.25-tied"].bitmap.nominal_bpp
         assert tied > parse_rung("b3g64").bpp + 0.01
         for method in ("lim", "zd"):
@@ -216,7 +216,7 @@ def test_bad_configs_are_one_line_errors(bad, message):
 
 def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
     config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "uniform_budgets": ["b4g64"], "methods": ["sensiboost", "optimal", "lim"]})
-    plan = {s.name: s for s in plan_variants(config, gptq_errors=False)}
+    plan = {s.name: s for s in plan_variants(config, profiled_errors=())}
     assert set(plan) == {"uniform-4.25", "SB30-3.25", "SB30-3.25-tied", "optimal-3.25", "optimal-3.25-tied", "lim-3.25", "lim-3.25-tied-memory"}
     assert plan["optimal-3.25-tied"].backends == ("gptq", "awq") and plan["optimal-3.25-tied"].options["tie_fused"] is True
     assert plan["optimal-3.25"].backends == ("hqq",) and "tie_fused" not in plan["optimal-3.25"].options
@@ -224,22 +224,22 @@ def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
     assert plan["lim-3.25"].backends == ("hqq",) and plan["lim-3.25-tied-memory"].backends == ("gptq", "awq")
     assert "tie_fused" not in plan["lim-3.25-tied-memory"].options and plan["lim-3.25-tied-memory"].ties == (True, False)
     explicit = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"], "method_options": {"optimal": {"tie_fused": False}}})
-    assert [(s.name, s.backends) for s in plan_variants(explicit, gptq_errors=False) if s.method == "optimal"] == [("optimal-3.25", None)]
+    assert [(s.name, s.backends) for s in plan_variants(explicit, profiled_errors=()) if s.method == "optimal"] == [("optimal-3.25", None)]
     hqq_only = PipelineConfig.from_dict({"methods": ["optimal"]})
     assert [(s.name, s.backends, s.options) for s in plan_variants(hqq_only) if s.method == "optimal"] == [("optimal-3.25", None, {})]
 
 
 def test_optimal_on_gptq_prices_the_rungs_by_gptqs_own_error():
     config = PipelineConfig.from_dict({"backends": ["hqq", "gptq", "awq"], "methods": ["sensiboost", "optimal"]})
-    assert config.gptq_errors, "a run with gptq and optimal profiles GPTQ's rung errors"
+    assert config.profiled_errors == ("gptq",), "a run with gptq and optimal profiles GPTQ's rung errors"
     plan = {s.name: s for s in plan_variants(config) if s.method == "optimal"}
     assert set(plan) == {"optimal-3.25", "optimal-3.25-tied", "optimal-3.25-tied-gptq-errors"}
     assert plan["optimal-3.25-tied-gptq-errors"].backends == ("gptq",) and plan["optimal-3.25-tied-gptq-errors"].options["errors"] == "gptq"
     assert plan["optimal-3.25-tied"].backends == ("awq",) and "errors" not in plan["optimal-3.25-tied"].options
     assert all("errors" not in s.options for s in plan_variants(config) if s.method != "optimal"), "only optimal takes them"
     off = PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}})
-    assert not off.gptq_errors and [s.options.get("errors") for s in plan_variants(off) if s.method == "optimal"] == ["hqq"]
+    assert not off.profiled_errors and [s.options.get("errors") for s in plan_variants(off) if s.method == "optimal"] == ["hqq"]
     asked = PipelineConfig.from_dict({"backends": ["hqq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "gptq"}}})
-    assert asked.gptq_errors and not PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["sensiboost"]}).gptq_errors
+    assert asked.profiled_errors == ("gptq",) and not PipelineConfig.from_dict({"backends": ["gptq"], "methods": ["sensiboost"]}).profiled_errors
     with pytest.raises(PipelineError, match="errors"):
         PipelineConfig.from_dict({"methods": ["optimal"], "method_options": {"optimal": {"errors": "awq"}}})

@@ -16,6 +16,7 @@ import numpy as np
 from scipy.stats.mstats import trimmed_mean, trimmed_std
 
 from tasks.allocation.budget import as_rung
+from tasks.allocation.methods import takes_options
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap, uniform_bitmap
 from tasks.errors import PipelineError
@@ -136,8 +137,9 @@ def tie_boosts(bitmap: BitMap, fused: bool = True, experts: bool = False) -> Bit
     return bitmap
 
 
-def allocate_sensiboost(scores: Scores, budget, boost_stop: int = 3, top_m: int = 0, ablation: bool = False, seed: int = 0,
-                        tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+@takes_options("sensiboost")
+def allocate_sensiboost(scores: Scores, budget, boost_stop: int, top_m: int, ablation: bool, seed: int,
+                        tie_fused: bool, tie_experts: bool) -> BitMap:  # fmt: skip
     """SensiBoost: jumps in activation sensitivity (ratio of consecutive layers). Paper: SB30.
 
     ablation=True is the authors' random control (as many random non-outlier layers per module type).
@@ -147,12 +149,14 @@ def allocate_sensiboost(scores: Scores, budget, boost_stop: int = 3, top_m: int 
     return _boost(scores, budget, "sensiboost", "sensitivity", "ratio", boost_stop, top_m, ablation, seed, tie_fused, tie_experts)
 
 
-def allocate_kurtboost(scores: Scores, budget, boost_stop: int = 2, top_m: int = 1, ablation: bool = False, seed: int = 0,
-                       tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+@takes_options("kurtboost")
+def allocate_kurtboost(scores: Scores, budget, boost_stop: int, top_m: int, ablation: bool, seed: int,
+                       tie_fused: bool, tie_experts: bool) -> BitMap:  # fmt: skip
     """KurtBoost: jumps in weight kurtosis (difference of consecutive layers). Paper: KB21."""
     return _boost(scores, budget, "kurtboost", "kurtosis", "difference", boost_stop, top_m, ablation, seed, tie_fused, tie_experts)
 
 
+@takes_options("uniform")
 def allocate_uniform(scores: Scores, budget) -> BitMap:
     """Every module at the budget's rung (the HQQ baseline)."""
     return uniform_bitmap(scores.params, as_rung(budget))

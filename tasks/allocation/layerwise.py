@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from tasks.allocation.budget import as_bpp, as_rung
+from tasks.allocation.methods import takes_options
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
@@ -89,13 +90,15 @@ def allocate_by_importance(scores: Scores, budget, importance: dict[int, float],
     return BitMap(method=method, modules=modules, params=dict(scores.params), budget=bpp, options=options)
 
 
-def allocate_lim(scores: Scores, budget, low=None, high=None) -> BitMap:
+@takes_options("lim")
+def allocate_lim(scores: Scores, budget, low, high) -> BitMap:
     """LIM: higher = more important."""
     scores.require(["lim"], "lim")
     return allocate_by_importance(scores, budget, scores.layer_values("lim"), "lim", low, high)
 
 
-def allocate_zd(scores: Scores, budget, low=None, high=None, zd_direction: str = "fewer-large-is-important") -> BitMap:
+@takes_options("zd")
+def allocate_zd(scores: Scores, budget, low, high, zd_direction: str) -> BitMap:
     """ZD, in the direction asked for (default as the abstract: fewer large weights = more important)."""
     if zd_direction not in ZD_DIRECTIONS:
         raise PipelineError(f"unknown zd_direction {zd_direction!r}: one of {', '.join(ZD_DIRECTIONS)}")

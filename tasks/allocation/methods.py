@@ -5,6 +5,10 @@ and the benchmarks; light on purpose (no numpy, no torch), so that planning runs
 Budget kinds:
   rung   the budget must be a ladder rung; boost methods may exceed it (the extra memory is reported)
   exact  any real bits-per-parameter budget, never exceeded
+
+Each option's JSON schema carries its default: the allocators take their keyword defaults from here
+(`takes_options`), and `check_options` is the one check of a method's options, for the pipeline's Params
+and for the allocation API alike.
 """
 
 from __future__ import annotations
@@ -16,13 +20,31 @@ from dataclasses import dataclass, field
 class MethodSpec:
     name: str
     budget: str  # "rung" or "exact"
-    defaults: dict = field(default_factory=dict)  # the pipeline's defaults (the papers' settings)
     boost: bool = False  # spends extra memory on outlier layers above the budget rung
     summary: str = ""
     ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
-    options: dict = field(default_factory=dict)  # option -> JSON schema of its value (the allocator's keyword arguments)
+    options: dict = field(default_factory=dict)  # option -> JSON schema of its value with its "default" (the allocator's keyword arguments)
+    # The options whose defaults every variant records, as they name it (SB30: boost_stop 3, top_m 0).
+    named: tuple[str, ...] = ()
     rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
     dkld: bool = False  # needs a profile with ExLlamaV3's measured KLD change per layer group and rung (opt-in, costly)
+    scored: bool = True  # reads the profile's scores (uniform does not: the budget rung everywhere)
+    layerwise: bool = False  # moves whole layers from its `high` rung down to its `low` one (needs a rung above `low`)
+    # The option naming whose quantization error prices the rungs (its default: the profile's own HQQ rungs);
+    # on a backend whose own rung errors the profile measures (Capabilities.own_errors) the planner sets it to those.
+    errors_option: str | None = None
+
+    @property
+    def defaults(self) -> dict:
+        """The pipeline's defaults that a variant records (the papers' settings)."""
+        return {k: self.options[k]["default"] for k in self.named}
+
+    def default(self, option: str):
+        return self.options[option].get("default")
+
+    def option_schemas(self) -> dict:
+        """option -> the JSON schema its values must meet (without the default: a schema annotation)."""
+        return {k: {key: v for key, v in s.items() if key != "default"} for k, s in self.options.items()}
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -34,29 +56,37 @@ class MethodSpec:
 
 
 RUNG_NAME = {"type": "string", "pattern": r"^b[2348]g(32|64|128)$"}
-_BOOST = {"boost_stop": {"type": "integer", "minimum": 0}, "top_m": {"type": "integer", "minimum": 0},
-          "ablation": {"type": "boolean"}, "seed": {"type": "integer"}, "tie_fused": {"type": "boolean"},
-          "tie_experts": {"type": "boolean"}}  # fmt: skip
-_LAYERWISE = {"low": RUNG_NAME, "high": RUNG_NAME}
-_MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}]},
-         "time_limit": {"type": "number", "exclusiveMinimum": 0}, "mip_gap": {"type": "number", "minimum": 0},
-         "tie_fused": {"type": "boolean"}, "tie_experts": {"type": "boolean"}}  # fmt: skip
+_TIES = {"tie_fused": {"type": "boolean", "default": False}, "tie_experts": {"type": "boolean", "default": False}}
+
+
+def _boost(boost_stop: int, top_m: int) -> dict:
+    return {"boost_stop": {"type": "integer", "minimum": 0, "default": boost_stop}, "top_m": {"type": "integer", "minimum": 0, "default": top_m},
+            "ablation": {"type": "boolean", "default": False}, "seed": {"type": "integer", "default": 0}, **_TIES}  # fmt: skip
+
+
+# low/high None: the highest rung within the budget and the next bit width (tasks/allocation/layerwise.py)
+_LAYERWISE = {"low": {**RUNG_NAME, "default": None}, "high": {**RUNG_NAME, "default": None}}
+_MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}], "default": None},  # None: every rung
+         "time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 60.0}, "mip_gap": {"type": "number", "minimum": 0, "default": 0.0},
+         **_TIES}  # fmt: skip
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("uniform", "rung", summary="every module at the budget rung"),
-        MethodSpec("sensiboost", "rung", {"boost_stop": 3, "top_m": 0}, boost=True, ties=True, options=_BOOST,
+        MethodSpec("uniform", "rung", scored=False, summary="every module at the budget rung"),
+        MethodSpec("sensiboost", "rung", boost=True, ties=True, options=_boost(3, 0), named=("boost_stop", "top_m"),
                    summary="boosts layers after jumps in activation sensitivity (SB30)"),
-        MethodSpec("kurtboost", "rung", {"boost_stop": 2, "top_m": 1}, boost=True, ties=True, options=_BOOST,
+        MethodSpec("kurtboost", "rung", boost=True, ties=True, options=_boost(2, 1), named=("boost_stop", "top_m"),
                    summary="boosts layers after jumps in weight kurtosis (KB21)"),
-        MethodSpec("lim", "exact", options=_LAYERWISE, summary="least important layers (layer input modification) to the low rung"),
-        MethodSpec("zd", "exact", summary="least important layers (z-score distribution) to the low rung",
-                   options={**_LAYERWISE, "zd_direction": {"enum": ["fewer-large-is-important", "more-large-is-important"]}}),
-        MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0}, **_MILP},
+        MethodSpec("lim", "exact", layerwise=True, options=_LAYERWISE, summary="least important layers (layer input modification) to the low rung"),
+        MethodSpec("zd", "exact", layerwise=True, summary="least important layers (z-score distribution) to the low rung",
+                   options={**_LAYERWISE, "zd_direction": {"enum": ["fewer-large-is-important", "more-large-is-important"],
+                                                           "default": "fewer-large-is-important"}}),
+        MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0, "default": 0.0}, **_MILP},
                    summary="MILP minimizing the sum of Frobenius errors"),
-        MethodSpec("optimal", "exact", ties=True, options={"objective": {"enum": ["fisher", "sensitivity", "output"]},
-                                                            "errors": {"enum": ["hqq", "gptq"]}, **_MILP},
+        MethodSpec("optimal", "exact", ties=True, errors_option="errors",
+                   options={"objective": {"enum": ["fisher", "sensitivity", "output"], "default": "fisher"},
+                            "errors": {"enum": ["hqq", "gptq"], "default": "hqq"}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),
         MethodSpec("taylor", "exact", ties=True, options=_MILP, rival_scores=True,
                    summary="NVIDIA ModelOpt auto_quantize's gradient score, same MILP"),
@@ -75,3 +105,39 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise PipelineError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def check_options(method: str, options: dict, param: str | None = None) -> None:
+    """The one check of a method's options: names and values against the method's option schemas.
+    `param`: the pipeline Param they came from, which the one-line errors then name."""
+    import jsonschema
+
+    from tasks.errors import PipelineError
+
+    schemas = method_spec(method).option_schemas()
+    unknown = sorted(set(options) - set(schemas))
+    if unknown:
+        head = f"Param {param}: " if param else ""
+        raise PipelineError(f"{head}{method} does not take {', '.join(unknown)} (it takes: {', '.join(schemas) or 'none'})")
+    for name, value in options.items():
+        try:
+            jsonschema.validate(value, schemas[name])
+        except jsonschema.ValidationError as exc:
+            where = f"Param {param}[{method!r}][{name!r}]" if param else f"{method} option {name}"
+            raise PipelineError(f"{where}: {exc.message}") from None
+
+
+def takes_options(method: str):
+    """Decorator of an allocator(scores, budget, *options) (or a helper whose last parameters are the
+    options): they are the method's options, in any order, and take their defaults from the option schemas
+    above, so that the defaults live in one place."""
+
+    def apply(function):
+        spec = method_spec(method)
+        code = function.__code__
+        names = code.co_varnames[code.co_argcount - len(spec.options) : code.co_argcount] if spec.options else ()
+        assert set(names) == set(spec.options) and not function.__defaults__, (function.__name__, names, tuple(spec.options))
+        function.__defaults__ = tuple(spec.default(n) for n in names) or None
+        return function
+
+    return apply

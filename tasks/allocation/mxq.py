@@ -8,14 +8,16 @@ with `scipy.optimize.milp` (HiGHS). Their tolerance is in percent; ours is a fra
 from __future__ import annotations
 
 from tasks.allocation.budget import as_bpp, as_rungs
+from tasks.allocation.methods import takes_options
 from tasks.allocation.program import RungProgram, candidate_rungs
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 
 
-def allocate_mxq(scores: Scores, budget, tolerance: float = 0.0, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                 tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+@takes_options("mxq")
+def allocate_mxq(scores: Scores, budget, tolerance: float, rungs, time_limit: float, mip_gap: float,
+                 tie_fused: bool, tie_experts: bool) -> BitMap:  # fmt: skip
     """MXQ bit map for a real-valued budget in bits per parameter.
 
     mip_gap 0 proves optimality (see tasks.allocation.knapsack); the authors ran HiGHS's default 1e-4.

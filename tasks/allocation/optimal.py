@@ -36,6 +36,7 @@ import logging
 import numpy as np
 
 from tasks.allocation.budget import as_bpp, as_rungs
+from tasks.allocation.methods import takes_options
 from tasks.allocation.program import RungProgram, candidate_rungs
 from tasks.allocation.scores import REFERENCE_RUNG, Scores
 from tasks.bitmap import BitMap
@@ -136,8 +137,9 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
     return rows.reindex(list(scores.keys)).to_numpy(dtype=float)  # NA stays NA: the median weight covers it
 
 
-def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                  tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> tuple[RungProgram, dict]:  # fmt: skip
+@takes_options("optimal")
+def build_program(scores: Scores, objective: str, rungs, time_limit: float, mip_gap: float,
+                  tie_fused: bool, tie_experts: bool, errors: str) -> tuple[RungProgram, dict]:  # fmt: skip
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
     cand = candidate_rungs(scores, as_rungs(rungs))
     costs, facts = objective_costs(scores, objective, cand, errors)
@@ -146,8 +148,9 @@ def build_program(scores: Scores, objective: str = "fisher", rungs=None, time_li
     return program, facts
 
 
-def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                     tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> BitMap:  # fmt: skip
+@takes_options("optimal")
+def allocate_optimal(scores: Scores, budget, objective: str, rungs, time_limit: float, mip_gap: float,
+                     tie_fused: bool, tie_experts: bool, errors: str) -> BitMap:  # fmt: skip
     """The exact minimum-estimated-loss bit map within a real-valued budget in bits per parameter.
     tie_fused: q/k/v and gate/up of a layer share one rung (what vLLM's fused kernels need).
     tie_experts: all expert linears of a mixture-of-experts layer share one rung (fused MoE kernels).
@@ -156,19 +159,21 @@ def allocate_optimal(scores: Scores, budget, objective: str = "fisher", rungs=No
     return program.allocate(as_bpp(budget), options=facts)
 
 
-def frontier(scores: Scores, budgets, objective: str = "fisher", rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-             tie_fused: bool = False, tie_experts: bool = False, errors: str = "hqq") -> list[BitMap]:  # fmt: skip
+@takes_options("optimal")
+def frontier(scores: Scores, budgets, objective: str, rungs, time_limit: float, mip_gap: float,
+             tie_fused: bool, tie_experts: bool, errors: str) -> list[BitMap]:  # fmt: skip
     """`allocate_optimal` for each budget of a list, sharing one set-up; every budget is checked first
     (one below the cheapest allocation is a one-line error naming that minimum)."""
     program, facts = build_program(scores, objective, rungs, time_limit, mip_gap, tie_fused, tie_experts, errors)
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)
 
 
-def predicted_loss_increase(scores: Scores, bitmap: BitMap, errors: str = "hqq") -> float | None:
+def predicted_loss_increase(scores: Scores, bitmap: BitMap, errors: str | None = "hqq") -> float | None:
     """The Fisher estimate of the calibration loss increase (nats per token) of any bit map: the sum of
-    `fisher_dloss` (with errors="gptq": `fisher_dloss_gptq`) at each module's rung, what `optimal`
-    minimizes. None when the table has no such column or a module's rung was not profiled."""
-    column = "fisher_dloss" + ERRORS[errors]
+    `fisher_dloss` (with errors="gptq": `fisher_dloss_gptq`; None: the profile's own HQQ rungs) at each
+    module's rung, what `optimal` minimizes. None when the table has no such column or a module's rung
+    was not profiled."""
+    column = "fisher_dloss" + (ERRORS[errors] if errors else "")
     if not scores.has(column):
         return None
     rungs = tuple(sorted(set(bitmap.modules.values()), key=lambda r: r.bpp))

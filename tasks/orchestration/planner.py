@@ -1,12 +1,13 @@
 """Which variants a configuration asks for, and their bit maps.
 
-`plan_variants(config)` is pure (no scores, no torch): the (method, budget, options) of every bit map,
-uniform baselines first, then the boost methods (whose reached memory sets the equal-memory target of
-the budget-exact methods), then the rest. `allocate_variants` turns the plan into bit maps on a scores
-table. The pipeline's allocate step and the benchmarks both use these two, so a variant means the same
-thing everywhere; its one name is `variant_name(backend, label, budget_label, matched)`, e.g. `hqq/SB30/3.25`,
-or `hqq/optimal/3.25@SB30` for a budget-exact method given SB30's memory at that rung (`memory_matches`):
-two runs with other method sets never give two different models one name.
+`plan_variants(config)` is pure (no scores; asking the backends' capabilities imports torch): the
+(method, budget, options) of every bit map, uniform baselines first, then the boost methods (whose
+reached memory sets the equal-memory target of the budget-exact methods), then the rest.
+`allocate_variants` turns the plan into bit maps on a scores table. The pipeline's allocate step and the
+benchmarks both use these two, so a variant means the same thing everywhere; its one name is
+`variant_name(backend, label, budget_label, matched)`, e.g. `hqq/SB30/3.25`, or `hqq/optimal/3.25@SB30`
+for a budget-exact method given SB30's memory at that rung (`memory_matches`): two runs with other
+method sets never give two different models one name.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from dataclasses import dataclass, field
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.errors import PipelineError
 from tasks.ladder import Rung, parse_rung
-from tasks.orchestration.config import TIE_FUSED_BACKENDS, PipelineConfig, budget_label, parse_budget
+from tasks.orchestration.config import PipelineConfig, budget_label, parse_budget
+from tasks.quantize.registry import capabilities
+
+BASELINE_METHOD = "unquantized"  # the method of the unquantized base model's variant, `none/unquantized/fp32`
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class VariantSpec:
         """The bit map's file stem: '<label>-<budget label>', e.g. 'SB30-3.25' ('-tied' with tie_fused,
         '-experts-tied' with tie_experts; '-tied-memory' for a lim/zd map at the memory of a tied boost map)."""
         ties = ("-tied" if self.options.get("tie_fused") else "") + ("-experts-tied" if self.options.get("tie_experts") else "")
-        errors = f"-{self.options['errors']}-errors" if self.options.get("errors", "hqq") != "hqq" else ""
+        method, option = METHODS[self.method], METHODS[self.method].errors_option
+        chosen = self.options.get(option) if option else None
+        errors = f"-{chosen}-errors" if chosen is not None and chosen != method.default(option) else ""
         tied, experts = self.memory_ties or (False, False)
         memory = (("-tied" if tied else "") + ("-experts-tied" if experts else "") + "-memory") if tied or experts else ""
         return f"{self.label}-{self.budget_label}{ties}{errors}{memory}"
@@ -77,31 +83,34 @@ def variant_name(backend: str, label: str, budget: str, matched: str | None = No
     return f"{backend}/{label}/{budget}" + (f"@{matched}" if matched else "")
 
 
-def rung_errors(backend: str, gptq_errors: bool) -> str:
-    """Whose quantization error prices a backend's rungs: GPTQ's own on gptq when the profile measured it."""
-    return "gptq" if backend == "gptq" and gptq_errors else "hqq"
+def rung_errors(backend: str, profiled_errors: tuple[str, ...]) -> str | None:
+    """Whose quantization error prices a backend's rungs: its own (Capabilities.own_errors, e.g. GPTQ's) when
+    the profile measured them, else None: the profile's HQQ rungs."""
+    own = capabilities(backend).own_errors
+    return own.name if own and own.name in profiled_errors else None
 
 
-def backend_options(method: str, options: dict, backend: str, stacked_family: str | None, gptq_errors: bool) -> dict:
-    """What the backend needs of a method beyond the user's options: q/k/v and gate/up tied (fused serving
-    kernels: TIE_FUSED_BACKENDS, and every backend of a `stacked_family` such as phi3), and for `optimal`
-    on gptq the rungs priced by GPTQ's own error (when the profile measured it)."""
+def backend_options(method: str, options: dict, backend: str, stacked_family: str | None, profiled_errors: tuple[str, ...]) -> dict:
+    """What the backend needs of a method beyond the user's options: q/k/v and gate/up tied (a backend with
+    fused serving kernels, and every backend of a `stacked_family` such as phi3), and for a method that
+    prices rungs by error (optimal) the backend's own rung errors (when the profile measured them)."""
+    spec = METHODS[method]
     extra = {}
-    if METHODS[method].ties and "tie_fused" not in options and (backend in TIE_FUSED_BACKENDS or stacked_family):
+    if spec.ties and "tie_fused" not in options and (capabilities(backend).fused_kernels or stacked_family):
         extra["tie_fused"] = True
-    errors = rung_errors(backend, gptq_errors)
-    if method == "optimal" and "errors" not in options and errors != "hqq":
-        extra["errors"] = errors
+    errors = rung_errors(backend, profiled_errors)
+    if spec.errors_option and spec.errors_option not in options and errors is not None:
+        extra[spec.errors_option] = errors
     return extra
 
 
-def plan_variants(config: PipelineConfig, stacked_family: str | None = None, gptq_errors: bool | None = None) -> list[VariantSpec]:
+def plan_variants(config: PipelineConfig, stacked_family: str | None = None, profiled_errors: tuple[str, ...] | None = None) -> list[VariantSpec]:
     """Uniform first, then the boost methods, then the rest. A method gets one bit map per set of options
-    its backends need (`backend_options`), each for those backends. `gptq_errors`: whether the profile
-    holds GPTQ's rung errors (default: whether the configuration asks for them)."""
-    gptq_errors = config.gptq_errors if gptq_errors is None else gptq_errors
+    its backends need (`backend_options`), each for those backends. `profiled_errors`: whose own rung errors
+    the profile holds (default: those the configuration asks for)."""
+    profiled_errors = config.profiled_errors if profiled_errors is None else profiled_errors
     specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
-    methods = sorted((m for m in config.methods if m != "uniform"), key=lambda m: not METHODS[m].boost)
+    methods = sorted((m for m in config.methods if METHODS[m].scored), key=lambda m: not METHODS[m].boost)
     for method in methods:
         options = config.method_options.get(method) or {}
         if stacked_family and options.get("tie_fused") is False:
@@ -109,7 +118,7 @@ def plan_variants(config: PipelineConfig, stacked_family: str | None = None, gpt
                                 "gate/up each in one linear (they share one rung)")  # fmt: skip
         groups: dict[tuple, list[str]] = {}  # the backends' extra options -> those backends
         for backend in config.backends:
-            extra = backend_options(method, options, backend, stacked_family, gptq_errors)
+            extra = backend_options(method, options, backend, stacked_family, profiled_errors)
             groups.setdefault(tuple(sorted(extra.items())), []).append(backend)
         memory = _memory_groups(config, methods, method, stacked_family)
         for raw in config.budgets:
@@ -145,7 +154,7 @@ def _memory_groups(config: PipelineConfig, methods: list[str], method: str, stac
     options = {**METHODS[boost].defaults, **(config.method_options.get(boost) or {})}
     by_ties: dict[tuple, list[str]] = {}
     for backend in config.backends:
-        tied = {**options, **backend_options(boost, options, backend, stacked_family, False)}
+        tied = {**options, **backend_options(boost, options, backend, stacked_family, ())}
         by_ties.setdefault((bool(tied.get("tie_fused")), bool(tied.get("tie_experts"))), []).append(backend)
     if list(by_ties) == [(False, False)]:
         return []
@@ -188,7 +197,7 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
             target = reached[where]
         else:
             target = spec.budget.bpp if isinstance(spec.budget, Rung) else float(spec.budget)
-        if spec.method == "uniform":
+        if not method.scored:  # uniform: the rung everywhere, from the parameter counts alone
             bitmap = uniform_bitmap(params, spec.budget)
         else:
             bitmap = allocate(scores, spec.method, target, spec.options)

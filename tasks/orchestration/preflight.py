@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.allocation.methods import METHODS
 from tasks.families import layout_for
-from tasks.orchestration.config import PipelineConfig, named_error, parse_rung
+from tasks.orchestration.config import PipelineConfig, calibration_params, named_error, parse_rung
 
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
@@ -17,7 +18,6 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
     from tasks.calibration import read_sources
     from tasks.model_io import read_config, resolve_model
     from tasks.orchestration.planner import plan_variants
-    from tasks.orchestration.steps import calibration_params
 
     cfg = PipelineConfig.from_dict(config)  # every Param's type, range and combination
     read_sources(calibration_params(cfg))  # calibration_text, wikitext2_text, c4_parquet: readable, not empty
@@ -53,13 +53,16 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
                 backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, rung))
             except PipelineError as exc:
                 notes.append(f"{name} will skip uniform {rung.name}: {exc}")
-        sensitive = [m for m in cfg.methods if m != "uniform"]
+        sensitive = [m for m in cfg.methods if METHODS[m].scored]
         if sensitive and cfg.budgets and caps.bitmap != "any":
             notes.append(f"{name} expresses only {caps.bitmap} bit maps on bits {caps.uniform_bits} and group sizes {caps.group_sizes}:"
                          f" the {', '.join(sensitive)} maps that use other rungs will be skipped")  # fmt: skip
-        if name == "gptq" and cfg.gptq_errors:
-            notes.append("gptq: the profile also prices every rung by GPTQ's own error for optimal on gptq (one GPTQ solve per "
-                         "module input and rung; method_options.optimal.errors: hqq turns it off)")  # fmt: skip
+        own = caps.own_errors
+        if own and own.name in cfg.profiled_errors:
+            for method in (m for m in cfg.scored_methods if METHODS[m].errors_option):
+                option = METHODS[method].errors_option
+                notes.append(f"{name}: the profile also prices every rung by {own.title}'s own error for {method} on {name} ({own.cost}; "
+                             f"method_options.{method}.{option}: {METHODS[method].default(option)} turns it off)")  # fmt: skip
     return notes
 
 
@@ -79,8 +82,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     from tasks.bitmap import uniform_bitmap
     from tasks.errors import PipelineError
     from tasks.ladder import Rung
-    from tasks.orchestration.planner import memory_matches, plan_variants, variant_name
-    from tasks.orchestration.steps import BASELINE_METHOD
+    from tasks.orchestration.planner import BASELINE_METHOD, memory_matches, plan_variants, variant_name
     from tasks.quantize.registry import get_backend
 
     rows = []
@@ -100,7 +102,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
             backend = backends[name]
             caps = backend.capabilities
             skipped, caveat = backend.family_refusal(family), None
-            if not skipped and spec.method == "uniform":
+            if not skipped and not METHODS[spec.method].scored:
                 try:
                     backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, spec.budget))
                 except PipelineError as exc:

@@ -20,13 +20,12 @@ from typing import TypedDict
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash, write_json_atomic
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
-from tasks.orchestration.config import PipelineConfig
+from tasks.orchestration.config import PipelineConfig, calibration_params
 from tasks.orchestration.context import StepContext
-from tasks.orchestration.planner import allocate_variants, plan_variants, rung_errors, variant_name
+from tasks.orchestration.planner import BASELINE_METHOD, allocate_variants, plan_variants, rung_errors, variant_name
 
 log = logging.getLogger(__name__)
 
-BASELINE_METHOD = "unquantized"
 NOTE_LIMIT = 7500  # characters of a run's description (a tag: MLflow stores up to 8,000)
 # The evaluation's quality metrics, with their standard errors, that the results table and JSON carry.
 QUALITY_PREFIXES = ("ppl_", "kld_", "kld99_", "top1_", "dnll_", "lmeval_")
@@ -104,31 +103,22 @@ def local_model(ctx: StepContext, model: dict) -> str:
     return str(resolved.path)
 
 
-def calibration_params(cfg: PipelineConfig):
-    from tasks.calibration import CalibrationParams
-
-    return CalibrationParams(
-        samples=cfg.calibration_samples,
-        seq_len=cfg.calibration_seq_len,
-        seed=cfg.seed,
-        **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
-    )
-
-
 def profile(ctx: StepContext, prep: Prepared) -> str | None:
     """The scores table (cached by model and calibration); None when only uniform variants run."""
     cfg = PipelineConfig.from_dict(prep["config"])
-    if not any(m != "uniform" for m in cfg.methods) or not cfg.budgets:
+    if not cfg.scored_methods:
         return None
     from tasks.profiling import SCORES_FORMAT, run_profiling
     from tasks.profiling.dkld import DEFAULT_WINDOWS as DKLD_WINDOWS
     from tasks.profiling.driver import SUMMARY_FILE as PROFILE_SUMMARY
+    from tasks.quantize.registry import own_error_names
     from tasks.registry.tracking import client_for, log_profile_run
 
     calib = ensure_local(prep["calibration"]) / "calibration.safetensors"
     base = {"model": prep["model"]["revision"], "calibration": file_sha256(calib), "fisher_samples": cfg.gradient_windows, "format": SCORES_FORMAT}
-    gptq_errors = cfg.gptq_errors and _gptq_takes(local_model(ctx, prep["model"]))
-    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld), ({"gptq_errors": True}, gptq_errors)]
+    own_errors = cfg.profiled_errors and _measurable(cfg.profiled_errors, local_model(ctx, prep["model"]))
+    extras = [({"rival_scores": True}, cfg.rival_scores), ({"dkld_windows": DKLD_WINDOWS}, cfg.dkld),
+              *(({f"{name}_errors": True}, name in own_errors) for name in own_error_names())]  # e.g. {"gptq_errors": True}
     key = {**base, **{k: v for extra, wanted in extras for k, v in extra.items() if wanted}}
     out = StageOutput(ctx.settings.artifact_root, "profiling", key)
     # A finished profile with more columns than this run needs (the opt-in rival measurements) serves as is.
@@ -148,7 +138,7 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
                 else:
                     run_profiling(local_model(ctx, prep["model"]), calib, tmp, fisher_samples=cfg.gradient_windows,
                                   device=ctx.device, rival_scores=cfg.rival_scores, dkld_windows=DKLD_WINDOWS if cfg.dkld else 0,
-                                  gptq_errors=gptq_errors)  # fmt: skip
+                                  **{f"{name}_errors": True for name in own_errors})  # fmt: skip
         else:
             log.info("profiling: cache hit %s", out.uri)
         # One MLflow run per profile, which every pipeline run that uses it links to.
@@ -158,16 +148,22 @@ def profile(ctx: StepContext, prep: Prepared) -> str | None:
     return str(out.path / "scores.csv")
 
 
-def _gptq_takes(model_path: str) -> bool:
-    """Whether the gptq backend quantizes this model's family (else its rung errors are not profiled)."""
+def _measurable(profiled_errors: tuple[str, ...], model_path: str) -> tuple[str, ...]:
+    """The own rung errors worth profiling for this model: those of a backend that quantizes its family."""
     from tasks.families import layout_for
     from tasks.model_io import read_config
-    from tasks.quantize.registry import get_backend
+    from tasks.quantize.registry import BACKENDS, get_backend
 
-    refusal = get_backend("gptq").family_refusal(layout_for(read_config(model_path)).model_type)
-    if refusal:
-        log.info("profiling: no GPTQ rung errors: %s", refusal)
-    return refusal is None
+    family = layout_for(read_config(model_path)).model_type
+    out = []
+    for name in profiled_errors:
+        owners = [b for b in map(get_backend, BACKENDS) if b.capabilities.own_errors and b.capabilities.own_errors.name == name]
+        refusals = [r for r in (b.family_refusal(family) for b in owners) if r]
+        if len(refusals) == len(owners):
+            log.info("profiling: no %s rung errors: %s", name, "; ".join(refusals))
+        else:
+            out.append(name)
+    return tuple(out)
 
 
 def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Variant]:
@@ -175,7 +171,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
     the baseline first."""
     from tasks.families import layout_for
     from tasks.model_io import linear_param_counts, read_config
-    from tasks.quantize.registry import get_backend
+    from tasks.quantize.registry import get_backend, own_error_names
 
     cfg = PipelineConfig.from_dict(prep["config"])
     model = prep["model"]
@@ -188,8 +184,9 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
 
     model_config = read_config(local_model(ctx, model))
     layout = layout_for(model_config)
-    gptq_errors = table is not None and table.has("out_err_gptq")
-    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None, gptq_errors), table,
+    # whose own rung errors the table holds (a reused richer profile may hold some this run did not ask for)
+    profiled_errors = () if table is None else tuple(e for e in own_error_names() if table.has(f"out_err_{e}"))
+    planned = allocate_variants(plan_variants(cfg, layout.model_type if layout.stacked else None, profiled_errors), table,
                                 linear_param_counts(model_config), cfg.match_boost_memory)  # fmt: skip
     out = StageOutput(
         ctx.settings.artifact_root,
@@ -232,7 +229,7 @@ def allocate(ctx: StepContext, prep: Prepared, scores: str | None) -> list[Varia
                     "bitmap": str(out.path / f"{p.spec.name}.json"),
                     "nominal_bpp": p.bitmap.nominal_bpp,
                     "extra_pct": p.bitmap.extra_pct,
-                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, rung_errors(backend, gptq_errors)),
+                    "predicted_dnll": None if table is None else predicted_loss_increase(table, p.bitmap, rung_errors(backend, profiled_errors)),
                 }
             )
     evaluation = {"eval_tokens": cfg.eval_tokens, "protocols": list(cfg.protocols), "lm_eval_tasks": list(cfg.lm_eval_tasks), "lm_eval_limit": cfg.lm_eval_limit}
@@ -294,7 +291,7 @@ def evaluate(ctx: StepContext, variant: Variant) -> Variant:
 def record(ctx: StepContext, variant: Variant) -> Variant:
     """The variant's MLflow child run (bit map and its heat map, metrics, logged model) and, for quantized
     variants, its registered model version, made from the logged model."""
-    from tasks.registry.mlflow_model import SERVING
+    from tasks.registry.mlflow_model import serving as serving_of
     from tasks.registry.naming import BITMAP_JSON, BITMAP_PNG, EVALUATION_JSON, MANIFEST_JSON
     from tasks.registry.tracking import log_variant
     from tasks.registry.versions import register_version, version_description, version_tags
@@ -312,7 +309,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
         "options": variant["options"],
     }
     quantized = variant["backend"] != "none"
-    serving = SERVING.get(variant["backend"], "")
+    serving = serving_of(variant["backend"]) if quantized else ""
     with tempfile.TemporaryDirectory(prefix="quant-record-") as tmp:
         evaluation = {"variant": variant["name"], "settings": variant["eval"], "metrics": variant["metrics"]}
         files = {EVALUATION_JSON: str(write_json_atomic(Path(tmp) / EVALUATION_JSON, evaluation)),

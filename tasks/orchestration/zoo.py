@@ -297,10 +297,9 @@ def record_completion(artifact_root: str | Path, config: dict, model: dict, pare
     return out.uri
 
 
-def run_pending(items: list[dict], runner=None) -> list[dict]:
-    """`python -m tasks zoo run`: the pending entries' pipelines in this process, without Airflow."""
-    if runner is None:
-        from tasks.orchestration.runner import run_inprocess as runner
+def run_pending(items: list[dict], runner) -> list[dict]:
+    """The pending entries' pipelines, one after the other, each by `runner(config)` (`python -m tasks zoo
+    run` passes the in-process runner, tasks/orchestration/zoo_cli.py)."""
     results = []
     for item in items:
         if item["status"] != "pending":
@@ -309,31 +308,3 @@ def run_pending(items: list[dict], runner=None) -> list[dict]:
         result = runner(item["config"])
         results.append({"name": item["name"], "parent_run_id": result.get("parent_run_id"), "reports": result.get("reports")})
     return results
-
-
-# ---- CLI (python -m tasks zoo ...) ---------------------------------------------------------------
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("action", choices=("check", "plan", "run"), help="validate the zoo, show the plan, or run what is pending")
-    parser.add_argument("--file", default=None, help=f"zoo file (default: ${ZOO_ENV} or {DEFAULT_ZOO})")
-
-
-def run_cli(args) -> int:
-    import json
-
-    entries = load_zoo(args.file)
-    if args.action == "check":
-        for entry in entries:
-            print(f"ok: {entry.name}: {entry.model}{' (watched)' if entry.watch else ''}")
-        return 0
-    items = plan_zoo(entries)
-    if args.action == "plan":
-        for item in items:
-            print(f"{item['status']:9} {item['name']}: {item['reason']}")
-        return 0
-    print(json.dumps(run_pending(items), indent=2))
-    errors = failed_lookups(items)
-    if errors:
-        raise PipelineError("zoo: " + "; ".join(errors))
-    return 0

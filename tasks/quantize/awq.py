@@ -128,7 +128,14 @@ class AWQBackend(Backend):
         refused_families=(("qwen3_moe", "this backend's bit map (llm-compressor's per-module AWQ recipe) is not wired to experts yet; use hqq"),
                           ("mixtral", "this backend's bit map (llm-compressor's per-module AWQ recipe) is not wired to experts yet; use hqq"),
                           ("phi3", "llm-compressor's AWQ mappings name q/k/v and gate/up separately, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
+        fused_kernels=True,
+        serving="mlflow transformers; compressed-tensors",
+        clients="transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
+        libraries=("compressed-tensors",),
     )
+
+    def transformers_runs(self, checkpoint: Path) -> bool:
+        return True  # compressed-tensors config groups
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,
                  options: dict) -> dict:

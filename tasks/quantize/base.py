@@ -1,7 +1,8 @@
 """One interface for every quantization backend: model + bit map + calibration -> saved quantized model.
 
 A backend is registered by name in `tasks.quantize.registry`; the quantization stage and evaluation
-only ever talk to this interface, so adding a backend touches nothing else.
+only ever talk to this interface, and the orchestration and the registry ask its `Capabilities` (never
+its name), so adding a backend touches its module and its row of that table only.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def plain_checkpoint(path: Path) -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
+class OwnErrors:
+    """Rung errors of a backend's own quantizer that the profile can measure besides its HQQ rungs, so that
+    a method pricing rungs by error (MethodSpec.errors_option) prices this backend's by its own."""
+
+    name: str  # the profile's name for them: option `<name>_errors`, columns out_err_<name> and fisher_dloss_<name>
+    title: str  # how notes name the quantizer
+    cost: str  # what measuring them costs the profile, for the pre-flight's notes
+
+
+@dataclass(frozen=True)
 class Capabilities:
     uniform_bits: tuple[int, ...]  # weight bit widths a uniform run accepts
     group_sizes: tuple[int, ...]  # group sizes accepted (empty: the backend has no groups)
@@ -72,6 +83,13 @@ class Capabilities:
     needs_calibration: bool
     # model_type -> why this backend cannot quantize that family and what to use instead
     refused_families: tuple[tuple[str, str], ...] = ()
+    # Its checkpoints are served (vLLM) with fused q/k/v and gate/up kernels, which take one precision per
+    # fused group: bit maps for it tie those modules unless method_options say otherwise.
+    fused_kernels: bool = False
+    own_errors: OwnErrors | None = None
+    serving: str = ""  # the registered version's `serving` tag: how it is served, in a few words
+    clients: str = ""  # who loads the saved checkpoint directory besides this project (the model card, README's backend table)
+    libraries: tuple[str, ...] = ()  # what the loaded model needs besides torch and transformers (its requirements.txt)
 
 
 class Backend:
@@ -108,3 +126,13 @@ class Backend:
     def load(self, out_dir: Path, device: str = "cpu") -> nn.Module:
         """Reload a saved quantized model as a causal LM in eval mode (forward(input_ids).logits)."""
         raise NotImplementedError
+
+    def transformers_misreads(self, checkpoint: Path) -> bool:
+        """Whether transformers would load the saved checkpoint wrongly (it ignores quantization methods it
+        does not know): its registered copy then hides its model type (tasks/registry/mlflow_model.py)."""
+        return False
+
+    def transformers_runs(self, checkpoint: Path) -> bool:
+        """Whether transformers loads and runs the saved checkpoint as it is (the registered model then has
+        the transformers flavor)."""
+        return False

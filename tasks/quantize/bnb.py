@@ -126,7 +126,15 @@ class BnBBackend(Backend):
         refused_families=(("qwen3_moe", "bitsandbytes replaces nn.Linear modules, and transformers 5 stores a layer's experts as stacked tensors, which it would leave unquantized; use hqq"),
                           ("mixtral", "bitsandbytes replaces nn.Linear modules, and transformers 5 stores a layer's experts as stacked tensors, which it would leave unquantized; use hqq"),
                           ("phi3", "its bit maps address q/k/v and gate/up by their own names, which Phi-3 stacks in qkv_proj and gate_up_proj; use hqq"),),
+        serving="mlflow pyfunc; transformers (4-bit maps)",
+        clients="transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
+        libraries=("bitsandbytes",),
     )
+
+    def transformers_runs(self, checkpoint: Path) -> bool:
+        """4-bit-only maps: int8 modules load in transformers but fail at the first forward."""
+        layout = Path(checkpoint) / LAYOUT_FILE
+        return not (layout.exists() and json.loads(layout.read_text()).get("int8_modules"))
 
     def check(self, bitmap: BitMap) -> None:
         plan(bitmap)

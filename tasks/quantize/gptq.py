@@ -28,6 +28,7 @@ transformers' own GPTQ loader cannot read `dynamic` yet, hence load() goes throu
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -41,7 +42,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import Backend, Capabilities, patched, plain_checkpoint
+from tasks.quantize.base import HIDDEN_MODEL_TYPE, Backend, Capabilities, OwnErrors, patched, plain_checkpoint
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     base_rung,
@@ -123,7 +124,20 @@ class GPTQBackend(Backend):
                           ("gemma3_text", "GPTQModel cannot save a Gemma 3 checkpoint with transformers 5; use hqq"),
                           ("phi3", "GPTQModel's phi3 module tree names gate_proj and up_proj, which transformers stores as one "
                                    "gate_up_proj, so a bit map would not apply; use hqq")),  # fmt: skip
+        fused_kernels=True,
+        own_errors=OwnErrors("gptq", "GPTQ", "one GPTQ solve per module input and rung"),  # tasks/profiling/gptq_errors.py
+        serving="mlflow pyfunc; GPTQModel (uniform maps)",
+        clients=("uniform maps: GPTQModel, and transformers with gptqmodel (on CPU with quantization_config backend 'torch'); "
+                 "maps with per-module overrides: GPTQModel through this project's loader only, since transformers drops the "
+                 "overrides and its config.json therefore names a model type transformers refuses (for vLLM, which reads "
+                 f"`dynamic`, set model_type back from {HIDDEN_MODEL_TYPE!r})"),
+        libraries=("gptqmodel",),
     )
+
+    def transformers_misreads(self, checkpoint: Path) -> bool:
+        """With per-module overrides (`dynamic`): transformers' GPTQ integration (optimum) drops them."""
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+        return bool((config.get("quantization_config") or {}).get("dynamic"))
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,
                  options: dict) -> dict:

@@ -58,7 +58,13 @@ class HQQBackend(Backend):
         cpu=True,
         gpu=True,
         needs_calibration=False,
+        serving="mlflow pyfunc",
+        clients="this project's loader only (no standard loader reads a mixed-precision HQQ model; transformers refuses it)",
+        libraries=("hqq",),
     )
+
+    def transformers_misreads(self, checkpoint: Path) -> bool:
+        return True  # it would return random weights
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration, out_dir: Path, options: dict) -> dict:
         from tasks.model_io import load_model

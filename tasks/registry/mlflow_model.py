@@ -6,14 +6,14 @@ without int8 modules) the model has the transformers flavor (a text-generation p
 checkpoint, plus pyfunc); otherwise (HQQ, GPTQ, bnb with int8 modules) a small pyfunc model that loads
 the checkpoint with the backend's own loader (`tasks.quantize.<backend>`), with this project's code
 under `code/`. GPTQ stays pyfunc although transformers reads uniform GPTQ checkpoints: its GPTQ
-integration (optimum) drops per-module overrides (see BACKEND_CLIENTS). Either way:
+integration (optimum) drops per-module overrides (see its Capabilities.clients). Either way:
 
     MLmodel, requirements.txt      the flavor(s)
     README.md                      the model card: method, backend, bit map, bpp, perplexity, how to load
     artifacts/checkpoint/ (pyfunc) or model/ (transformers)   the checkpoint with the base model's
                                    tokenizer, bitmap.json, manifest.json (the stage's) and metrics.json
  Which clients load the bare checkpoint
-directory without this project is in BACKEND_CLIENTS (and the README's backend table); where no
+directory without this project is each backend's Capabilities.clients (and the README's backend table); where no
 standard loader can, the checkpoint's config.json names a quantization method transformers does not
 know as its model type, so `AutoModelForCausalLM.from_pretrained` refuses it with an error instead of
 silently returning random weights.
@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from tasks.quantize.base import HIDDEN_MODEL_TYPE
+from tasks.quantize.registry import capabilities, get_backend
 from tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")  # fmt: skip
 EXAMPLE = ["The capital of France is"]
 MAX_NEW_TOKENS = 32
-# Who loads a backend's saved checkpoint directory, besides this project's loader (README, backend table).
-BACKEND_CLIENTS = {
-    "hqq": "this project's loader only (no standard loader reads a mixed-precision HQQ model; transformers refuses it)",
-    "gptq": ("uniform maps: GPTQModel, and transformers with gptqmodel (on CPU with quantization_config backend 'torch'); "
-             "maps with per-module overrides: GPTQModel through this project's loader only, since transformers drops the "
-             "overrides and its config.json therefore names a model type transformers refuses (for vLLM, which reads "
-             f"`dynamic`, set model_type back from {HIDDEN_MODEL_TYPE!r})"),
-    "awq": "transformers with compressed-tensors installed, vLLM (compressed-tensors config groups)",
-    "bnb": "transformers with bitsandbytes for 4-bit-only maps (maps with 8-bit modules load there but fail at the first forward: this project's loader)",
-}
-# BACKEND_CLIENTS in a few words: the version's `serving` tag.
-SERVING = {"hqq": "mlflow pyfunc", "gptq": "mlflow pyfunc; GPTQModel (uniform maps)", "awq": "mlflow transformers; compressed-tensors",
-           "bnb": "mlflow pyfunc; transformers (4-bit maps)"}  # fmt: skip
-# Libraries the loaded model needs, by backend (pinned to what this environment runs).
-BACKEND_LIBRARIES = {"hqq": ["hqq"], "gptq": ["gptqmodel"], "awq": ["compressed-tensors"], "bnb": ["bitsandbytes"]}
 # A checkpoint transformers would load wrongly (HQQ: random weights; GPTQ with per-module overrides: the
 # overridden modules at the base precision, since transformers' GPTQ integration drops `dynamic`) names
 # in config.json a model type transformers does not know, so that it refuses the directory; our loaders
@@ -65,7 +51,6 @@ class QuantizedCausalLM(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from tasks.model_io import load_tokenizer
-        from tasks.quantize.registry import get_backend
 
         checkpoint = Path(context.artifacts[CHECKPOINT])
         self.model = get_backend(_backend_of(checkpoint)).load(checkpoint)
@@ -115,13 +100,13 @@ def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metri
     return out
 
 
+def serving(backend: str) -> str:
+    """The version's `serving` tag: how the backend's models are served, in a few words."""
+    return capabilities(backend).serving
+
+
 def transformers_misreads(checkpoint: Path, backend: str) -> bool:
-    if backend == "hqq":
-        return True
-    if backend == "gptq":
-        config = json.loads((checkpoint / "config.json").read_text())
-        return bool((config.get("quantization_config") or {}).get("dynamic"))
-    return False
+    return get_backend(backend).transformers_misreads(checkpoint)
 
 
 def loader_line(backend: str, path: str) -> str:
@@ -153,7 +138,7 @@ def model_card(variant: dict, metrics: dict, registered_name: str, checkpoint_di
         f'model = mlflow.pyfunc.load_model("models:/{registered_name}/<version>")  # or @champion',
         'model.predict(["The capital of France is"])',
         "```", "",
-        f"The checkpoint alone (`{checkpoint_dir}/`): {BACKEND_CLIENTS[variant['backend']]}.",
+        f"The checkpoint alone (`{checkpoint_dir}/`): {capabilities(variant['backend']).clients}.",
         f"With this project installed: `{loader_line(variant['backend'], checkpoint_dir)}`.", "",
         "Perplexities: paper protocol (sliding window 1024, stride 512) on the evaluated tokens "
         f"({_fmt(metrics.get('eval_tokens_wikitext2'))} of WikiText-2, {_fmt(metrics.get('eval_tokens_c4'))} of C4).",
@@ -171,7 +156,7 @@ def requirements(backend: str) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for name in ("torch", "transformers", "safetensors", "accelerate", *BACKEND_LIBRARIES.get(backend, [])):
+    for name in ("torch", "transformers", "safetensors", "accelerate", *capabilities(backend).libraries):
         try:
             pins.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -181,12 +166,7 @@ def requirements(backend: str) -> list[str]:
 
 def transformers_flavored(checkpoint: Path, backend: str) -> bool:
     """Whether the checkpoint is one transformers loads and runs as it is (see the module docstring)."""
-    if backend == "awq":
-        return True
-    if backend == "bnb":
-        layout = checkpoint / "bnb_layout.json"
-        return not (layout.exists() and json.loads(layout.read_text()).get("int8_modules"))
-    return False
+    return get_backend(backend).transformers_runs(checkpoint)
 
 
 def build_mlflow_model(variant: dict, metrics: dict, registered_name: str, out: Path) -> Path:

@@ -44,7 +44,7 @@ def _provenance(run: dict) -> str:
 
 def embedded_summary() -> str:
     """The README's small table: what each variant is, how big, how close to the base model, whether it reloads."""
-    from tasks.registry.mlflow_model import SERVING
+    from tasks.registry.mlflow_model import serving
     from tasks.reports.table import format_cell, markdown
 
     run = _stored()
@@ -54,7 +54,7 @@ def embedded_summary() -> str:
         name = f"**{r['variant']}** (champion)" if r.get("champion") else r["variant"]
         cells.append([str(i), name, format_cell(r.get("nominal_bpp"), "{:.3f}"), format_cell((r.get("saved_bytes") or 0) / 2**20 or None, "{:.1f}"),
                       format_cell(r.get("kld_wikitext2"), "{:.4f}"), format_cell(r.get("ppl_wikitext2"), "{:.2f}"),
-                      format_cell(r.get("load_check"), "{}"), SERVING.get(r["backend"], "-")])  # fmt: skip
+                      format_cell(r.get("load_check"), "{}"), serving(r["backend"]) if r["backend"] != "none" else "-"])  # fmt: skip
     table = markdown(head, cells, [True, False, True, True, True, True, False, False])
     return f"{table}\n\n{run['champion']}\n\n{_provenance(run)}"
 
