@@ -55,20 +55,21 @@ class PipelineConfig:
                                "allocators that read the profile", **_strings(enum=list(METHODS)))
     budgets: list[str] = param(["b3g64"], "Budgets for the layer-sensitive methods",
                                "rungs (required by sensiboost/kurtboost) or positive bits per parameter", **_strings(pattern=BUDGET_PATTERN))
-    method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}}',
+    method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}, '
+                                 '"optimal": {"tie_fused": true, "errors": "hqq"}}',
                                  type="object", additionalProperties=False,
                                  properties={m: {"type": "object", "properties": s.option_schemas(), "additionalProperties": False} for m, s in METHODS.items()})
     # Budget-exact methods given a rung budget get the memory the first boost method reached at that
     # rung, so that every layer-sensitive method is compared at equal memory.
     match_boost_memory: bool = param(True, "Compare at equal memory", "budget-exact methods at a rung get the memory SensiBoost reached there",
                                      type="boolean")
-    include_baseline: bool = param(True, "Evaluate the unquantized model", type="boolean")
-    calibration_samples: int = param(32, "Calibration windows", type="integer", minimum=1, maximum=4096)
+    include_baseline: bool = param(True, "Evaluate the unquantized model", "its row in the results (KLD is against it either way)", type="boolean")
+    calibration_samples: int = param(32, "Calibration windows", "windows sampled from the calibration text", type="integer", minimum=1, maximum=4096)
     # Text sources (None = the files shipped in data/): calibration text, WikiText-2 test text, C4 parquet.
     calibration_text: str | None = param(None, "Calibration text file", "default: the shipped WikiText-2 validation split", type=["null", "string"])
     wikitext2_text: str | None = param(None, "WikiText-2 test text file", "default: the shipped test split", type=["null", "string"])
     c4_parquet: str | None = param(None, "C4 validation parquet", "default: the shipped shard", type=["null", "string"])
-    calibration_seq_len: int = param(512, "Calibration window length", type="integer", minimum=16, maximum=8192)
+    calibration_seq_len: int = param(512, "Calibration window length", "tokens per calibration window", type="integer", minimum=16, maximum=8192)
     fisher_samples: int = param(8, "Gradient windows", "calibration windows of the profiler's backward pass (optimal's loss estimate), at most calibration_samples; 0 = none",
                                 type="integer", minimum=0, maximum=4096)
     eval_tokens: int = param(16384, "Evaluation tokens per set (0 = full set)", "the first N tokens of WikiText-2 test and of C4 validation",
@@ -81,16 +82,19 @@ class PipelineConfig:
     # such as "arc_easy" need a network). Empty = perplexity only.
     lm_eval_tasks: list[str] = param(["quant_facts"], "lm-eval tasks", "local (data/lm_eval/) or lm-eval registry task names; [] = none",
                                      **_strings(minLength=1))
-    lm_eval_limit: int | None = param(None, "lm-eval documents per task", type=["null", "integer"], minimum=1)
+    lm_eval_limit: int | None = param(None, "lm-eval documents per task", "null: every document", type=["null", "integer"], minimum=1)
     # The champion is the smallest saved model within the tolerance of the base model (README, "The champion").
     promote_metric: str = param("kld_wikitext2", "Champion metric", "distance from the base model the tolerance bounds: KL divergence "
                                 "or NLL increase (log of the perplexity ratio), nats per token", type="string", enum=list(PROMOTE_METRICS))
     promote_tolerance: float | None = param(0.35, "Champion tolerance", "the smallest version whose metric is at most this wins "
                                             "(none: the version closest to the base model); null: the best metric wins whatever its size",
                                             type=["null", "number"], minimum=0)
-    promote_max_bytes: int | None = param(None, "Champion memory cap (bytes)", type=["null", "integer"], minimum=1)
-    promote_min_improvement_pct: float = param(1.0, "Minimum improvement to replace the champion (%)", type="number", minimum=0)
-    seed: int = param(42, "Seed", type="integer")
+    promote_max_bytes: int | None = param(None, "Champion memory cap (bytes)", "only a version whose saved size is at most this may be champion; null: no cap",
+                                           type=["null", "integer"], minimum=1)
+    promote_min_improvement_pct: float = param(1.0, "Minimum improvement to replace the champion (%)",
+                                                   "a new pick replaces the champion only if this much smaller (both within the tolerance) "
+                                                   "or closer to the base model", type="number", minimum=0)
+    seed: int = param(42, "Seed", "of the calibration window sampling", type="integer")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
