@@ -51,7 +51,11 @@ def read_c4(path: str | Path, documents: int = C4_DOCUMENTS) -> str:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"C4 parquet not found: {path}")
-    table = pq.read_table(path, columns=["text"])
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except Exception as exc:  # noqa: BLE001 (pyarrow raises ArrowInvalid, KeyError, OSError... for a file that is not C4 parquet)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"C4 parquet {path} is not a parquet file with a 'text' column: {first[:200]}") from None
     docs = [t for t in table.column("text").to_pylist()[:documents] if t and t.strip()]
     if not docs:
         raise PipelineError(f"C4 parquet {path} has no non-empty documents")

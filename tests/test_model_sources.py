@@ -53,7 +53,8 @@ def test_unsupported_architecture(tmp_path, state):
         ({"budgets": ["-3"]}, "outside the ladder"),
         ({"colour": "blue"}, "unknown pipeline option"),
         ({"wikitext2_text": "EMPTY"}, r"text file .*empty\.txt is empty"),
-        ({"c4_parquet": "/no/such/c4.parquet"}, "c4 source not found"),
+        ({"c4_parquet": "/no/such/c4.parquet"}, "Param c4_parquet: C4 parquet not found"),
+        ({"c4_parquet": "README.md"}, "Param c4_parquet: C4 parquet README.md is not a parquet file"),
     ],
 )
 def test_cli_bad_input_gives_one_line_and_no_traceback(config, message, state, tmp_path):

@@ -145,6 +145,13 @@ def test_check_lists_the_variants_the_run_would_name(tmp_path, state, capsys):
     assert any(line.startswith("note: bnb will skip uniform b3g64: bnb cannot express") for line in out[:ok]), "the backend notes come first"
 
 
+def test_check_says_when_the_methods_have_no_budget(tmp_path, state, capsys):
+    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
+    out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "methods": ["mxq", "optimal"]}, capsys)
+    assert out[-1] == "note: budgets is empty: mxq, optimal make no variant; only the uniform rungs run"
+    assert not any("mxq" in line for line in out if line.startswith("variant:"))
+
+
 def test_check_says_when_only_the_baseline_runs(tmp_path, state, capsys):
     model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
     out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "uniform_budgets": []}, capsys)

@@ -15,12 +15,14 @@ from tasks.orchestration.config import PipelineConfig, calibration_params, named
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
     """(the validated config, the resolved model, notes); raises PipelineError on the first bad Param."""
-    from tasks.calibration import read_sources
+    from tasks.calibration import read_c4, read_text
     from tasks.model_io import read_config, resolve_model
     from tasks.orchestration.planner import plan_variants
 
     cfg = PipelineConfig.from_dict(config)  # every Param's type, range and combination
-    read_sources(calibration_params(cfg))  # calibration_text, wikitext2_text, c4_parquet: readable, not empty
+    sources = calibration_params(cfg)  # each text source present, not empty, and what its name says
+    for param_name, read in (("calibration_text", read_text), ("wikitext2_text", read_text), ("c4_parquet", read_c4)):
+        named_error(param_name, read, getattr(sources, param_name))
     if cfg.lm_eval_tasks:
         from tasks.evaluation.downstream import check_tasks
 
@@ -130,6 +132,9 @@ def plan_lines(cfg: PipelineConfig, family: str = "", stacked_family: str | None
             line += f"  ({r['caveat']})"
         lines.append(line.rstrip())
     quantized = [r for r in rows if r["backend"] != "none" and not r["skipped"]]
+    unbudgeted = [m for m in cfg.methods if m != "uniform"] if not cfg.budgets else []
+    if unbudgeted and quantized:  # (with nothing quantized, the note below says so)
+        lines.append(f"note: budgets is empty: {', '.join(unbudgeted)} make no variant; only the uniform rungs run")
     if not quantized:
         if not any(r["backend"] != "none" for r in rows):
             why = "uniform_budgets is empty and " + ("budgets is empty" if not cfg.budgets else "no layer-sensitive method is selected")
