@@ -164,12 +164,14 @@ def test_register_and_promote_through_the_server(servers, logged):
     pick = min(within, key=size.get) if within else min(kld, key=kld.get)
     # The pipeline's own promotion step already chose by the default rule (no cap).
     assert str(client.get_model_version_by_alias(model, "champion").version) == versions[pick]
-    # Under a cap that only the 3-bit model fits, the champion moves there, and a rerun changes nothing.
+    # Without a tolerance the closest to the base model wins whatever its size: the 4-bit model. Under a cap
+    # that only the 3-bit model fits, the champion moves there, says why, and a rerun changes nothing.
+    assert run_promotion(servers["uri"], model, tolerance=None)["champion"] == versions["hqq/uniform/4.25"]
     cap = int((size["hqq/uniform/4.25"] + size["hqq/uniform/3.13"]) / 2)
-    moved = run_promotion(servers["uri"], model, max_saved_bytes=cap)
-    assert moved["champion"] == versions["hqq/uniform/3.13"]
+    moved = run_promotion(servers["uri"], model, tolerance=None, max_saved_bytes=cap)
+    assert (moved["action"], moved["champion"]) == ("promote", versions["hqq/uniform/3.13"])
     assert moved["reason"] in client.get_model_version(model, moved["champion"]).description
-    assert run_promotion(servers["uri"], model, max_saved_bytes=cap)["action"] == "keep"
+    assert run_promotion(servers["uri"], model, tolerance=None, max_saved_bytes=cap)["action"] == "keep"
     assert len(client.search_model_versions(f"name='{model}'")) == 2
 
 
