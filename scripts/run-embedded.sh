@@ -40,9 +40,9 @@ echo "MLflow UI:         . .venv/bin/activate && mlflow ui --backend-store-uri $
 echo "                   (the links open it in \"Model training\" mode, the toggle at the top of MLflow's sidebar)"
 python - "$QUANT_HOME/reports/latest/links.json" <<'PY'
 import json, sys
-names = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
+from tasks.registry.ui import LINK_LABELS
 links = json.load(open(sys.argv[1]))
-for key, label in names.items():
+for key, label in LINK_LABELS.items():
     if key in links:
         print(f"  {label + ':':<18}{links[key]}")
 PY

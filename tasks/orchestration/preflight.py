@@ -132,7 +132,7 @@ def plan_lines(cfg: PipelineConfig, family: str = "", stacked_family: str | None
             line += f"  ({r['caveat']})"
         lines.append(line.rstrip())
     quantized = [r for r in rows if r["backend"] != "none" and not r["skipped"]]
-    unbudgeted = [m for m in cfg.methods if m != "uniform"] if not cfg.budgets else []
+    unbudgeted = [m for m in cfg.methods if METHODS[m].scored] if not cfg.budgets else []
     if unbudgeted and quantized:  # (with nothing quantized, the note below says so)
         lines.append(f"note: budgets is empty: {', '.join(unbudgeted)} make no variant; only the uniform rungs run")
     if not quantized:

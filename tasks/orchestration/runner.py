@@ -113,7 +113,11 @@ def run_cli(args) -> int:
     result = run_inprocess(config)
     print(result["table"])
     print(result.get("champion", ""))
-    for label, url in (result.get("links") or {}).items():  # the MLflow UI pages of this run
-        print(f"{label}: {url}")
+    from tasks.registry.ui import LINK_LABELS
+
+    links = result.get("links") or {}
+    for key, label in LINK_LABELS.items():  # the MLflow UI pages of this run
+        if key in links:
+            print(f"{label}: {links[key]}")
     print(f"\nreports: {result['reports']}")
     return 0

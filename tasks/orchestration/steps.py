@@ -309,7 +309,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
         "options": variant["options"],
     }
     quantized = variant["backend"] != "none"
-    serving = serving_of(variant["backend"]) if quantized else ""
+    serving = serving_of(variant["backend"]) if quantized else "the unquantized base model"
     with tempfile.TemporaryDirectory(prefix="quant-record-") as tmp:
         evaluation = {"variant": variant["name"], "settings": variant["eval"], "metrics": variant["metrics"]}
         files = {EVALUATION_JSON: str(write_json_atomic(Path(tmp) / EVALUATION_JSON, evaluation)),
@@ -326,7 +326,7 @@ def record(ctx: StepContext, variant: Variant) -> Variant:
                      "bitmap": files[BITMAP_JSON], "model": {**model, "path": local_model(ctx, model)}}  # fmt: skip
             name = registered_model_name(model["name"])
             build = lambda out: build_mlflow_model(local, variant["metrics"], name, out)  # noqa: E731
-        description = version_description(info, variant["metrics"], serving if quantized else "the unquantized base model")
+        description = version_description(info, variant["metrics"], serving)
         run_id, reused, model_id = log_variant(
             ctx.settings.tracking_uri, variant["parent_run_id"], info, variant["metrics"], files, build,
             weights_dir=files.get(MANIFEST_JSON) and Path(files[MANIFEST_JSON]).parent,
@@ -406,7 +406,7 @@ def results_rows(variants: list[Variant]) -> list[dict]:
 def finish(ctx: StepContext, prep: Prepared, recorded: list[Variant]) -> dict:
     """Promote the champion, write the reports, log them on the parent run, close it, share its runs
     view, and mark this configuration done for this checkpoint (the zoo's completion marker)."""
-    from tasks.artifacts import write_json_atomic, write_text_atomic
+    from tasks.artifacts import write_text_atomic
     from tasks.orchestration.zoo import record_completion
     from tasks.registry.naming import registered_model_name
     from tasks.registry.tracking import finish_pipeline_run
@@ -478,8 +478,9 @@ def _share_links(ctx: StepContext, prep: Prepared, recorded: list[Variant], regi
 
 
 def _link_text(links: dict) -> str:
-    names = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
-    return ", ".join(f"[{label}]({links[k]})" for k, label in names.items() if k in links)
+    from tasks.registry.ui import LINK_LABELS
+
+    return ", ".join(f"[{label}]({links[k]})" for k, label in LINK_LABELS.items() if k in links)
 
 
 def compare_variants(recorded: list[Variant], rows: list[dict]) -> tuple[list[str], dict]:

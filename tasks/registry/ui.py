@@ -17,6 +17,8 @@ from tasks.registry.tracking import KEY_METRICS, KEY_PREFIX
 
 WORKFLOW_QUERY = "workflowType=machine_learning"
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+# What each printed link opens (links.json keys), in the order `make run` prints them.
+LINK_LABELS = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
 TAG_LIMIT = 5000  # characters MLflow stores in an experiment tag's value
 LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000` over a local store (README, "Open the MLflow UI")
 # The runs table's columns besides the run name (the variant): how long, what it produced, how big, how good.

@@ -10,7 +10,7 @@ import logging
 import time
 
 from tasks.registry.naming import registered_model_name
-from tasks.registry.tracking import client_for
+from tasks.registry.tracking import KEY_DIGITS, KEY_PREFIX, client_for, key_metrics
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +23,18 @@ NOTE_END = "\n\n---\n\n"  # ends the note (champion, demotion) that heads a vers
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return "" if value is None else str(value)
 
 
 def version_tags(variant: str, method: str, backend: str, metrics: dict, model_hash: str, serving: str) -> dict:
-    """The fixed tag set, rounded for reading (the run holds the exact values)."""
-    m = metrics
-    size = m.get("saved_bytes")
-    values = {"variant": variant, "method": method, "backend": backend, "bpp": _round(m.get("nominal_bpp"), 3),
-              "size_mib": _round(size and size / 2**20, 1), "kld_wikitext2": _round(m.get("kld_wikitext2"), 4),
-              "ppl_wikitext2": _round(m.get("ppl_wikitext2"), 2), "serving": serving, "model_hash": model_hash}  # fmt: skip
-    assert tuple(values) == VERSION_TAGS
-    return {k: v for k, v in values.items() if v not in (None, "")}
-
-
-def _round(value, digits: int) -> str | None:
-    return None if value is None else f"{value:.{digits}f}"
+    """The fixed tag set, its numbers the run's key metrics as the UI's columns show them (the run holds the
+    exact values)."""
+    keys = key_metrics(metrics)
+    numbers = {k: f"{keys[KEY_PREFIX + k]:.{KEY_DIGITS[k]}f}" for k in ("bpp", "size_mib", "kld_wikitext2", "ppl_wikitext2")
+               if KEY_PREFIX + k in keys}  # fmt: skip
+    values = {"variant": variant, "method": method, "backend": backend, **numbers, "serving": serving, "model_hash": model_hash}
+    return {k: values[k] for k in VERSION_TAGS if values.get(k) not in (None, "")}
 
 
 def _pm(m: dict, key: str, digits: int) -> str:
@@ -57,7 +52,7 @@ def version_description(info: dict, metrics: dict, serving: str) -> str:
     rows = [
         ("WikiText-2 KLD / perplexity", f"{_pm(m, 'kld_wikitext2', 4)} / {_pm(m, 'ppl_wikitext2', 2)}"),
         ("C4 KLD / perplexity", f"{_pm(m, 'kld_c4', 4)} / {_pm(m, 'ppl_c4', 2)}"),
-        ("top-1 agreement with the base model (WikiText-2)", _round(m.get("top1_wikitext2"), 3) or "-"),
+        ("top-1 agreement with the base model (WikiText-2)", f"{m['top1_wikitext2']:.3f}" if m.get("top1_wikitext2") is not None else "-"),
         ("method / backend / budget", f"{info['method']} / {info['backend']} / {info['budget_label']}"),
         ("extra memory over the budget's rung", f"{m['extra_pct']:+.2f}%" if m.get("extra_pct") is not None else "-"),
         ("served by", serving),

@@ -168,11 +168,11 @@ def to_html(frame: pd.DataFrame, title: str = "Quantization comparison", figures
     head, cells, bold = _cells(frame, champion)
     keys = [k for k, _, _ in _columns(frame)]
     base = is_baseline(frame).tolist()
-    best = frame["variant"].astype(str).eq(champion).tolist() if champion is not None else [False] * len(frame)
+    champ = frame["variant"].astype(str).eq(champion).tolist() if champion is not None else [False] * len(frame)
     out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<table>",
            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for row, em, b, c in zip(cells, bold, base, best):
+    for row, em, b, c in zip(cells, bold, base, champ):
         tds = []
         for key, cell, e in zip(keys, row, em):
             cls = " ".join(filter(None, ["" if key in TEXT_COLUMNS else "num", "best" if e else ""]))
