@@ -17,6 +17,8 @@ With --backend gptq every variant is quantized by GPTQ (q/k/v and gate/up tied, 
 it), `optimal` is priced by GPTQ's own rung errors (docs/methods.md §11), and the rows `optimal[hqq]`
 are the same budgets priced by HQQ's errors: what the GPTQ pricing buys.
 Stage outputs are cached under $QUANT_HOME/artifacts, so a rerun only evaluates what changed.
+--write-docs stores the rows as docs/results/allocator-frontier[-gptq][-full-wikitext2].json and rewrites the
+docs tables that read them (docs/allocators.md, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from tasks.allocation.methods import BOOST_METHODS  # noqa: E402
 from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
 from tasks.evaluation.compare import spearman  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
-from tasks.orchestration import steps  # noqa: E402
+import _pipeline  # noqa: E402
 from tasks.orchestration.config import PipelineConfig  # noqa: E402
-from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.orchestration.planner import VariantSpec, allocate_variants, backend_options, plan_variants, rung_errors  # noqa: E402
+from tasks.context import StageContext  # noqa: E402
+from tasks.allocation.plan import VariantSpec, allocate_variants, backend_options, plan_variants, rung_errors  # noqa: E402
 
 UNIFORM = ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64"]
 BOOST_RUNGS = ["b3g128", "b3g64", "b3g32"]
@@ -59,6 +61,7 @@ def main() -> int:
     ap.add_argument("--calibrate-on", default="optimal @uniform 4.25", help="the row whose measured dNLL scales the predicted perplexity")
     ap.add_argument("--backend", default="hqq", choices=["hqq", "gptq"])
     ap.add_argument("--uniform", default=",".join(UNIFORM), help="the uniform rungs, each also a budget of `optimal` (e.g. b4g32: 4.51 bpp)")
+    ap.add_argument("--write-docs", action="store_true", help="store the rows (docs/results/) and rewrite the docs tables that read them")
     args = ap.parse_args()
     uniform = args.uniform.split(",")
     key = "" if args.protocol == "paper" else "_gptq"
@@ -77,11 +80,10 @@ def main() -> int:
     if args.fisher_samples is not None:
         config["fisher_samples"] = args.fisher_samples
     started = time.time()
-    ctx = StepContext.from_env()
+    ctx = StageContext.from_env()
     profiled = config["methods"] + (["optimal"] if "optimal" in methods else [])  # what the profile measures for
-    prep = steps.prepare(ctx, {**config, "methods": profiled or ["sensiboost"]})
-    scores = steps.profile(ctx, prep)
-    params = linear_param_counts(read_config(prep["model"]["path"]))
+    prep, scores = _pipeline.prepare(ctx, {**config, "methods": profiled or ["sensiboost"]})
+    params = linear_param_counts(read_config(prep.model.local(ctx.settings.cache_dir)))
     table = read_scores(scores)
     planned = allocate_variants(plan_variants(PipelineConfig.from_dict(config)), table, params)
     # ... plus `optimal` at exactly the bpp each boost method reached and at each uniform rung.
@@ -94,11 +96,11 @@ def main() -> int:
         planned += [(f"{row} {who} {label}", p) for row, options in pricings for who, label, bpp in targets
                     for p in allocate_variants([VariantSpec.of("optimal", float(bpp), options)], table, params)]  # fmt: skip
     named = [item if isinstance(item, tuple) else (_name(item), item) for item in planned]
-    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps" / args.backend  # one backend's maps never replace another's
+    out = Path(prep.calibration.uri).parent.parent / "benchmark-bitmaps" / args.backend  # one backend's maps never replace another's
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
+    base = _pipeline.baseline(ctx, prep)
     baseline = measure(ctx, base, args.full_wikitext2)
     rows.append(("unquantized", None, None, baseline))
     for name, p in named:
@@ -106,8 +108,7 @@ def main() -> int:
             continue
         path = out / f"{name.replace(' ', '_').replace('@', 'at-')}.json"
         p.bitmap.save(path)
-        variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp, "extra_pct": p.bitmap.extra_pct}
-        metrics = measure(ctx, variant, args.full_wikitext2)
+        metrics = measure(ctx, _pipeline.variant(base, args.backend, path, p.bitmap), args.full_wikitext2)
         rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, table.has("out_err_gptq"))), metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f c4 %.3f KLD %.4f%s", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2" + key],
                      metrics["ppl_c4" + key], metrics.get("kld_wikitext2" + key, math.nan),
@@ -163,22 +164,40 @@ def main() -> int:
             wins += ok
             print(f"  {'WIN ' if ok else 'LOSS'} {ours:<24} {ppl_of[ours][1]:8.3f} @ {ppl_of[ours][0]:.4f}  vs  {theirs:<12} {ppl_of[theirs][1]:8.3f} @ {ppl_of[theirs][0]:.4f}")
     print(f"  {wins}/{len(checks)} wins")
+    if args.write_docs:
+        from tasks.reports.docs_tables import write_benchmark_docs
+
+        name = docs_name("allocator-frontier", args.backend, args.full_wikitext2, args.protocol)
+        write_benchmark_docs(name, [docs_row(n, bpp, pred, m) for n, bpp, pred, m in rows], __file__)
     return 0
 
 
-def measure(ctx, variant: dict, full_wikitext2: bool) -> dict:
+def docs_name(benchmark: str, backend: str, full_wikitext2: bool, protocol: str = "paper") -> str:
+    """The stored result's name (docs/results/<name>.json) for --write-docs: one per backend, protocol and
+    whole-test option, so that a run of one never replaces another's rows."""
+    parts = [benchmark, *([backend] if backend != "hqq" else []), *([f"{protocol}-protocol"] if protocol != "paper" else []),
+             *(["full-wikitext2"] if full_wikitext2 else [])]  # fmt: skip
+    return "-".join(parts)
+
+
+def docs_row(name: str, bpp, pred, metrics: dict, **extra) -> dict:
+    """A row of the stored result: the benchmark's row name, nominal bpp, predicted dNLL and every numeric metric."""
+    return {"name": name, "bpp": bpp, "pred_dnll": pred, **extra,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}  # fmt: skip
+
+
+def measure(ctx, variant, full_wikitext2: bool) -> dict:
     """The pipeline's evaluation of a variant (KLD against the base model included; `evaluation_dir`:
     its output, which holds the per-token values for paired comparisons) and, optionally, its perplexity
     on the whole WikiText-2 test under the GPTQ protocol (every token scored once)."""
     from tasks.evaluation.stage import EvalParams, run_evaluation
 
-    variant = steps.quantize(ctx, variant)
-    evaluated = steps.evaluate(ctx, variant)
-    metrics = {**evaluated["metrics"], "evaluation_dir": evaluated["evaluation"]}
+    evaluated = _pipeline.evaluate(ctx, variant)
+    metrics = {**evaluated.metrics, "evaluation_dir": evaluated.evaluation.uri}
     if full_wikitext2:
-        whole, _ = run_evaluation(variant["model_dir"], variant["backend"], variant["calibration"],
+        whole, _ = run_evaluation(evaluated.quantized.uri, evaluated.plan.backend, evaluated.run.calibration.uri,
                                   EvalParams(eval_tokens=0, protocols=("gptq",), datasets=("wikitext2",)),
-                                  ctx.settings.artifact_root, variant["model_key"], device=ctx.device)  # fmt: skip
+                                  ctx.settings.artifact_root, evaluated.quantized.key, device=ctx.device)  # fmt: skip
         metrics["full_ppl_wikitext2_gptq"] = whole["ppl_wikitext2_gptq"]
     return metrics
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tasks.allocation.optimal import objective_costs  # noqa: E402
 from tasks.allocation.program import RungProgram  # noqa: E402
 from tasks.ladder import split_key  # noqa: E402
-from tasks.orchestration import steps  # noqa: E402
-from tasks.orchestration.context import StepContext  # noqa: E402
+import _pipeline  # noqa: E402
+from tasks.context import StageContext  # noqa: E402
 from tasks.profiling.dkld import assign_weights, forward_with_layer_inputs, group_of, layer_weights, output_kld, run_from  # noqa: E402
 
 log = logging.getLogger("closed_loop")
@@ -146,15 +146,15 @@ def main() -> int:
 
     config = {"model": args.model, "uniform_budgets": [], "methods": ["optimal"], "budgets": ["b3g64"], "eval_tokens": args.eval_tokens,
               "protocols": ["paper"], "calibration_samples": args.samples, "lm_eval_tasks": [], "backends": ["hqq"]}  # fmt: skip
-    ctx = StepContext.from_env()
-    prep = steps.prepare(ctx, config)
-    table = read_scores(steps.profile(ctx, prep))
+    ctx = StageContext.from_env()
+    prep, scores = _pipeline.prepare(ctx, config)
+    table = read_scores(scores)
     rungs = table.rungs
     costs, _ = objective_costs(table, "fisher", rungs)
-    ids = load_ids(Path(prep["calibration"]) / "calibration.safetensors")[-args.windows :]  # the windows profiled last
-    qm = QuantizedModel(prep["model"]["path"], ids)
-    base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
-    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps" / "closed-loop"
+    ids = load_ids(prep.calibration.windows())[-args.windows :]  # the windows profiled last
+    qm = QuantizedModel(prep.model.local(ctx.settings.cache_dir), ids)
+    base = _pipeline.baseline(ctx, prep)
+    out = Path(prep.calibration.uri).parent.parent / "benchmark-bitmaps" / "closed-loop"
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -165,8 +165,7 @@ def main() -> int:
         for name, bitmap in (("optimal", open_loop), ("optimal closed-loop", closed)):
             path = out / f"{name.replace(' ', '_')}-{budget:g}.json"
             bitmap.save(path)
-            variant = {**base, "backend": "hqq", "method": "optimal", "bitmap": str(path), "nominal_bpp": bitmap.nominal_bpp, "extra_pct": bitmap.extra_pct}
-            metrics = steps.evaluate(ctx, steps.quantize(ctx, variant))["metrics"]
+            metrics = _pipeline.evaluate(ctx, _pipeline.variant(base, "hqq", path, bitmap)).metrics
             rows.append((budget, name, bitmap.nominal_bpp, metrics, trace if "closed" in name else None, loop_s))
 
     print(f"\nSmolLM2 + HQQ, closed loop on {args.windows} calibration windows, first {args.eval_tokens} tokens of each set\n")

@@ -38,7 +38,7 @@ def main() -> int:
     from tasks.evaluation.reference import TAIL, TOP_K
     from tasks.model_io import load_model, resolve_model
     from tasks.orchestration.config import PipelineConfig
-    from tasks.orchestration.steps import calibration_params
+    from tasks.orchestration.config import calibration_params
     from tasks.settings import Settings
 
     if args.threads:

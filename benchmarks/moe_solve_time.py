@@ -6,7 +6,9 @@ halves-to-quarters per extra bit (c * 4^-bits, a little worse for larger groups)
 module, since per-expert scores spread over orders of magnitude. Prints, per budget, the solve time, the
 solver's status and the budget reached, free and with tie_experts (every layer's experts on one rung).
 
-    python benchmarks/moe_solve_time.py [--layers 48] [--experts 128] [--budgets 3.25,3.51,4.13]
+    python benchmarks/moe_solve_time.py [--layers 48] [--experts 128] [--budgets 3.25,3.51,4.13] [--write-docs]
+
+--write-docs stores the rows as docs/results/moe-solve-time.json and rewrites the table in docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--budgets", default="3.25,3.51,4.13")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-docs", action="store_true", help="store the rows and rewrite the docs table (docs/architectures.md)")
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
 
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     scores = scores_from_frame(frame, source="synthetic Qwen3-30B-A3B shape")
     print(f"table: {len(scores.keys):,} modules x {len(scores.rungs)} rungs ({time.perf_counter() - started:.1f} s to build and read)")
     print(f"{'ties':<12} {'budget':>7} {'reached':>9} {'set-up s':>9} {'solve s':>8} {'core':>7} {'gap to LP bound':>16}  status")
+    rows = []
     for ties in ({}, {"tie_experts": True}):
         t0 = time.perf_counter()
         program, facts = build_program(scores, "fisher", **ties)
@@ -67,6 +71,12 @@ def main(argv=None) -> int:
             print(f"{'tie_experts' if ties else 'free':<12} {budget:>7.2f} {bitmap.nominal_bpp:>9.4f} {setup:>9.1f} {solve:>8.1f} "
                   f"{solver.get('core', 0):>7} {solver.get('lp_gap', 0.0):>16.2e}  {solver.get('status', '')}")
             assert bitmap.nominal_bpp <= budget + 1e-12
+            rows.append({"ties": "tie_experts" if ties else "free", "budget": budget, "reached": bitmap.nominal_bpp, "setup_s": setup,
+                         "solve_s": solve, "core": solver.get("core", 0), "lp_gap": solver.get("lp_gap"), "status": solver.get("status", "")})  # fmt: skip
+    if args.write_docs:
+        from tasks.reports.docs_tables import write_benchmark_docs
+
+        write_benchmark_docs("moe-solve-time", rows, __file__, argv)
     return 0
 
 

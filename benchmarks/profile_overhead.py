@@ -40,6 +40,7 @@ small and weighs less with more calibration tokens (128 x 512: see docs/allocato
 
     python benchmarks/profile_overhead.py                       # SmolLM2, 32 x 512 tokens
     python benchmarks/profile_overhead.py --samples 8 --threads 2   # a quicker run, on 2 idle cores
+    python benchmarks/profile_overhead.py --threads 2 --write-docs  # also rewrite its row of docs/allocators.md
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="model cache directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the fastest counts")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="store the result as docs/results/profile-overhead-<samples>x<seq-len>.json and rewrite its docs table")
     parser.add_argument("--worker", choices=["forward", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--calibration", help=argparse.SUPPRESS)
@@ -237,6 +240,10 @@ def main(argv=None) -> int:
     print(f"memory ratio (profiling peak / fp32 model)  {result['memory_ratio']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.write_docs:
+        from tasks.reports.docs_tables import write_benchmark_docs
+
+        write_benchmark_docs(f"profile-overhead-{args.samples}x{args.seq_len}", [result], __file__, argv)
     return 0
 
 

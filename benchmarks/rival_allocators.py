@@ -16,6 +16,8 @@ The profile is one pass with rival_scores (the rivals' scores cost an extra shar
 printed as the phase `rivals`); stage outputs are cached under $QUANT_HOME/artifacts. With --backend gptq
 every row is what the pipeline would build for gptq: q/k/v and gate/up tied, `optimal` priced by GPTQ's own
 rung errors (profile phase `gptq`), the rivals by plain rounding as their tools price them.
+--write-docs stores the rows as docs/results/rival-allocators[-gptq][-full-wikitext2].json and rewrites the
+docs tables that read them (docs/allocators.md).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
 from tasks.evaluation.stage import load_tokens  # noqa: E402
 from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
-from tasks.orchestration import steps  # noqa: E402
-from tasks.orchestration.context import StepContext  # noqa: E402
-from tasks.orchestration.planner import VariantSpec, allocate_variants, backend_options, rung_errors  # noqa: E402
+import _pipeline  # noqa: E402
+from tasks.context import StageContext  # noqa: E402
+from tasks.allocation.plan import VariantSpec, allocate_variants, backend_options, rung_errors  # noqa: E402
 from tasks.quantize.registry import own_error_names  # noqa: E402
 
 EXACT = ("optimal", "taylor", "delta_loss", "dkld_greedy", "mxq")
@@ -53,6 +55,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; slow on CPU)")
+    ap.add_argument("--write-docs", action="store_true", help="store the rows (docs/results/) and rewrite the docs tables that read them")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tasks.allocation import read_scores
@@ -65,12 +68,11 @@ def main() -> int:
     config = {"model": args.model, "backends": [args.backend], "uniform_budgets": [], "methods": needs, "budgets": ["3.2"],
               "eval_tokens": args.eval_tokens, "protocols": ["paper"], "calibration_samples": args.samples, "lm_eval_tasks": []}  # fmt: skip
     started = time.time()
-    ctx = StepContext.from_env()
-    prep = steps.prepare(ctx, config)
-    scores = steps.profile(ctx, prep)
+    ctx = StageContext.from_env()
+    prep, scores = _pipeline.prepare(ctx, config)
     profile = json.loads((Path(scores).parent / "profiling.json").read_text())
     table = read_scores(scores)
-    params = linear_param_counts(read_config(prep["model"]["path"]))
+    params = linear_param_counts(read_config(prep.model.local(ctx.settings.cache_dir)))
     profiled_errors = tuple(e for e in own_error_names() if table.has(f"out_err_{e}"))
 
     def spec(method: str, budget) -> VariantSpec:  # what the pipeline builds for this backend (ties, pricing)
@@ -86,16 +88,14 @@ def main() -> int:
             plan.append((f"SB30 {rung.label}", sb, seconds))
             plan.append((f"optimal @SB30 {rung.label}", *_allocate(spec("optimal", sb.bitmap.nominal_bpp), table, params)))
 
-    out = Path(prep["calibration"]).parent.parent / "benchmark-bitmaps"
+    out = Path(prep.calibration.uri).parent.parent / "benchmark-bitmaps"
     out.mkdir(exist_ok=True)
-    base = steps.allocate(ctx, {**prep, "config": {**prep["config"], "methods": [], "budgets": [], "uniform_budgets": []}}, None)[0]
+    base = _pipeline.baseline(ctx, prep)
     rows = [("unquantized", None, None, None, measure(ctx, base, args.full_wikitext2))]
     for name, p, seconds in plan:
         path = out / f"rival-{args.backend}-{name.replace(' ', '_').replace('@', 'at-')}.json"
         p.bitmap.save(path)
-        variant = {**base, "backend": args.backend, "method": p.spec.method, "bitmap": str(path), "nominal_bpp": p.bitmap.nominal_bpp,
-                   "extra_pct": p.bitmap.extra_pct}  # fmt: skip
-        metrics = measure(ctx, variant, args.full_wikitext2)
+        metrics = measure(ctx, _pipeline.variant(base, args.backend, path, p.bitmap), args.full_wikitext2)
         rows.append((name, p.bitmap.nominal_bpp, predicted_loss_increase(table, p.bitmap, rung_errors(args.backend, profiled_errors)), seconds, metrics))
         logging.info("%s: bpp %.4f wiki2 %.3f kld %.4f", name, p.bitmap.nominal_bpp, metrics["ppl_wikitext2"], metrics.get("kld_wikitext2", 0))
 
@@ -123,6 +123,13 @@ def main() -> int:
     print("\nissue 18's targets:")
     for line in target_verdicts(by_name, rungs):
         print("  " + line)
+    if args.write_docs:
+        from allocator_frontier import docs_name, docs_row
+
+        from tasks.reports.docs_tables import write_benchmark_docs
+
+        stored = [docs_row(name, bpp, pred, m, solve_s=seconds) for name, bpp, pred, seconds, m in rows]
+        write_benchmark_docs(docs_name("rival-allocators", args.backend, args.full_wikitext2), stored, __file__)
     return 0
 
 

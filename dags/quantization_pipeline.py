@@ -25,7 +25,7 @@ from airflow.sdk import Asset, Param, dag
 from tasks.orchestration import watch
 from tasks.orchestration.config import param_specs
 from tasks.orchestration.dag_factory import build_steps
-from tasks.orchestration.launch import LaunchConfig
+from tasks.deploy.launch import LaunchConfig
 
 DAG_ID = "quantization_pipeline"
 LAUNCH = LaunchConfig.from_env()  # QUANT_RUNTIME, read at parse time: TaskFlow or containers

@@ -1,7 +1,8 @@
 """`python -m tasks <stage> ...`: run one stage from the command line (also the containers' entry point).
 
-Each stage module defines `configure_parser(parser)` and `run_cli(args) -> int`; this file only
-dispatches. A PipelineError becomes one line on stderr and exit status 2: no traceback for bad input.
+Every command lives in the `cli.py` of its package, which defines `configure_<stage>(parser)` and
+`run_<stage>(args) -> int`; this file only dispatches. A PipelineError becomes one line on stderr and
+exit status 2: no traceback for bad input.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from tasks.errors import PipelineError
 
 # stage name -> (module, one-line help). Modules are imported only when their stage runs.
 STAGES = {
-    "calibrate": ("tasks.calibration", "tokenize calibration and evaluation sets"),
+    "calibrate": ("tasks.calibration.cli", "tokenize calibration and evaluation sets"),
     "profile": ("tasks.profiling.cli", "score every layer and module (kurtosis, sensitivity, errors, LIM, ZD)"),
     "allocate": ("tasks.allocation.cli", "turn a scores table and a budget into a bit map"),
-    "frontier": ("tasks.allocation.frontier_cli", "the optimal allocator's bit maps and estimated loss for many budgets"),
+    "frontier": ("tasks.allocation.cli", "the optimal allocator's bit maps and estimated loss for many budgets"),
     "quantize": ("tasks.quantize.cli", "quantize a model by a bit map with one backend"),
     "evaluate": ("tasks.evaluation.cli", "perplexity, size, memory and speed of a (quantized) model"),
-    "promote": ("tasks.registry.promotion", "move the champion alias to the best registered version"),
-    "verify": ("tasks.registry.load_check", "reload a registered version in this process and reproduce its perplexity"),
-    "report": ("tasks.reports", "comparison table and plots for a pipeline run"),
-    "docs": ("tasks.reports.docs_tables", "rewrite the generated tables of README.md and docs/ from stored results"),
-    "pipeline": ("tasks.orchestration.runner", "run the whole pipeline in-process, without Airflow"),
-    "downstream": ("tasks.evaluation.downstream", "lm-eval task scores of a model variant"),
-    "zoo": ("tasks.orchestration.zoo_cli", "validate, plan or run the model zoo (dags/zoo.yaml)"),
-    "step": ("tasks.orchestration.step_cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
+    "promote": ("tasks.registry.cli", "move the champion alias to the best registered version"),
+    "verify": ("tasks.registry.cli", "reload a registered version in this process and reproduce its perplexity"),
+    "report": ("tasks.reports.cli", "comparison table and plots for a pipeline run"),
+    "docs": ("tasks.reports.cli", "rewrite the generated tables of README.md and docs/ from stored results"),
+    "pipeline": ("tasks.orchestration.cli", "run the whole pipeline in-process, without Airflow"),
+    "downstream": ("tasks.evaluation.cli", "lm-eval task scores of a model variant"),
+    "zoo": ("tasks.orchestration.cli", "validate, plan or run the model zoo (dags/zoo.yaml)"),
+    "step": ("tasks.orchestration.cli", "run one pipeline step on JSON input (the containers' entry for DAG tasks)"),
 }
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == stage:
-            importlib.import_module(module).configure_parser(stage_parser)
+            getattr(importlib.import_module(module), f"configure_{name}")(stage_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return importlib.import_module(STAGES[args.stage][0]).run_cli(args) or 0
+        return getattr(importlib.import_module(STAGES[args.stage][0]), f"run_{args.stage}")(args) or 0
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.families import SUPPORTED_MODEL_TYPES, model_type_of
 from tasks.ladder import MODULES, module_key
@@ -34,14 +35,24 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
-class ResolvedModel:
+class ResolvedModel(Contract):
+    """The model a run quantizes (every stage's first input)."""
+
     name: str  # display name, also the MLflow experiment and registered-model stem
     path: Path  # a directory with config.json, *.safetensors and the tokenizer
     revision: str  # content identity: a hub commit, or a hash of the local files
     source: str  # what the user asked for
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "revision": self.revision, "source": self.source}
+    def local(self, cache_dir: str | Path) -> Path:
+        """The checkpoint directory on this machine. A step in a fresh pod lacks the one the run resolved
+        (its cache is empty): it resolves the same source again into its own cache, and refuses a
+        checkpoint that is not the revision the run started with."""
+        if Path(self.path).is_dir():
+            return Path(self.path)
+        resolved = resolve_model(self.source, self.revision, cache_dir)  # (only a hub id uses the revision)
+        if resolved.revision != self.revision:
+            raise PipelineError(f"model {self.source} is now revision {resolved.revision}, but this run started on {self.revision}")
+        return resolved.path
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,7 @@ import pytest
 
 from tasks.errors import PipelineError
 from tasks.orchestration.config import PipelineConfig, param_specs
-from tasks.orchestration.planner import plan_variants
+from tasks.allocation.plan import plan_variants
 from tasks.orchestration.preflight import backend_notes, planned_variants
 from tasks.quantize import registry
 from tasks.quantize.base import Backend, Capabilities, OwnErrors
@@ -127,8 +127,9 @@ def test_the_profile_is_keyed_by_the_own_rung_errors_it_holds_as_before(family, 
     import tasks.profiling
     import tasks.registry.tracking
     from tasks.artifacts import StageOutput, file_sha256
+    from tasks.context import StageContext
     from tasks.orchestration import steps
-    from tasks.orchestration.context import StepContext
+    from tasks.profiling.stage import Profile
 
     model = tmp_path / "model"
     model.mkdir()
@@ -146,12 +147,41 @@ def test_the_profile_is_keyed_by_the_own_rung_errors_it_holds_as_before(family, 
     monkeypatch.setattr(tasks.profiling, "run_profiling", profiled)
     monkeypatch.setattr(tasks.registry.tracking, "log_profile_run", lambda *args: "profile-run")
     monkeypatch.setattr(tasks.registry.tracking, "client_for", lambda uri: type("C", (), {"set_tag": lambda *a: None})())
-    ctx = StepContext.from_env()
+    ctx = StageContext.from_env()
     cfg = PipelineConfig.from_dict(config)
     prep = {"config": cfg.to_dict(), "model": {"name": "m", "revision": "rev", "path": str(model), "source": str(model)},
-            "calibration": str(calibration), "parent_run_id": "parent"}  # fmt: skip
-    scores = steps.profile(ctx, prep)
+            "calibration": {"uri": str(calibration)}, "parent_run_id": "parent"}  # fmt: skip
+    scores = Profile.from_json(steps.profile(ctx, prep)).scores
     key = {"model": "rev", "calibration": file_sha256(calibration / "calibration.safetensors"), "fisher_samples": cfg.gradient_windows,
            "format": tasks.profiling.SCORES_FORMAT, **extra}  # fmt: skip
     assert scores == str(StageOutput(ctx.settings.artifact_root, "profiling", key).path / "scores.csv")
     assert asked.get("gptq_errors", False) is ("gptq_errors" in extra) and asked["rival_scores"] is ("rival_scores" in extra)
+
+
+def _named_tests(source: str, names: set[str]) -> list[str]:
+    """Comparisons (==, !=, in, not in) of something with a backend's or method's name, as written in `source`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                found += [f"line {node.lineno}: {v.value!r}" for v in values if isinstance(v, ast.Constant) and v.value in names]
+    return found
+
+
+def test_the_orchestration_tests_no_backend_or_method_name():
+    """Planner, pre-flight, steps and the DAG wiring ask the tables (capabilities, method specs, the items'
+    own fields); the defaults of the Params may name backends and methods, a comparison may not."""
+    from tasks.allocation.methods import METHODS
+    from tasks.allocation.plan import BASELINE_METHOD
+
+    names = set(registry.BACKENDS) | set(METHODS) | {registry.UNQUANTIZED, BASELINE_METHOD}
+    root = Path(__file__).resolve().parents[1] / "tasks" / "orchestration"
+    found = {p.name: hits for p in sorted(root.glob("*.py")) if (hits := _named_tests(p.read_text(), names))}
+    assert found == {}
+
+
+def test_the_name_test_finder_finds_one():
+    assert _named_tests("if backend == 'gptq' or m in ('optimal', 'x'):\n    pass\n", {"gptq", "optimal"}) == ["line 1: 'gptq'", "line 1: 'optimal'"]

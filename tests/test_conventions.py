@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from tasks.orchestration.config import PROMOTE_METRICS, PipelineConfig
-from tasks.orchestration.planner import variant_name
-from tasks.orchestration.steps import BASELINE_METHOD
+from tasks.allocation.plan import variant_name
+from tasks.allocation.plan import BASELINE_METHOD
 from tasks.registry import naming, promotion, tracking, ui, versions
 
 DOC = (Path(__file__).resolve().parent.parent / "mlflow" / "CONVENTIONS.md").read_text()

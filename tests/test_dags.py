@@ -95,8 +95,10 @@ def expected_image(backend: str | None, registry="registry.example.com/ml", tag=
     return f"{registry}/{table['families'][family]['image']}:{tag}"
 
 
-VARIANTS = [{"backend": "none", "method": "unquantized", "name": "none/unquantized/fp32"}] + [
-    {"backend": b, "method": "uniform", "name": f"{b}/uniform/4.25"} for b in sorted(images()["backends"])
+# The mapped steps' items as the orchestrator reads them (tasks.orchestration.steps.VariantRecord.to_json):
+# the name and the backend whose image runs the variant (none for the base model: the core image).
+VARIANTS = [{"name": "none/unquantized/fp32", "backend_image": None}] + [
+    {"name": f"{b}/uniform/4.25", "backend_image": b} for b in sorted(images()["backends"])
 ]
 REGISTRY_ENV = {"QUANT_IMAGE_REGISTRY": "registry.example.com/ml", "QUANT_IMAGE_TAG": "9.9"}
 
@@ -121,7 +123,7 @@ def assert_pipeline_pods(dag) -> None:
                 container = next(c for c in pod["spec"]["containers"] if c["name"] == "base")
                 assert container["args"][:3] == ["step", step.name, "--input"] and json.loads(container["args"][3]) == variant
                 gpu = container["resources"]["limits"].get("nvidia.com/gpu")
-                backend = None if variant["backend"] == "none" or not step.backend_image else variant["backend"]
+                backend = variant["backend_image"] if step.backend_image else None
                 assert container["image"] == expected_image(backend), (step.name, variant)
                 assert (gpu == "1") is step.gpu, (step.name, variant)
                 if step.gpu:
@@ -181,7 +183,7 @@ def test_docker_runtime_launches_containers_with_a_gpu(monkeypatch):
     launches = dag.get_task("quantize_input").python_callable(VARIANTS)
     for variant, launch in zip(VARIANTS, launches):
         op = mapped.unmap(launch)
-        assert op.image == expected_image(None if variant["backend"] == "none" else variant["backend"])
+        assert op.image == expected_image(variant["backend_image"])
         assert op.command[:3] == ["step", "quantize", "--input"]
         assert op.device_requests and op.device_requests[0]["Capabilities"] == [["gpu"]]
     allocate = dag.get_task("allocate")

@@ -107,9 +107,9 @@ def test_stage_packages_never_import_the_orchestration():
 
 
 def test_numeric_stage_code_never_imports_mlflow_or_airflow():
-    """MLflow and Airflow belong to tasks/registry and tasks/orchestration (and the DAG files)."""
+    """MLflow and Airflow belong to tasks/registry, tasks/orchestration and tasks/deploy (the operators) and the DAG files."""
     offenders = {m: sorted(n for n in imported_names(p) if within(n, ["mlflow", "airflow"]))
-                 for m, p in modules().items() if not within(m, ["tasks.registry", "tasks.orchestration"])}  # fmt: skip
+                 for m, p in modules().items() if not within(m, ["tasks.registry", "tasks.orchestration", "tasks.deploy"])}  # fmt: skip
     assert {m: n for m, n in offenders.items() if n} == {}
 
 
@@ -149,3 +149,55 @@ def imported_names_of(tree: ast.Module) -> set[str]:
             out.add(node.module)
             out.update(f"{node.module}.{alias.name}" for alias in node.names)
     return out
+
+
+# ---- the command line: every entry in a cli.py -------------------------------------------------------
+
+
+def cli_stages() -> dict[str, str]:
+    """tasks/__main__.py's STAGES (stage -> module), read from its source."""
+    tree = ast.parse((PACKAGE / "__main__.py").read_text())
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "STAGES" for t in node.targets))  # fmt: skip
+    return {stage: module for stage, (module, _help) in ast.literal_eval(table).items()}
+
+
+def top_level_functions(path: Path) -> set[str]:
+    return {node.name for node in ast.parse(path.read_text(), str(path)).body if isinstance(node, ast.FunctionDef)}
+
+
+def test_every_stage_of_python_m_tasks_lives_in_a_cli_module_with_its_configure_and_run():
+    stages = cli_stages()
+    assert stages, "tasks/__main__.py has no STAGES table"
+    wrong = {}
+    for stage, module in stages.items():
+        if not module.endswith(".cli") or module not in modules():
+            wrong[stage] = f"{module}: not a cli module of the tasks package"
+            continue
+        missing = {f"configure_{stage}", f"run_{stage}"} - top_level_functions(modules()[module])
+        if missing:
+            wrong[stage] = f"{module} lacks {', '.join(sorted(missing))}"
+    assert wrong == {}
+
+
+def argparse_uses(path: Path) -> list[str]:
+    """Where the file imports argparse or calls add_argument (add_argument_group and the like)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "argparse" for alias in node.names):
+            found.append(f"line {node.lineno}: import argparse")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "argparse" and not node.level:
+            found.append(f"line {node.lineno}: from argparse import")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("add_argument"):
+            found.append(f"line {node.lineno}: {node.func.attr}")
+    return found
+
+
+def test_no_module_but_the_cli_modules_holds_argparse_code():
+    """Stage modules keep no command line: parsing lives in each package's cli.py (and tasks/__main__.py)."""
+    offenders = {m: argparse_uses(p) for m, p in modules().items() if p.name != "cli.py" and m != "tasks.__main__"}
+    assert {m: found for m, found in offenders.items() if found} == {}
+
+
+def test_the_argparse_scan_finds_a_parser():
+    assert argparse_uses(PACKAGE / "__main__.py") and argparse_uses(PACKAGE / "allocation" / "cli.py")

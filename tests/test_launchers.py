@@ -1,4 +1,4 @@
-"""tasks/orchestration/launch.py: the pods and containers the DAG would launch, built without a cluster or an engine.
+"""tasks/deploy/launch.py: the pods and containers the DAG would launch, built without a cluster or an engine.
 
 Checks that GPU stages request `nvidia.com/gpu` and land on GPU nodes, that each backend runs in its
 family's image, that the pods are valid Kubernetes objects (kubernetes-validate's schemas, strict) and
@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tasks.errors import PipelineError
-from tasks.orchestration import launch as launchers
-from tasks.orchestration.launch import LaunchConfig, docker_spec, image_for, launch_spec, make_operator, pod_manifest
+from tasks.deploy import launch as launchers
+from tasks.deploy.launch import LaunchConfig, docker_spec, image_for, launch_spec, make_operator, pod_manifest
 from tasks.orchestration.step_table import BY_NAME as STEPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def test_docker_spec():
 
 
 def test_the_module_imports_no_provider():
-    code = ("import sys; import tasks.orchestration.launch; "
+    code = ("import sys; import tasks.deploy.launch; "
             "print(sorted(m for m in sys.modules if m.startswith(('airflow', 'docker', 'kubernetes'))))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

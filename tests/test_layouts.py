@@ -115,7 +115,7 @@ def test_an_untied_bit_map_is_refused_for_a_stacked_family(twins, tmp_path):
 
 def test_the_planner_ties_every_backend_for_a_stacked_family():
     from tasks.orchestration.config import PipelineConfig
-    from tasks.orchestration.planner import plan_variants
+    from tasks.allocation.plan import plan_variants
 
     cfg = PipelineConfig.from_dict({"backends": ["hqq"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"]})
     assert not any(s.options.get("tie_fused") for s in plan_variants(cfg))

@@ -16,8 +16,8 @@ from tasks.allocation.methods import METHODS
 from tasks.errors import PipelineError
 from tasks.ladder import parse_rung
 from tasks.orchestration.config import BACKEND_NAMES, PROTOCOL_NAMES, PipelineConfig
-from tasks.orchestration.context import StepContext
-from tasks.orchestration.planner import VariantSpec, allocate_variants, memory_matches, plan_variants, variant_name
+from tasks.context import StageContext
+from tasks.allocation.plan import VariantSpec, allocate_variants, memory_matches, plan_variants, variant_name
 from tasks.orchestration.step_table import CONF, STEPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +48,12 @@ def test_the_step_order_is_written_in_one_place():
 
 def test_a_gpu_step_gets_the_gpu_only_where_torch_sees_one(monkeypatch):
     monkeypatch.delenv("QUANT_DEVICE", raising=False)
-    assert StepContext.from_env(gpu=False).device == "cpu"
+    assert StageContext.from_env(gpu=False).device == "cpu"
     import torch
 
-    assert StepContext.from_env(gpu=True).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert StageContext.from_env(gpu=True).device == ("cuda" if torch.cuda.is_available() else "cpu")
     env = {"QUANT_DEVICE": "cuda:1", "AIRFLOW_CTX_DAG_ID": "quantization_pipeline", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1"}
-    ctx = StepContext.from_env(gpu=False, env=env)
+    ctx = StageContext.from_env(gpu=False, env=env)
     assert ctx.device == "cuda:1"
     assert ctx.run_tags == {"airflow_dag_id": "quantization_pipeline", "airflow_dag_run_id": "manual__1"}
 
@@ -91,7 +91,7 @@ def test_run_inprocess_walks_the_table(monkeypatch, state):
     }
     monkeypatch.setattr(runner, "STEPS", table)
     monkeypatch.setattr(Step, "resolve", lambda self: lambda ctx, *args: calls.append(self.name) or fns[self.name](ctx, *args))
-    result = runner.run_inprocess({"model": "m"}, ctx=StepContext.from_env())
+    result = runner.run_inprocess({"model": "m"}, ctx=StageContext.from_env())
     assert calls == ["a", "b", "c", "c", "d"]
     assert result == {"a": {"conf": {"model": "m"}}, "cs": [{"name": "v1", "done": True}, {"name": "v2", "done": True}]}
 

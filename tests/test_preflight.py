@@ -26,6 +26,7 @@ BAD = {
     "methods": ({"methods": ["magic"]}, "unknown method"),
     "budgets": ({"methods": ["optimal"], "budgets": ["1.9"]}, "optimal cannot meet '1.9'"),
     "method_options": ({"methods": ["mxq"], "method_options": {"mxq": {"tolerance": "tight"}}}, "is not of type 'number'"),
+    "backend_options": ({"backends": ["gptq"], "backend_options": {"gptq": {"sym": "yes"}}}, "is not of type 'boolean'"),
     "match_boost_memory": ({"match_boost_memory": "yes"}, "is not of type 'boolean'"),
     "include_baseline": ({"include_baseline": 1}, "is not of type 'boolean'"),
     "calibration_samples": ({"calibration_samples": 0}, "calibration_samples"),
@@ -54,6 +55,9 @@ MORE_BAD = [  # further classes: option of a method that is not selected, unknow
     ({"methods": ["sensiboost"], "budgets": ["3.4"]}, "needs a ladder rung"),
     ({"protocols": ["paper", "paper"]}, "non-unique"),
     ({"promote_max_bytes": True}, "is not of type"),
+    ({"backend_options": {"gptq": {"damp_percent": 0.01}}}, "not among the selected backends"),
+    ({"backends": ["bnb"], "backend_options": {"bnb": {"quant_typ": "fp4"}}}, "Additional properties are not allowed"),
+    ({"backends": ["bnb"], "backend_options": {"bnb": {"quant_type": "int3"}}}, "is not one of"),
 ]
 
 
@@ -120,11 +124,11 @@ def _check(config: dict, capsys) -> list[str]:
     """The stdout lines of `python -m tasks pipeline --check --config <config>`, in this process."""
     import argparse
 
-    from tasks.orchestration.runner import configure_parser, run_cli
+    from tasks.orchestration.cli import configure_pipeline, run_pipeline
 
     parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    assert run_cli(parser.parse_args(["--check", "--config", json.dumps(config)])) == 0
+    configure_pipeline(parser)
+    assert run_pipeline(parser.parse_args(["--check", "--config", json.dumps(config)])) == 0
     return capsys.readouterr().out.splitlines()
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tasks.orchestration.context import StepContext
+from tasks.context import StageContext
 from tasks.orchestration.step_table import CONF, Step
 from tasks.registry.tracking import CONFIG_KEY_TAG, HOST_TAG, PID_TAG, client_for, start_pipeline_run
 
@@ -83,7 +83,7 @@ def test_the_inprocess_runner_ends_its_parent_run_when_a_step_fails(state, monke
     monkeypatch.setattr(runner, "STEPS", table)
     monkeypatch.setattr(Step, "resolve", lambda self: {"prepare": prepare, "allocate": allocate}[self.name])
     with pytest.raises(type(error)):
-        runner.run_inprocess(PARAMS, ctx=StepContext.from_env())
+        runner.run_inprocess(PARAMS, ctx=StageContext.from_env())
     client = client_for(uri)
     assert client.get_run(opened["id"]).info.status == status and client.get_run(opened["child"]).info.status == status
 

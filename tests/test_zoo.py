@@ -12,6 +12,8 @@ import pytest
 from tasks.artifacts import StageOutput
 from tasks.errors import PipelineError
 from tasks.orchestration import zoo
+from tasks import model_revisions
+from tasks.registry import completion
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,15 +125,15 @@ def test_find_entry_by_name_then_model(tmp_path):
 
 
 def test_is_hub_id(tmp_path):
-    assert zoo.is_hub_id("meta-llama/Meta-Llama-3-8B")
-    assert not zoo.is_hub_id("embedded")
-    assert not zoo.is_hub_id(str(tmp_path)) and not zoo.is_hub_id("./relative") and not zoo.is_hub_id("x.gguf")
+    assert model_revisions.is_hub_id("meta-llama/Meta-Llama-3-8B")
+    assert not model_revisions.is_hub_id("embedded")
+    assert not model_revisions.is_hub_id(str(tmp_path)) and not model_revisions.is_hub_id("./relative") and not model_revisions.is_hub_id("x.gguf")
 
 
 def test_local_revision_is_resolve_models_content_hash(state, tiny_model_dir):
     from tasks.model_io import resolve_model
 
-    assert zoo.lookup_revision(str(tiny_model_dir)) == resolve_model(str(tiny_model_dir)).revision
+    assert model_revisions.lookup_revision(str(tiny_model_dir)) == resolve_model(str(tiny_model_dir)).revision
 
 
 def test_hub_revision_comes_from_the_hub_api_without_a_download(monkeypatch):
@@ -148,7 +150,7 @@ def test_hub_revision_comes_from_the_hub_api_without_a_download(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr("tasks.model_io.resolve_model", lambda *a, **k: pytest.fail("no download for a revision lookup"))
-    assert zoo.lookup_revision("org/model", "main") == "abc123"
+    assert model_revisions.lookup_revision("org/model", "main") == "abc123"
     assert calls == [("org/model", "main")]
 
 
@@ -162,7 +164,7 @@ def test_hub_revision_falls_back_to_resolve_model_offline(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
     monkeypatch.setattr("tasks.model_io.resolve_model", lambda s, r, c: ResolvedModel("m", Path("/x"), "cached-sha", s))
-    assert zoo.lookup_revision("org/model") == "cached-sha"
+    assert model_revisions.lookup_revision("org/model") == "cached-sha"
 
 
 # ---- planning and skipping -----------------------------------------------------------------------
@@ -175,7 +177,7 @@ def complete(state: Path, item: dict, parent: str = "parent-1") -> str:
 
     config = PipelineConfig.from_dict(item["config"]).to_dict()  # as the triggered run's prepare sees it
     model = {"source": item["model"], "revision": item["revision"]}
-    return zoo.record_completion(state / "artifacts", config, model, parent, state / "reports" / parent, [{"variant": "hqq/uniform/4.25"}])
+    return completion.record_completion(state / "artifacts", config, model, parent, state / "reports" / parent, [{"variant": "hqq/uniform/4.25"}])
 
 
 def test_plan_runs_what_is_new_and_skips_what_is_done(state):
@@ -188,9 +190,9 @@ def test_plan_runs_what_is_new_and_skips_what_is_done(state):
     assert [r["conf"] for r in zoo.trigger_requests(items, "run-1")] == [a["config"], items[1]["config"]]
 
     complete(state, a)
-    manifest = StageOutput(state / "artifacts", zoo.MARKER_STAGE, zoo.marker_inputs(a["config"], "sha-a1")).manifest()
+    manifest = StageOutput(state / "artifacts", completion.MARKER_STAGE, completion.marker_inputs(a["config"], "sha-a1")).manifest()
     assert manifest["parent_run_id"] == "parent-1" and manifest["revision"] == "sha-a1" and manifest["model"] == "org/a"
-    assert complete(state, a, parent="parent-2") and StageOutput(state / "artifacts", zoo.MARKER_STAGE, zoo.marker_inputs(a["config"], "sha-a1")).manifest()["parent_run_id"] == "parent-1", "the first marker stays"
+    assert complete(state, a, parent="parent-2") and StageOutput(state / "artifacts", completion.MARKER_STAGE, completion.marker_inputs(a["config"], "sha-a1")).manifest()["parent_run_id"] == "parent-1", "the first marker stays"
 
     again = {i["name"]: i for i in zoo.plan_zoo(entries, lookup=lookup)}
     assert again["a"]["status"] == "done" and again["a"]["parent_run_id"] == "parent-1"

@@ -190,31 +190,3 @@ def load_variant(model_dir: str | Path, backend: str = "none"):
     from tasks.quantize.registry import get_backend
 
     return get_backend(backend).load(Path(model_dir))
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--model", required=True, help="model directory (a checkpoint or a backend's saved output)")
-    parser.add_argument("--backend", default="none", help="backend that saved it (none, hqq, gptq, awq, bnb)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval task names")
-    parser.add_argument("--task-dir", default=str(TASK_DIR), help="directory of local task YAMLs ('' for none)")
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (quick runs)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default=None, help="write the scores as JSON here")
-
-
-def run_cli(args) -> int:
-    import json
-
-    from tasks.artifacts import write_json_atomic
-    from tasks.model_io import load_tokenizer
-
-    model = load_variant(args.model, args.backend)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    scores = run_downstream(model, tokenizer, [t for t in args.tasks.split(",") if t], task_dir=args.task_dir or None,
-                            limit=limit, batch_size=args.batch_size)
-    if args.out:
-        write_json_atomic(args.out, scores)
-    print(json.dumps(metric_names(scores), sort_keys=True))
-    return 0

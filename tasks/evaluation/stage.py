@@ -16,28 +16,63 @@ import numpy as np
 import torch
 
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
-from tasks.calibration import EVAL_SETS, load_ids
+from tasks.calibration import EVAL_SETS, Calibration, load_ids
+from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.evaluation.memory import PeakRSS, directory_bytes
 from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream, scored_prefix
 from tasks.evaluation.reference import TAIL, TOP_K, Reference
 from tasks.evaluation.stats import block_se, paired_difference, ppl_with_se
+from tasks.model_io import ResolvedModel
+from tasks.quantize.registry import UNQUANTIZED
+from tasks.quantize.stage import QuantizedModel
 
 log = logging.getLogger(__name__)
 
-UNQUANTIZED = "none"  # backend name of the full-precision baseline
 FORMAT = 2  # of the evaluation output: 2 added standard errors, KLD and per-token values
 TOKENS_FILE = "tokens.safetensors"
 RELOAD_TOKENS = 2048  # WikiText-2 tokens the reload check of a registered version re-evaluates
 
 
 @dataclass(frozen=True)
-class EvalParams:
+class EvalParams(Contract):
+    """The evaluation's settings (its cache key holds them)."""
+
     eval_tokens: int = 16384  # per stream; 0 = the full stream
     protocols: tuple[str, ...] = ("paper",)
     datasets: tuple[str, ...] = EVAL_SETS
     lm_eval_tasks: tuple[str, ...] = ()  # downstream tasks through lm-eval (data/lm_eval/ or lm-eval's registry)
     lm_eval_limit: int | None = None  # documents per task, for quick runs
+
+    @property
+    def reload_protocol(self) -> str:
+        """The protocol of the perplexity the reload check of a registered version reproduces."""
+        return "paper" if "paper" in self.protocols else self.protocols[0]
+
+
+@dataclass(frozen=True)
+class EvaluationParams(Contract):
+    model: ResolvedModel  # the base model: its tokenizer, and the reference of KLD and top-1
+    backend: str
+    quantized: QuantizedModel
+    calibration: Calibration
+    settings: EvalParams
+
+
+@dataclass(frozen=True)
+class Evaluation(Contract):
+    uri: str  # the stage output, with every scored token's values (paired comparisons)
+    metrics: dict
+    protocol: str  # of the reload check's perplexity (reload_ppl over reload_tokens)
+
+
+def run(ctx, params: EvaluationParams) -> Evaluation:
+    base = params.model.local(ctx.settings.cache_dir)
+    model_dir = base if params.backend == UNQUANTIZED else params.quantized.uri
+    metrics, uri = run_evaluation(model_dir, params.backend, params.calibration.uri, params.settings, ctx.settings.artifact_root,
+                                  params.quantized.key, tokenizer_dir=base, device=ctx.device, base_dir=base,
+                                  base_key=params.model.revision)  # fmt: skip
+    return Evaluation(uri, metrics, params.settings.reload_protocol)
 
 
 def suffix(dataset: str, protocol: str) -> str:
@@ -243,7 +278,7 @@ def _against_self(metrics: dict, tokens: dict, params: EvalParams) -> tuple[dict
 def reload_metrics(tokens: dict, params: EvalParams) -> dict:
     """The WikiText-2 perplexity of the first RELOAD_TOKENS tokens (a prefix of the evaluation, same
     windows), which the reload check of a registered version reproduces at a fraction of the cost."""
-    proto = "paper" if "paper" in params.protocols else params.protocols[0]
+    proto = params.reload_protocol
     nll = tokens.get(f"nll/{suffix('wikitext2', proto)}")
     if nll is None:
         return {}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from tasks.allocation.budget import check_budget, parse_budget
 from tasks.allocation.methods import METHODS, check_options, method_spec
-from tasks.errors import PipelineError
-from tasks.ladder import LADDER, Rung, parse_rung
+from tasks.allocation.plan import scored_methods, wanted_errors
+from tasks.errors import PipelineError, named_error
+from tasks.ladder import Rung, parse_rung
 from tasks.quantize.registry import BACKENDS
 
 RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+"
@@ -33,6 +35,13 @@ def param(default, title: str, description: str = "", **schema):
 
 def _strings(**items) -> dict:
     return {"type": "array", "items": {"type": "string", **items}}
+
+
+def backend_option_schemas() -> dict:
+    """Per backend of the table, its options' schemas (tasks.quantize.registry.BACKEND_OPTIONS), read late like backend_names."""
+    from tasks.quantize.registry import option_schemas
+
+    return option_schemas()
 
 
 def backend_names() -> list[str]:
@@ -59,6 +68,8 @@ class PipelineConfig:
                                  '"optimal": {"tie_fused": true, "errors": "hqq"}}',
                                  type="object", additionalProperties=False,
                                  properties={m: {"type": "object", "properties": s.option_schemas(), "additionalProperties": False} for m, s in METHODS.items()})
+    backend_options: dict = param({}, "Backend options", 'the quantizers\' own settings, e.g. {"gptq": {"damp_percent": 0.01, "sym": true}, '
+                                  '"bnb": {"quant_type": "fp4"}}', type="object", additionalProperties=False, properties=backend_option_schemas)
     # Budget-exact methods given a rung budget get the memory the first boost method reached at that
     # rung, so that every layer-sensitive method is compared at equal memory.
     match_boost_memory: bool = param(True, "Compare at equal memory", "budget-exact methods at a rung get the memory SensiBoost reached there",
@@ -117,8 +128,9 @@ class PipelineConfig:
         for name in ("backends", "uniform_budgets", "methods", "budgets", "protocols", "lm_eval_tasks"):
             if not isinstance(getattr(self, name), list):
                 raise PipelineError(f"Param {name}: must be a list, got {getattr(self, name)!r}")
-        if not isinstance(self.method_options, dict):
-            raise PipelineError(f"Param method_options: must be a mapping of method -> options, got {self.method_options!r}")
+        for name, of in (("method_options", "method"), ("backend_options", "backend")):
+            if not isinstance(getattr(self, name), dict):
+                raise PipelineError(f"Param {name}: must be a mapping of {of} -> options, got {getattr(self, name)!r}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise PipelineError(f"Param methods: unknown method(s) {bad}: one of {', '.join(METHODS)}")
@@ -157,7 +169,7 @@ class PipelineConfig:
     @property
     def scored_methods(self) -> list[str]:
         """The selected methods that read the profile (the layer-sensitive ones), when there are budgets for them."""
-        return [m for m in self.methods if method_spec(m).scored] if self.budgets else []
+        return scored_methods(self)
 
     @property
     def rival_scores(self) -> bool:
@@ -166,21 +178,9 @@ class PipelineConfig:
 
     @property
     def profiled_errors(self) -> tuple[str, ...]:
-        """Whose own rung errors the profile must also measure (Capabilities.own_errors, e.g. GPTQ's: an extra
-        cost of the profile): those a method that prices rungs by error (MethodSpec.errors_option) is given in
-        method_options, else those of the run's backends that have them. Asks the backends' capabilities,
-        which imports them (torch): for the steps and the pre-flight, not the Airflow image."""
-        from tasks.quantize.registry import capabilities, own_error_names
-
-        own = own_error_names()
-        wanted: list[str] = []
-        for method in self.scored_methods:
-            spec = method_spec(method)
-            if spec.errors_option:
-                chosen = (self.method_options.get(method) or {}).get(spec.errors_option)
-                backends = (capabilities(b).own_errors for b in self.backends)
-                wanted += [chosen] if chosen is not None else [e.name for e in backends if e]
-        return tuple(e for e in dict.fromkeys(wanted) if e in own)
+        """Whose own rung errors the profile must also measure (tasks.allocation.plan.wanted_errors). Asks the
+        backends' capabilities, which imports them (torch): for the steps and the pre-flight, not the Airflow image."""
+        return wanted_errors(self)
 
     @property
     def dkld(self) -> bool:
@@ -217,49 +217,9 @@ class PipelineConfig:
             if not isinstance(options, dict):
                 raise PipelineError(f"Param method_options: the options of {method!r} must be a mapping, got {options!r}")
             check_options(method, options, "method_options")
-
-
-def named_error(param_name: str, parse, value):
-    """parse(value), its error prefixed with the Param it came from."""
-    try:
-        return parse(value)
-    except PipelineError as exc:
-        raise PipelineError(f"Param {param_name}: {exc}") from None
-
-
-def parse_budget(text) -> float | Rung:
-    """A ladder rung ('b3g64' / '3.25') or a positive real bpp ('3.4')."""
-    try:
-        return parse_rung(text)
-    except PipelineError:
-        pass
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise PipelineError(f"budget {text!r} is neither a ladder rung nor a number") from None
-    if not (LADDER[0].bpp * 0.5 < value <= LADDER[-1].bpp):
-        raise PipelineError(f"budget {value} bpp is outside the ladder's range ({LADDER[0].bpp:.2f}..{LADDER[-1].bpp:.2f})")
-    return value
-
-
-def check_budget(method: str, budget: float | Rung, raw, options: dict) -> None:
-    """Whether `method` can meet `budget`: a budget-exact method needs at least its cheapest allocation
-    (every module on its cheapest candidate rung); lim/zd also need a rung above their low rung."""
-    spec = method_spec(method)
-    if spec.budget == "rung":
-        return
-    bpp = budget.bpp if isinstance(budget, Rung) else float(budget)
-    rungs = options.get("rungs") or [r.name for r in LADDER]
-    candidates = [parse_rung(r.strip()) for r in (rungs.split(",") if isinstance(rungs, str) else rungs) if str(r).strip()]
-    cheapest = min(candidates, key=lambda r: r.bpp)
-    if bpp < cheapest.bpp - 1e-9:
-        raise PipelineError(f"Param budgets: {method} cannot meet {raw!r} ({bpp:.4f} bpp): its cheapest allocation, every module at"
-                            f" {cheapest.name}, takes {cheapest.bpp:.4f} bpp")  # fmt: skip
-    if spec.layerwise and not options.get("high"):
-        low = parse_rung(options["low"]) if options.get("low") else max((r for r in LADDER if r.bpp <= bpp + 1e-9), key=lambda r: r.bpp)
-        if not any(r.group_size == low.group_size and r.bits > low.bits for r in LADDER):
-            raise PipelineError(f"Param budgets: {method} at {raw!r} puts layers at {low.name}, and no rung above it keeps the"
-                                " important ones: give a lower budget or method_options high")  # fmt: skip
+        for backend in self.backend_options:
+            if backend not in self.backends:
+                raise PipelineError(f"Param backend_options: options for {backend!r}, which is not among the selected backends {self.backends}")
 
 
 def calibration_params(cfg: PipelineConfig):
@@ -272,10 +232,6 @@ def calibration_params(cfg: PipelineConfig):
         seed=cfg.seed,
         **{k: getattr(cfg, k) for k in ("calibration_text", "wikitext2_text", "c4_parquet") if getattr(cfg, k)},
     )
-
-
-def budget_label(budget: float | Rung) -> str:
-    return budget.label if isinstance(budget, Rung) else f"{budget:.2f}"
 
 
 def _resolved(schema):

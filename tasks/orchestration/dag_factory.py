@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from airflow.sdk import get_current_context, task
 
-from tasks.orchestration.launch import STEP_STAGE, LaunchConfig, make_operator, operator_spec, task_kwargs
+from tasks.deploy.launch import STEP_STAGE, LaunchConfig, make_operator, operator_spec, task_kwargs
 from tasks.orchestration.step_table import CONF, STEPS, Step
 
 RETRY_DELAY = timedelta(seconds=30)
@@ -47,13 +47,13 @@ def _policy(step: Step) -> dict:
 def end_failed_run(context) -> None:
     """A step failed for good (its retries spent): end the run's MLflow parent run, and the child runs it
     left open, as FAILED, so the UI does not show a dead run as running."""
-    from tasks.orchestration.context import StepContext
+    from tasks.context import StageContext
     from tasks.registry.tracking import end_pipeline_run
 
     try:
         prepared = _data(context["ti"].xcom_pull(task_ids=STEPS[0].name))
         if prepared and prepared.get("parent_run_id"):
-            end_pipeline_run(StepContext.from_env().settings.tracking_uri, prepared["parent_run_id"], "FAILED")
+            end_pipeline_run(StageContext.from_env().settings.tracking_uri, prepared["parent_run_id"], "FAILED")
     except Exception as exc:  # noqa: BLE001 (a callback must not hide the task's own failure)
         import logging
 
@@ -141,7 +141,7 @@ def _launches(step_name: str, launch: LaunchConfig):
     def launches(upstream) -> list[dict]:
         out = []
         for variant in _data(upstream):
-            backend = None if variant.get("backend") in (None, "none") else variant["backend"]
+            backend = variant.get("backend_image")  # the item's own word (a variant record: its backend; the baseline: none)
             out.append(task_kwargs(STEP_STAGE, backend, [step_name, "--input", json.dumps(variant)], launch))
         return out
 

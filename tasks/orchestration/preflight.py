@@ -10,14 +10,16 @@ from pathlib import Path
 
 from tasks.allocation.methods import METHODS
 from tasks.families import layout_for
-from tasks.orchestration.config import PipelineConfig, calibration_params, named_error, parse_rung
+from tasks.errors import named_error
+from tasks.ladder import parse_rung
+from tasks.orchestration.config import PipelineConfig, calibration_params
 
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
     """(the validated config, the resolved model, notes); raises PipelineError on the first bad Param."""
     from tasks.calibration import read_c4, read_text
     from tasks.model_io import read_config, resolve_model
-    from tasks.orchestration.planner import plan_variants
+    from tasks.allocation.plan import plan_variants
 
     cfg = PipelineConfig.from_dict(config)  # every Param's type, range and combination
     sources = calibration_params(cfg)  # each text source present, not empty, and what its name says
@@ -84,13 +86,16 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     from tasks.bitmap import uniform_bitmap
     from tasks.errors import PipelineError
     from tasks.ladder import Rung
-    from tasks.orchestration.planner import BASELINE_METHOD, memory_matches, plan_variants, variant_name
+    from tasks.allocation.plan import memory_matches, plan_variants, variant_name
     from tasks.quantize.registry import get_backend
+
+    from tasks.allocation.stage import baseline
 
     rows = []
     if cfg.include_baseline:
-        rows.append({"name": variant_name("none", BASELINE_METHOD, "fp32"), "method": BASELINE_METHOD, "budget": "fp32",
-                     "backend": "none", "skipped": None, "caveat": None})  # fmt: skip
+        plan = baseline(model=None)
+        rows.append({"name": plan.name, "method": plan.method, "budget": plan.budget_label, "backend": plan.backend, "quantized": False,
+                     "skipped": None, "caveat": None})  # fmt: skip
     backends = {name: get_backend(name) for name in cfg.backends}
     specs = plan_variants(cfg, stacked_family)
     for spec, matched in zip(specs, memory_matches(specs, cfg.match_boost_memory)):
@@ -112,7 +117,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
             elif not skipped and caps.bitmap != "any":
                 caveat = f"skipped unless its bit map is {caps.bitmap} on bits {caps.uniform_bits} and group sizes {caps.group_sizes}"
             rows.append({"name": variant_name(name, spec.label, spec.budget_label, matched), "method": spec.method,
-                         "budget": budget, "backend": name, "skipped": skipped, "caveat": caveat})  # fmt: skip
+                         "budget": budget, "backend": name, "quantized": True, "skipped": skipped, "caveat": caveat})  # fmt: skip
     return rows
 
 
@@ -131,12 +136,12 @@ def plan_lines(cfg: PipelineConfig, family: str = "", stacked_family: str | None
         elif r["caveat"]:
             line += f"  ({r['caveat']})"
         lines.append(line.rstrip())
-    quantized = [r for r in rows if r["backend"] != "none" and not r["skipped"]]
+    quantized = [r for r in rows if r["quantized"] and not r["skipped"]]
     unbudgeted = [m for m in cfg.methods if METHODS[m].scored] if not cfg.budgets else []
     if unbudgeted and quantized:  # (with nothing quantized, the note below says so)
         lines.append(f"note: budgets is empty: {', '.join(unbudgeted)} make no variant; only the uniform rungs run")
     if not quantized:
-        if not any(r["backend"] != "none" for r in rows):
+        if not any(r["quantized"] for r in rows):
             why = "uniform_budgets is empty and " + ("budgets is empty" if not cfg.budgets else "no layer-sensitive method is selected")
         else:
             why = "every (backend, variant) pair is skipped"

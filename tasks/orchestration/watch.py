@@ -27,7 +27,8 @@ from pathlib import Path
 from tasks.artifacts import write_json_atomic
 from tasks.errors import PipelineError
 from tasks.settings import Settings
-from tasks.orchestration.zoo import ZooEntry, find_entry, is_hub_id, lookup_revision
+from tasks.model_revisions import is_hub_id, lookup_revision
+from tasks.orchestration.zoo import ZooEntry, find_entry
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.artifacts import StageOutput, write_json_atomic
+from tasks.model_revisions import is_hub_id, lookup_revision
+from tasks.registry.completion import marker
 from tasks.errors import PipelineError
 from tasks.settings import REPO_ROOT, Settings
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 ZOO_ENV = "QUANT_ZOO_FILE"
 DEFAULT_ZOO = REPO_ROOT / "dags" / "zoo.yaml"
-MARKER_STAGE = "zoo-runs"
 ENTRY_ONLY = ("name", "watch")  # entry fields that are not PipelineConfig fields
 
 
@@ -142,81 +142,7 @@ def _same_model(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-# ---- revisions -----------------------------------------------------------------------------------
-
-
-def is_hub_id(source: str) -> bool:
-    """True when resolve_model would treat `source` as a hub id (same dispatch order)."""
-    source = (source or "").strip()
-    return not (
-        source == "embedded" or source.endswith(".gguf") or Path(source).exists() or source.startswith((".", "/", "~"))
-    )
-
-
-def lookup_revision(source: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
-    """The checkpoint's content identity, as resolve_model reports it, fetched as cheaply as possible.
-
-    Hub ids: the commit sha from the hub API, without downloading weights; if the hub cannot be
-    reached, resolve_model (a cached snapshot works offline). Embedded, GGUF and local checkpoints:
-    their content hash (file digests are cached by size and mtime), without converting anything.
-    """
-    from tasks.model_io import identify_model
-
-    if is_hub_id(source):
-        sha = _hub_sha(source, revision)
-        if sha:
-            return sha
-    return identify_model(source, revision, cache_dir)
-
-
-def _hub_sha(repo_id: str, revision: str | None) -> str | None:
-    try:
-        from httpx import HTTPError as TransportError  # huggingface_hub 1.x talks through httpx
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    except ImportError:  # the Airflow image: the hub's REST API directly
-        return _hub_sha_rest(repo_id, revision)
-    try:
-        return HfApi().model_info(repo_id, revision=revision).sha
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise PipelineError(f"model {repo_id!r} revision {revision or 'main'!r} not found on the hub: {type(exc).__name__}") from None
-    except (OSError, HfHubHTTPError, TransportError) as exc:  # offline, rate limited, proxy: use the cache
-        log.info("hub lookup of %s failed (%s); resolving through the model cache", repo_id, type(exc).__name__)
-        return None
-
-
-def _hub_sha_rest(repo_id: str, revision: str | None) -> str | None:
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/api/models/{repo_id}/revision/{urllib.parse.quote(revision or 'main', safe='')}"
-    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
-            return json.load(response).get("sha")
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 404):
-            raise PipelineError(f"model {repo_id!r} revision {revision or 'main'!r} not found on the hub (HTTP {exc.code})") from None
-        return None
-    except (OSError, ValueError):
-        return None
-
-
 # ---- planning ------------------------------------------------------------------------------------
-
-
-def marker_inputs(config: dict, revision: str) -> dict:
-    """What makes an entry's run distinct: its normalized config (without the requested revision,
-    which only selects) and the resolved checkpoint revision. The entry's name is not part of it."""
-    return {"config": {k: v for k, v in sorted(config.items()) if k != "revision"}, "revision": revision}
-
-
-def marker(config: dict, revision: str, artifact_root: str | Path | None = None) -> StageOutput:
-    root = artifact_root or Settings.from_env().artifact_root
-    return StageOutput(root, MARKER_STAGE, marker_inputs(config, revision))
 
 
 def plan_zoo(
@@ -281,25 +207,9 @@ def failed_lookups(items: list[dict]) -> list[str]:
     return [f"{i['name']}: {i['reason']}" for i in items if i["status"] == "error"]
 
 
-def record_completion(artifact_root: str | Path, config: dict, model: dict, parent_run_id: str, reports: Path, rows: list) -> str:
-    """Mark `config` done for the checkpoint `model` (a finished pipeline run's last act); returns the
-    marker's URI. Idempotent: a marker already there (a rerun, a concurrent run) is kept."""
-    out = marker(config, model["revision"], artifact_root)
-    if out.is_complete():
-        return out.uri
-    with out.build() as tmp:
-        write_json_atomic(tmp / "results.json", rows)
-        write_json_atomic(
-            tmp / "manifest.json",
-            {"model": model.get("source"), "revision": model["revision"], "parent_run_id": parent_run_id, "reports": str(reports)},
-        )
-    log.info("zoo: marked %s at %s done (parent run %s): %s", model.get("source"), model["revision"], parent_run_id, out.uri)
-    return out.uri
-
-
 def run_pending(items: list[dict], runner) -> list[dict]:
     """The pending entries' pipelines, one after the other, each by `runner(config)` (`python -m tasks zoo
-    run` passes the in-process runner, tasks/orchestration/zoo_cli.py)."""
+    run` passes the in-process runner, tasks/orchestration/cli.py)."""
     results = []
     for item in items:
         if item["status"] != "pending":

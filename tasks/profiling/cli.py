@@ -7,7 +7,7 @@ import argparse
 from tasks.ladder import LADDER, parse_rung
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def configure_profile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'embedded', a local checkpoint directory or a hub id")
     parser.add_argument("--calibration", required=True, help="calibration.safetensors (key input_ids) or its directory")
     parser.add_argument("--out", required=True, help="output directory (scores.csv, scores.parquet, profiling.json)")
@@ -28,7 +28,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the layers run: cpu (default), cuda or cuda:N")
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run_profile(args: argparse.Namespace) -> int:
     import torch
 
     from tasks.model_io import resolve_model

@@ -45,7 +45,7 @@ from tasks.profiling.fisher import TOKENS, InputStash, fisher_loss_delta, head_g
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
 from tasks.profiling.progress import ProfileProgress
-from tasks.profiling.table import PARTS, score_row, write_scores
+from tasks.profiling.table import PARTS, SUMMARY_FILE, score_row, write_scores
 from tasks.profiling.weights import kurtosis, zd_fraction
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ DEFAULT_FISHER_SAMPLES = 8
 GRAD_BATCH = 2
 GPTQ_KEY = "gptq:"  # row_errors of GPTQ's rungs: under this prefix + the module's key
 CALIBRATION_FILE = "calibration.safetensors"
-SUMMARY_FILE = "profiling.json"
 
 
 def load_calibration(calibration) -> torch.Tensor:
@@ -495,26 +494,13 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     gptq_errors: also price every rung by the error GPTQ leaves (columns out_err_gptq and
         fisher_dloss_gptq; tasks.profiling.gptq_errors), for `optimal` on the gptq backend.
     """
-    if dkld_windows < 0:
-        raise PipelineError(f"dkld_windows must be 0 or more, got {dkld_windows}")
-    if rival_scores and fisher_samples == 0:
-        raise PipelineError("rival_scores needs the backward pass: fisher_samples must be at least 1")
-    if gptq_errors and LayerFactory(load_config(model_path)).layout.experts:
-        raise PipelineError("gptq_errors: the GPTQ backend does not quantize mixture-of-experts models; profile without it")
-    if batch_size < 1:
-        raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
-    if fisher_samples < 0:
-        raise PipelineError(f"fisher_samples must be 0 or more, got {fisher_samples}")
-    rungs = tuple(rungs)
-    if not rungs or any(r not in LADDER for r in rungs):
-        raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
+    rungs = _checked(model_path, batch_size, rungs, fisher_samples, rival_scores, dkld_windows, gptq_errors)
     started = time.perf_counter()
     device = torch.device(device)
     ids = load_calibration(calibration)
     checkpoint = Checkpoint(model_path)
-    config = load_config(model_path)
-    factory = LayerFactory(config)
-    layers = config.num_hidden_layers
+    factory = LayerFactory(load_config(model_path))
+    layers = factory.config.num_hidden_layers
     seconds: dict[str, float] = defaultdict(float)
     log.info("profiling %s: %d layers, %d x %d calibration tokens", model_path, layers, *ids.shape)
 
@@ -527,30 +513,8 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     resumed_at = progress.forward_done if progress.backward_next is None else layers
     stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
     with torch.no_grad():
-        if progress.forward_done:
-            rows, row_errors, hidden = progress.load_forward(device)
-            log.info("profiling: resuming after %d finished layer(s) of an interrupted attempt", progress.forward_done)
-        else:
-            with _phase(seconds, "embed"):
-                hidden = factory.scale_embeddings(checkpoint.embed(ids)).to(device)
-            rows, row_errors = [], {}
-        for index in range(progress.forward_done, layers):
-            t0 = time.perf_counter()
-            with _phase(seconds, "read"):
-                state = _on(checkpoint.layer_state(index), device)
-            if stash:
-                with _phase(seconds, "backward"):
-                    stash.put(index, hidden[:grad_samples])
-            layer_rows, errors = profile_layer(index, state, factory, hidden, batch_size=batch_size, rungs=rungs,
-                                               normalize=normalize, seconds=seconds, gptq=gptq_errors)  # fmt: skip
-            rows += layer_rows
-            errors = {_error_key(index, m): e for m, e in errors.items()}
-            row_errors.update(errors)
-            del state
-            failpoint(f"profiling.layer.{index}")
-            with _phase(seconds, "checkpoint"):
-                progress.save_layer(index, layer_rows, errors, hidden)
-            log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
+        rows, row_errors, hidden = _forward(checkpoint, factory, ids, device, progress, stash, grad_samples, seconds,
+                                            batch_size=batch_size, rungs=rungs, normalize=normalize, gptq=gptq_errors)  # fmt: skip
         if stash:
             squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
                                         batch_size, seconds, progress, rungs if rival_scores else ())  # fmt: skip
@@ -570,25 +534,63 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     csv = write_scores(rows, out_dir)
     total = time.perf_counter() - started
     summary = {
-        "model": str(model_path),
-        "samples": int(ids.shape[0]),
-        "seq_len": int(ids.shape[1]),
-        "layers": layers,
-        "batch_size": batch_size,
-        "normalize": normalize,
-        "sensitivity_rung": SENSITIVITY_RUNG.name,
-        "rungs": [r.name for r in rungs],
-        "fisher_samples": grad_samples,
-        "rival_scores": rival_scores,
-        "dkld_windows": min(dkld_windows, int(ids.shape[0])),
-        "gptq_errors": gptq_errors,
-        "device": str(device),
-        "resumed_at_layer": resumed_at,
-        "seconds": round(total, 3),
-        "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
-    }
+        "model": str(model_path), "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "layers": layers, "batch_size": batch_size,
+        "normalize": normalize, "sensitivity_rung": SENSITIVITY_RUNG.name, "rungs": [r.name for r in rungs], "fisher_samples": grad_samples,
+        "rival_scores": rival_scores, "dkld_windows": min(dkld_windows, int(ids.shape[0])), "gptq_errors": gptq_errors, "device": str(device),
+        "resumed_at_layer": resumed_at, "seconds": round(total, 3), "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+    }  # fmt: skip
     from tasks.artifacts import write_json_atomic
 
     write_json_atomic(Path(out_dir) / SUMMARY_FILE, summary)
     log.info("profiling done in %.1fs: %s", total, csv)
     return csv
+
+
+def _checked(model_path, batch_size: int, rungs, fisher_samples: int, rival_scores: bool, dkld_windows: int, gptq_errors: bool) -> tuple[Rung, ...]:
+    """run_profiling's options, checked (one PipelineError line each); the rungs as a tuple."""
+    if dkld_windows < 0:
+        raise PipelineError(f"dkld_windows must be 0 or more, got {dkld_windows}")
+    if rival_scores and fisher_samples == 0:
+        raise PipelineError("rival_scores needs the backward pass: fisher_samples must be at least 1")
+    if gptq_errors and LayerFactory(load_config(model_path)).layout.experts:
+        raise PipelineError("gptq_errors: the GPTQ backend does not quantize mixture-of-experts models; profile without it")
+    if batch_size < 1:
+        raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
+    if fisher_samples < 0:
+        raise PipelineError(f"fisher_samples must be 0 or more, got {fisher_samples}")
+    rungs = tuple(rungs)
+    if not rungs or any(r not in LADDER for r in rungs):
+        raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
+    return rungs
+
+
+def _forward(checkpoint: Checkpoint, factory: LayerFactory, ids: torch.Tensor, device: torch.device, progress: ProfileProgress,
+             stash: InputStash | None, grad_samples: int, seconds: dict, **options) -> tuple[list[dict], dict, torch.Tensor]:  # fmt: skip
+    """The forward pass, one layer at a time (resumed after the layers a killed attempt finished): every
+    layer's score rows and rung errors, and the last hidden states; the backward pass's layer inputs go
+    to `stash`."""
+    if progress.forward_done:
+        rows, row_errors, hidden = progress.load_forward(device)
+        log.info("profiling: resuming after %d finished layer(s) of an interrupted attempt", progress.forward_done)
+    else:
+        with _phase(seconds, "embed"):
+            hidden = factory.scale_embeddings(checkpoint.embed(ids)).to(device)
+        rows, row_errors = [], {}
+    layers = factory.config.num_hidden_layers
+    for index in range(progress.forward_done, layers):
+        t0 = time.perf_counter()
+        with _phase(seconds, "read"):
+            state = _on(checkpoint.layer_state(index), device)
+        if stash:
+            with _phase(seconds, "backward"):
+                stash.put(index, hidden[:grad_samples])
+        layer_rows, errors = profile_layer(index, state, factory, hidden, seconds=seconds, **options)
+        rows += layer_rows
+        errors = {_error_key(index, m): e for m, e in errors.items()}
+        row_errors.update(errors)
+        del state
+        failpoint(f"profiling.layer.{index}")
+        with _phase(seconds, "checkpoint"):
+            progress.save_layer(index, layer_rows, errors, hidden)
+        log.info("layer %d/%d profiled in %.1fs", index + 1, layers, time.perf_counter() - t0)
+    return rows, row_errors, hidden

@@ -22,7 +22,7 @@ from torch import nn
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
 
-DAMP_PERCENT = 0.05  # tasks.quantize.gptq.DEFAULTS
+DAMP_PERCENT = 0.05  # the gptq backend's default damp_percent (tasks.quantize.registry.BACKEND_OPTIONS)
 
 
 def _solver(weight: torch.Tensor, rung: Rung):

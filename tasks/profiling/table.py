@@ -25,6 +25,7 @@ from tasks.ladder import META_BITS, META_GROUP, Rung
 
 SCORES_FORMAT = 2  # bump when the columns change: cached scores tables of another format are not reused
 SCORES_CSV = "scores.csv"
+SUMMARY_FILE = "profiling.json"  # written last by run_profiling: an attempt that has it finished its scores
 SCORES_PARQUET = "scores.parquet"
 PARTS = ("attn_in", "attn_out", "mlp_gate", "mlp_down")
 COLUMNS = (

@@ -40,6 +40,7 @@ from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
 from tasks.quantize.base import Backend, Capabilities, patched
+from tasks.quantize.registry import option_defaults
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     calibration_rows,
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
-DEFAULTS = {"symmetric": False, "duo_scaling": True, "n_grid": 20, "indivisible_groups": "finer", "device": None}
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -142,7 +142,7 @@ class AWQBackend(Backend):
         from tasks.model_io import load_model, quantizable_linears
 
         self.check(bitmap)
-        opts = resolve_options(self.name, DEFAULTS, options)
+        opts = resolve_options(self.name, option_defaults(self.name), options)
         if opts["indivisible_groups"] not in ("finer", "error"):
             raise PipelineError(
                 f"awq option indivisible_groups must be 'finer' or 'error', not {opts['indivisible_groups']!r}"

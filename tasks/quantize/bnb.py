@@ -32,6 +32,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.quantize.base import Backend, Capabilities
+from tasks.quantize.registry import option_defaults
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     check_module_keys,
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 LAYOUT_FILE = "bnb_layout.json"
 BLOCKSIZE = 64  # bnb's 4-bit block size through transformers (not configurable there)
 QUANT_TYPES = ("nf4", "fp4")
-DEFAULTS = {"quant_type": "nf4", "double_quant": False, "int8_threshold": 6.0, "device": None}
 # bnb logs on int8 matmuls that float32 inputs are cast to float16; that cast is by design.
 _INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast from"
 
@@ -145,7 +145,7 @@ class BnBBackend(Backend):
         from tasks.model_io import linear_param_counts, read_config
 
         layout = plan(bitmap)
-        opts = resolve_options(self.name, DEFAULTS, options)
+        opts = resolve_options(self.name, option_defaults(self.name), options)
         if opts["quant_type"] not in QUANT_TYPES:
             raise PipelineError(f"bnb quant_type must be one of {QUANT_TYPES}, not {opts['quant_type']!r}")
         unquantized = check_module_keys(bitmap, set(linear_param_counts(read_config(model_path))))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def configure_parser(parser) -> None:
+def configure_quantize(parser) -> None:
     from tasks.quantize.registry import BACKENDS
 
     parser.add_argument("--model", default="embedded", help="'embedded', a checkpoint directory or a hub id")
@@ -16,13 +16,13 @@ def configure_parser(parser) -> None:
     parser.add_argument("--artifacts", default=None)
 
 
-def run_cli(args) -> int:
+def run_quantize(args) -> int:
     from tasks.model_io import resolve_model
-    from tasks.quantize.stage import run_quantize
+    from tasks.quantize import stage
     from tasks.settings import Settings
 
     settings = Settings.from_env()
     model = resolve_model(args.model, args.revision, settings.cache_dir)
     calib = Path(args.calibration) / "calibration.safetensors" if args.calibration else None
-    print(run_quantize(model.path, model.revision, args.bitmap, args.backend, args.artifacts or settings.artifact_root, calib))
+    print(stage.run_quantize(model.path, model.revision, args.bitmap, args.backend, args.artifacts or settings.artifact_root, calib))
     return 0

@@ -43,6 +43,7 @@ from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
 from tasks.quantize.base import HIDDEN_MODEL_TYPE, Backend, Capabilities, OwnErrors, patched, plain_checkpoint
+from tasks.quantize.registry import option_defaults
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
     base_rung,
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
-DEFAULTS = {"sym": False, "desc_act": False, "damp_percent": 0.05, "batch_size": 1, "device": None}
 
 
 def quantize_config_args(bitmap: BitMap, unquantized: list[str], sym: bool = False, desc_act: bool = False,
@@ -144,7 +144,7 @@ class GPTQBackend(Backend):
         from tasks.model_io import linear_param_counts, read_config
 
         self.check(bitmap)
-        opts = resolve_options(self.name, DEFAULTS, options)
+        opts = resolve_options(self.name, option_defaults(self.name), options)
         rows = calibration_rows(calibration, self.name)
         unquantized = check_module_keys(bitmap, set(linear_param_counts(read_config(model_path))))
         args = quantize_config_args(bitmap, unquantized, opts["sym"], opts["desc_act"], opts["damp_percent"])

@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.artifacts import StageOutput, ensure_local, file_sha256, write_json_atomic
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
 from tasks.bitmap import BitMap
-from tasks.quantize.registry import get_backend
+from tasks.calibration import Calibration
+from tasks.contracts import Contract
+from tasks.model_io import ResolvedModel
+from tasks.quantize.registry import UNQUANTIZED, get_backend
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeParams(Contract):
+    model: ResolvedModel
+    backend: str  # a backend of the table, or UNQUANTIZED (the base model stands for itself)
+    bitmap: str | None  # the bit map's JSON file (None for the base model)
+    calibration: Calibration
+    options: dict = field(default_factory=dict)  # the backend's options (Param backend_options; {}: its defaults)
+
+
+@dataclass(frozen=True)
+class QuantizedModel(Contract):
+    uri: str  # the saved model's stage output (the base model's checkpoint for UNQUANTIZED)
+    key: str  # its identity: the output's key, or the base model's revision
+    started_ms: int  # when the variant's work began (its MLflow run's start)
+    quant_seconds: float | None = None
+
+
+def run(ctx, params: QuantizeParams) -> QuantizedModel:
+    """The saved quantized model (built once per distinct input); the base model itself for UNQUANTIZED."""
+    started = int(time.time() * 1000)
+    if params.backend == UNQUANTIZED:
+        return QuantizedModel(str(params.model.path), params.model.revision, started)
+    uri = run_quantize(params.model.local(ctx.settings.cache_dir), params.model.revision, params.bitmap, params.backend,
+                       ctx.settings.artifact_root, Path(params.calibration.uri) / "calibration.safetensors", params.options)  # fmt: skip
+    facts = read_json(ensure_local(uri) / "manifest.json").get("facts", {})
+    return QuantizedModel(uri, Path(uri).name, started, facts.get("quant_seconds"))
 
 
 def run_quantize(

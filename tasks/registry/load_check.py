@@ -29,8 +29,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tasks.errors import PipelineError
-
 log = logging.getLogger(__name__)
 
 TAG, DETAIL_TAG = "load_check", "load_check_detail"
@@ -185,28 +183,3 @@ def serve(requests, results) -> None:
             gc.collect()  # the model goes before the next one loads
             results.write(json.dumps(result) + "\n")
             results.flush()
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--serve", action="store_true", help="answer JSON check requests from stdin, one result line each (the pipeline's checker)")
-    parser.add_argument("--model-uri", help="models:/NAME/VERSION (or @alias)")
-    parser.add_argument("--calibration", help="the calibration stage's output (holds wikitext2.safetensors)")
-    parser.add_argument("--eval-tokens", type=int, help="the WikiText-2 tokens the recorded perplexity used (0 = all)")
-    parser.add_argument("--expect", type=float, help="the recorded WikiText-2 perplexity")
-    parser.add_argument("--protocol", default="paper", choices=("paper", "gptq"), help="the protocol it was recorded with")
-
-
-def run_cli(args) -> int:
-    if args.serve:
-        results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints goes to stderr
-        serve(sys.stdin, results)
-        return 0
-    missing = [f"--{n.replace('_', '-')}" for n in ("model_uri", "calibration", "eval_tokens", "expect") if getattr(args, n) is None]
-    if missing:
-        raise PipelineError(f"verify needs {', '.join(missing)} (or --serve)")
-    if args.expect <= 0:
-        raise PipelineError(f"--expect must be a positive perplexity, got {args.expect}")
-    result = reproduce(args.model_uri, args.calibration, args.eval_tokens, args.expect, args.protocol)
-    print(json.dumps(result))
-    return 0 if result["passed"] else 3

@@ -198,6 +198,18 @@ def _current_champion(client, registered_model: str) -> int | None:
     return int(aliases[ALIAS]) if ALIAS in aliases else None
 
 
+def promote_by(tracking_uri: str, registered_model: str, params) -> dict:
+    """The promotion rule of a run's Params (promote_metric, promote_tolerance, promote_max_bytes,
+    promote_min_improvement_pct) applied; a rule that cannot decide (no version passed its reload check)
+    is a decision of no champion, recorded, not fatal."""
+    try:
+        return run_promotion(tracking_uri, registered_model, metric=params.promote_metric, tolerance=params.promote_tolerance,
+                             max_saved_bytes=params.promote_max_bytes, min_improvement_pct=params.promote_min_improvement_pct)  # fmt: skip
+    except PipelineError as exc:
+        log.warning("promotion: %s", exc)
+        return {"action": "none", "changed": False, "champion": None, "reason": str(exc)}
+
+
 def run_promotion(
     tracking_uri: str,
     registered_model: str,
@@ -295,33 +307,3 @@ def _record(client, name: str, d: Decision, rule: str) -> None:
             set_note(client, name, old, f"**Former champion**, until {now}: superseded by v{new} ({d.reason}).")
         except Exception as exc:  # the old version may live in a store we cannot write; the alias moved anyway
             log.warning("could not note the previous champion v%s: %s", old, exc)
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--tracking-uri", required=True, help="MLflow tracking (and registry) URI")
-    parser.add_argument("--model", required=True, help="registered model name, e.g. SmolLM2-135M-Instruct-quant")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to compare (default {DEFAULT_METRIC})")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"the smallest version with the metric within this bound wins (default {DEFAULT_TOLERANCE:g})")
-    parser.add_argument("--best", action="store_true", help="no tolerance: the best metric wins whatever its size")
-    parser.add_argument("--max-bytes", type=float, default=None, help="memory cap on saved_bytes (default: none)")
-    parser.add_argument("--min-improvement-pct", type=float, default=1.0,
-                        help="replace the champion only if better by at least this percent (default 1.0)")
-    parser.add_argument("--higher-is-better", action="store_true", help="for scores such as lm-eval accuracy")
-
-
-def run_cli(args) -> int:
-    d = run_promotion(
-        args.tracking_uri,
-        args.model,
-        metric=args.metric,
-        tolerance=None if args.best else args.tolerance,
-        max_saved_bytes=args.max_bytes,
-        min_improvement_pct=args.min_improvement_pct,
-        lower_is_better=not args.higher_is_better,
-    )
-    if d["action"] == "demote":
-        print(f"demote: {d['model']}@{d['alias']} removed from v{d['previous_champion']}; {d['reason']}")
-    else:
-        print(f"{d['action']}: {d['model']}@{d['alias']} = v{d['champion']} ({d['metric']} {d['value']:.4g}); {d['reason']}")
-    return 0

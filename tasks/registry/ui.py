@@ -19,6 +19,7 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 # What each printed link opens (links.json keys), in the order `make run` prints them.
 LINK_LABELS = {"runs": "runs table", "compare": "compare page", "champion": "champion version"}
+NOTE_LIMIT = 7500  # characters of a run's description (a tag: MLflow stores up to 8,000)
 TAG_LIMIT = 5000  # characters MLflow stores in an experiment tag's value
 LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui --port 5000` over a local store (README, "Open the MLflow UI")
 # The runs table's columns besides the run name (the variant): how long, what it produced, how big, how good.
@@ -89,13 +90,15 @@ def version_url(base: str, model: str, version: str) -> str:
     return f"{base}/#/models/{urllib.parse.quote(model)}/versions/{version}?{WORKFLOW_QUERY}"
 
 
-def run_links(tracking_uri: str, experiment_id: str, parent_run_id: str, variant_run_ids: list[str], model: str | None = None,
+def run_links(tracking_uri: str, parent_run_id: str, variant_run_ids: list[str], model: str | None = None,
               champion: str | None = None) -> dict:  # fmt: skip
     """Share the run's view and return its links: runs table, compare page, champion version."""
     from tasks.registry.tracking import client_for
 
     base = ui_base(tracking_uri)
-    key = share_runs_view(client_for(tracking_uri), experiment_id, parent_run_id, variant_run_ids)
+    client = client_for(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    key = share_runs_view(client, experiment_id, parent_run_id, variant_run_ids)
     links = {
         "runs": runs_url(base, experiment_id, key),
         "compare": compare_url(base, variant_run_ids, [experiment_id]),
@@ -104,3 +107,18 @@ def run_links(tracking_uri: str, experiment_id: str, parent_run_id: str, variant
     if model and champion:
         links["champion"] = version_url(base, model, champion)
     return links
+
+
+def link_text(links: dict) -> str:
+    """The links as markdown, in LINK_LABELS order (the parent run's description)."""
+    return ", ".join(f"[{label}]({links[k]})" for k, label in LINK_LABELS.items() if k in links)
+
+
+def pipeline_description(variants: int, links: dict, champion: str, table: str, summary: list[str]) -> str:
+    """The parent run's description: its links, the champion decision, the table and the noise summary;
+    without the table when MLflow's tag limit would cut it (reports/results.md holds it)."""
+    head = f"Results of {variants} variants ({link_text(links)})."
+    description = "\n\n".join([head, champion, table, *summary])
+    if len(description) > NOTE_LIMIT:
+        description = "\n\n".join([head, champion, "The table: artifact `reports/results.md`."])
+    return description

@@ -131,21 +131,3 @@ def write_reports(results_df: pd.DataFrame, bitmaps, scores_path, out_dir, *, ti
     paths = [md, page, *figures, *extra]
     log.info("report: %d files in %s", len(paths), out)
     return paths
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--results", required=True, help="results CSV, one row per variant")
-    parser.add_argument("--bitmaps", default=None, help="directory of bit-map JSON files (searched recursively)")
-    parser.add_argument("--scores", default=None, help="scores CSV from the profiling stage (optional)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--title", default="Quantization comparison", help="report title")
-    parser.add_argument("--champion", default=None, help="the champion's variant name, marked in the table and plot")
-
-
-def run_cli(args) -> int:
-    results = read_table(args.results, "results")
-    bitmaps = load_bitmaps(args.bitmaps) if args.bitmaps else {}
-    for path in write_reports(results, bitmaps, args.scores, args.out, title=args.title,
-                              champion=args.champion):
-        print(path)
-    return 0

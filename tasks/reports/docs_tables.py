@@ -3,25 +3,36 @@
     python -m tasks docs                       rewrite every generated block in README.md and docs/
     python -m tasks docs --embedded DIR        first store a `make run`'s reports (DIR: .state/reports/latest) as
                                                docs/results/embedded-run.json, with commit and machine
+    python -m tasks docs --pipeline-backends DIR   first store a pipeline run's reports (the backends table's
+                                               command) as docs/results/pipeline-backends.json
+    python benchmarks/<name>.py ... --write-docs   a benchmark stores its own result (docs/results/<name>[-variant].json,
+                                               write_benchmark_docs) and rewrites the blocks that read it
 
 A generated block sits between `<!-- BEGIN <name>: ... -->` and `<!-- END <name> -->` in a markdown file;
-`blocks()` says which file holds which block and what writes it. tests/test_docs_tables.py checks that
-every block equals what its generator writes now, so a number in the docs always has its source.
+`blocks()` says which file holds which block and what writes it (the benchmarks' tables:
+tasks/reports/benchmark_tables.py). tests/test_docs_tables.py checks that every block equals what its
+generator writes now, so a number in the docs always has its source.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
+from tasks.reports import benchmark_tables
 from tasks.settings import REPO_ROOT
 
 EMBEDDED = REPO_ROOT / "docs" / "results" / "embedded-run.json"
+PAGES = ("README.md", "docs/*.md")  # where generated blocks may sit
+BEGIN = re.compile(r"^<!-- BEGIN (.+?): [^\n]*-->$", re.M)
 
 
 def blocks() -> dict[tuple[str, str], object]:
@@ -30,7 +41,15 @@ def blocks() -> dict[tuple[str, str], object]:
         ("README.md", "embedded-run summary"): embedded_summary,
         ("docs/results.md", "embedded-run table"): embedded_table,
         ("docs/configuration.md", "params"): params_table,
+        **{(rel, name): benchmark_tables.writer(name) for name, (rel, _, _) in benchmark_tables.BLOCKS.items()},
     }
+
+
+def found_blocks(root: Path | None = None) -> list[tuple[str, str]]:
+    """(file, block name) of every BEGIN marker in README.md and docs/*.md, as the files have them."""
+    root = root or REPO_ROOT
+    paths = [p for pattern in PAGES for p in sorted(root.glob(pattern))]
+    return [(p.relative_to(root).as_posix(), name) for p in paths for name in BEGIN.findall(p.read_text())]
 
 
 def _stored() -> dict:
@@ -94,9 +113,12 @@ def current(text: str, name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def write_all() -> list[Path]:
+def write_all(only: set[str] | None = None) -> list[Path]:
+    """Rewrite every block (or only the blocks named in `only`); the files that changed."""
     written = []
     for (rel, name), make in blocks().items():
+        if only is not None and name not in only:
+            continue
         path = REPO_ROOT / rel
         new = render(path.read_text(), name, make())
         if new != path.read_text():
@@ -129,20 +151,66 @@ def store_embedded(reports: Path, duration_s: float, commit: str | None = None, 
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
-def configure_parser(parser) -> None:
-    parser.add_argument("--embedded", type=Path, help="store this run's reports directory as the embedded-run result first")
-    parser.add_argument("--duration-s", type=float, default=0.0, help="with --embedded: how long the DAG took (make run prints it)")
-    parser.add_argument("--commit", default=None, help="with --embedded: the commit the run was made at (default: this checkout's HEAD)")
+def host_machine() -> str:
+    """This machine in the docs' words: its CPU cores and its GPU, e.g. '2 CPU cores, no GPU'."""
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{_cores()} CPU cores, {gpu}"
 
 
-def run_cli(args) -> int:
-    if args.embedded:
-        print(f"stored {store_embedded(args.embedded, args.duration_s, args.commit)}")
-    for path in write_all():
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
-    return 0
+def _git(*args: str) -> str:
+    """git in the checkout this code runs from."""
+    return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True).stdout.strip()
+
+
+def _plain(value):
+    """numpy scalars and paths as JSON values."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def write_benchmark_docs(name: str, rows: list[dict], script: str | Path, argv: list[str] | None = None,
+                         machine: str | None = None) -> list[Path]:  # fmt: skip
+    """A benchmark's `--write-docs`: store its rows as docs/results/<name>.json with the command line that
+    measured them (`script` and `argv`, default sys.argv[1:], without --write-docs), this checkout's commit
+    and this machine, then rewrite the docs blocks that read that result. Returns the files written."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--write-docs"]
+    script = Path(script).resolve()
+    where = script.relative_to(REPO_ROOT).as_posix() if script.is_relative_to(REPO_ROOT) else str(script)
+    record = {
+        "command": shlex.join(["python", where, *argv]),
+        "commit": _git("rev-parse", "HEAD"),
+        "machine": machine or host_machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        **({"dirty": True} if _git("status", "--porcelain", "--untracked-files=no") else {}),
+        "rows": rows,
+    }
+    path = benchmark_tables.result_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=_plain, ensure_ascii=False) + "\n")
+    readers = benchmark_tables.blocks_reading(name)
+    if not readers:
+        print(f"note: no docs block reads {name}; stored {path} only", file=sys.stderr)
+    return [path, *write_all(set(readers))]
+
+
+BACKENDS_COMMAND = ("python -m tasks pipeline --config '{\"backends\": [\"hqq\",\"gptq\",\"awq\",\"bnb\"], \"uniform_budgets\": [\"b4g64\"], "
+                    "\"methods\": [\"kurtboost\"], \"budgets\": [\"b4g64\"]}'")  # fmt: skip
+
+
+def store_pipeline_backends(reports: Path) -> Path:
+    """A run of BACKENDS_COMMAND (its reports directory) as docs/results/pipeline-backends.json."""
+    rows = benchmark_tables.pipeline_backends_rows(json.loads((reports / "results.json").read_text()))
+    path = benchmark_tables.result_path("pipeline-backends")
+    record = {"command": BACKENDS_COMMAND, "commit": _git("rev-parse", "HEAD"), "machine": host_machine(), "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}  # fmt: skip
+    path.write_text(json.dumps(record, indent=1, default=_plain, ensure_ascii=False) + "\n")
+    return path

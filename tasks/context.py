@@ -1,6 +1,6 @@
-"""What every step is given besides its inputs: where things live, the device it runs on and the tags
-that trace its MLflow runs to the orchestrator. Built once, at the boundary (the DAG task, the step
-CLI, the in-process runner), from the environment; the steps themselves read no environment.
+"""What every stage is given besides its parameters: where things live, the device it runs on and the
+tags that trace its MLflow runs to the orchestrator. Built once, at the boundary (the DAG task, the step
+CLI, the in-process runner), from the environment; the stages themselves read no environment.
 
 QUANT_DEVICE  cpu | cuda | cuda:N; default: cuda for the steps the table marks as GPU steps when torch
               sees one, else cpu
@@ -19,13 +19,13 @@ AIRFLOW_CONTEXT_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow_dag_id", "AIRFLOW_CTX_DAG
 
 
 @dataclass(frozen=True)
-class StepContext:
+class StageContext:
     settings: Settings
     device: str = "cpu"
     run_tags: dict = field(default_factory=dict)  # tags of the MLflow parent run (e.g. the Airflow DAG run)
 
     @classmethod
-    def from_env(cls, gpu: bool = False, env: Mapping[str, str] | None = None) -> "StepContext":
+    def from_env(cls, gpu: bool = False, env: Mapping[str, str] | None = None) -> "StageContext":
         env = os.environ if env is None else env
         device = (env.get("QUANT_DEVICE") or "").strip() or (_cuda_device() if gpu else "cpu")
         tags = {tag: env[var] for var, tag in AIRFLOW_CONTEXT_TAGS.items() if env.get(var)}

@@ -10,29 +10,55 @@ The evaluation streams are stored whole; evaluation takes a documented prefix of
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from tasks.artifacts import StageOutput, file_sha256, write_json_atomic
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, write_json_atomic
+from tasks.contracts import Contract
 from tasks.errors import PipelineError
+from tasks.model_io import ResolvedModel
+from tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = REPO_ROOT / "data"
 C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (docs/methods.md §7)
 EVAL_SETS = ("wikitext2", "c4")
 
 
 @dataclass(frozen=True)
-class CalibrationParams:
+class CalibrationParams(Contract):
     calibration_text: str = str(DATA_DIR / "wikitext-2-valid-tokenized.txt")
     wikitext2_text: str = str(DATA_DIR / "wikitext-2-raw-test.txt")
     c4_parquet: str = str(DATA_DIR / "c4-validation-2k.parquet")
     samples: int = 32
     seq_len: int = 512
     seed: int = 42
+    model: ResolvedModel | None = None  # whose tokenizer (an input: its revision keys the output, not the settings)
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+
+    def cache_key(self) -> dict:
+        sources = source_files(self)
+        tokenizer = self.model.revision if self.model else ""
+        return {"params": self.settings(), "source_sha256": {name: file_sha256(src) for name, src in sources.items()}, "tokenizer": tokenizer}
+
+
+@dataclass(frozen=True)
+class Calibration(Contract):
+    """The calibration stage's manifest: its output directory (local path or s3:// URI)."""
+
+    uri: str
+
+    def local(self) -> Path:
+        return ensure_local(self.uri)
+
+    def windows(self) -> Path:
+        """The calibration windows' file, fetched to this machine."""
+        return self.local() / "calibration.safetensors"
 
 
 def read_text(path: str | Path) -> str:
@@ -108,17 +134,17 @@ def read_sources(params: CalibrationParams) -> dict[str, str]:
     return {"calibration": read_text(sources["calibration"]), "wikitext2": read_text(sources["wikitext2"]), "c4": read_c4(sources["c4"])}
 
 
+def run(ctx, params: CalibrationParams) -> Calibration:
+    """Tokenize with the model's tokenizer (cached by the settings, the sources' contents and the model)."""
+    model = params.model
+    return Calibration(run_calibration(model.local(ctx.settings.cache_dir), params, ctx.settings.artifact_root, model.revision))
+
+
 def run_calibration(model_path: str | Path, params: CalibrationParams, artifact_root: str | Path, model_revision: str = "") -> str:
     """Tokenize with the model's tokenizer; return the artifact directory (cached by inputs)."""
     if params.samples < 1 or params.seq_len < 8:
         raise PipelineError(f"calibration needs samples >= 1 and seq_len >= 8 (got {params.samples}, {params.seq_len})")
-    sources = source_files(params)
-    inputs = {
-        "params": asdict(params),
-        "source_sha256": {name: file_sha256(src) for name, src in sources.items()},
-        "tokenizer": model_revision or str(model_path),
-    }
-    out = StageOutput(artifact_root, "calibration", inputs)
+    out = StageOutput(artifact_root, "calibration", {**params.cache_key(), "tokenizer": model_revision or str(model_path)})
     with out.exclusive():
         return _build_calibration(out, model_path, params)
 
@@ -144,26 +170,3 @@ def _build_calibration(out, model_path, params) -> str:
         write_json_atomic(tmp / "manifest.json", {"outputs": counts})
         log.info("calibration: %s windows of %s tokens; evaluation tokens %s", *counts["calibration"], {k: counts[k] for k in EVAL_SETS})
     return str(out.path)
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--model", default="embedded", help="'embedded', a checkpoint directory or a hub id")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--samples", type=int, default=CalibrationParams.samples)
-    parser.add_argument("--seq-len", type=int, default=CalibrationParams.seq_len)
-    parser.add_argument("--seed", type=int, default=CalibrationParams.seed)
-    parser.add_argument("--calibration-text", default=CalibrationParams.calibration_text)
-    parser.add_argument("--wikitext2-text", default=CalibrationParams.wikitext2_text)
-    parser.add_argument("--c4-parquet", default=CalibrationParams.c4_parquet)
-    parser.add_argument("--artifacts", default=None, help="artifact root (default: $QUANT_HOME/artifacts)")
-
-
-def run_cli(args) -> int:
-    from tasks.model_io import resolve_model
-    from tasks.settings import Settings
-
-    settings = Settings.from_env()
-    model = resolve_model(args.model, args.revision, settings.cache_dir)
-    params = CalibrationParams(args.calibration_text, args.wikitext2_text, args.c4_parquet, args.samples, args.seq_len, args.seed)
-    print(run_calibration(model.path, params, args.artifacts or settings.artifact_root, model.revision))
-    return 0

@@ -1,6 +1,6 @@
 """Which variants a configuration asks for, and their bit maps.
 
-`plan_variants(config)` is pure (no scores; asking the backends' capabilities imports torch): the
+`plan_variants(params)` is pure (no scores; asking the backends' capabilities imports torch): the
 (method, budget, options) of every bit map, uniform baselines first, then the boost methods (whose
 reached memory sets the equal-memory target of the budget-exact methods), then the rest.
 `allocate_variants` turns the plan into bit maps on a scores table. The pipeline's allocate step and the
@@ -14,13 +14,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tasks.allocation.budget import budget_label, parse_budget
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.errors import PipelineError
 from tasks.ladder import Rung, parse_rung
-from tasks.orchestration.config import PipelineConfig, budget_label, parse_budget
-from tasks.quantize.registry import capabilities
+from tasks.quantize.registry import capabilities, own_error_names
 
 BASELINE_METHOD = "unquantized"  # the method of the unquantized base model's variant, `none/unquantized/fp32`
+
+
+def scored_methods(params) -> list[str]:
+    """The selected methods that read the profile (the layer-sensitive ones), when there are budgets for them."""
+    return [m for m in params.methods if method_spec(m).scored] if params.budgets else []
+
+
+def wanted_errors(params) -> tuple[str, ...]:
+    """Whose own rung errors the profile must also measure (Capabilities.own_errors, e.g. GPTQ's: an extra
+    cost of the profile): those a method that prices rungs by error (MethodSpec.errors_option) is given in
+    method_options, else those of the run's backends that have them. `params`: the run's config or
+    AllocationParams (methods, budgets, method_options, backends)."""
+    wanted: list[str] = []
+    for method in scored_methods(params):
+        spec = method_spec(method)
+        if spec.errors_option:
+            chosen = (params.method_options.get(method) or {}).get(spec.errors_option)
+            backends = (capabilities(b).own_errors for b in params.backends)
+            wanted += [chosen] if chosen is not None else [e.name for e in backends if e]
+    own = own_error_names()
+    return tuple(e for e in dict.fromkeys(wanted) if e in own)
 
 
 @dataclass(frozen=True)
@@ -104,11 +125,12 @@ def backend_options(method: str, options: dict, backend: str, stacked_family: st
     return extra
 
 
-def plan_variants(config: PipelineConfig, stacked_family: str | None = None, profiled_errors: tuple[str, ...] | None = None) -> list[VariantSpec]:
+def plan_variants(config, stacked_family: str | None = None, profiled_errors: tuple[str, ...] | None = None) -> list[VariantSpec]:
     """Uniform first, then the boost methods, then the rest. A method gets one bit map per set of options
-    its backends need (`backend_options`), each for those backends. `profiled_errors`: whose own rung errors
-    the profile holds (default: those the configuration asks for)."""
-    profiled_errors = config.profiled_errors if profiled_errors is None else profiled_errors
+    its backends need (`backend_options`), each for those backends. `config`: the run's config or
+    AllocationParams; `profiled_errors`: whose own rung errors the profile holds (default: those the
+    configuration asks for)."""
+    profiled_errors = wanted_errors(config) if profiled_errors is None else profiled_errors
     specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
     methods = sorted((m for m in config.methods if METHODS[m].scored), key=lambda m: not METHODS[m].boost)
     for method in methods:
@@ -145,7 +167,7 @@ def _check_stems(specs: list[VariantSpec]) -> None:
                                 f"({other.budget!r} and {spec.budget!r}): give budgets that differ in their first two decimals")  # fmt: skip
 
 
-def _memory_groups(config: PipelineConfig, methods: list[str], method: str, stacked_family: str | None) -> list[tuple]:
+def _memory_groups(config, methods: list[str], method: str, stacked_family: str | None) -> list[tuple]:
     """For a budget-exact method that ties nothing (lim, zd) in a run whose boost bit maps are tied on some
     backends: [(ties, backends)], one bit map per memory the boost method reaches; else []."""
     boost = next((m for m in methods if METHODS[m].boost), None)
