@@ -161,6 +161,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except (ValueError, KeyError, TypeError) as exc:  # a GGUF that transformers cannot convert (missing metadata, unknown arch)
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"{gguf} cannot be converted to a checkpoint: {type(exc).__name__}: {first[:200]}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,7 +212,10 @@ def _resolve_hub(repo_id: str, revision: str | None, cache: Path) -> ResolvedMod
 
 
 def read_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{Path(path) / 'config.json'} is not JSON: {exc}") from None
 
 
 def check_architecture(path: Path) -> None:
@@ -232,7 +239,11 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"no tokenizer can be loaded from {path}: {first[:200]}") from None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -56,6 +56,11 @@ MORE_BAD = [  # further classes: option of a method that is not selected, unknow
     ({"protocols": ["paper", "paper"]}, "non-unique"),
     ({"promote_max_bytes": True}, "is not of type"),
     ({"backend_options": {"gptq": {"damp_percent": 0.01}}}, "not among the selected backends"),
+    ({"uniform_budgets": ["b4g64", "4.25"]}, "Param uniform_budgets: 'b4g64' and '4.25' are the same"),
+    ({"budgets": ["b3g64", "b3g64"]}, "Param budgets: 'b3g64' is given twice"),
+    ({"backends": ["hqq", "hqq"]}, "Param backends: 'hqq' is given twice"),
+    ({"methods": ["optimal"], "fisher_samples": 0}, "Param fisher_samples: optimal read"),
+    ({"eval_tokens": 100}, "Param eval_tokens: 100 is too few for one paper window"),
     ({"backends": ["bnb"], "backend_options": {"bnb": {"quant_typ": "fp4"}}}, "Additional properties are not allowed"),
     ({"backends": ["bnb"], "backend_options": {"bnb": {"quant_type": "int3"}}}, "is not one of"),
 ]
@@ -120,6 +125,16 @@ def test_the_extra_cost_of_gptq_priced_rungs_is_announced_and_skipped_where_gptq
 # ---- the planned variants (--check) -----------------------------------------------------------------
 
 
+def _checkpoint(tmp_path, tiny_model_dir):
+    """A llama checkpoint of one tensor with the tiny model's tokenizer (no lm-eval, no model download)."""
+    import shutil
+
+    d = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, d / name)
+    return d
+
+
 def _check(config: dict, capsys) -> list[str]:
     """The stdout lines of `python -m tasks pipeline --check --config <config>`, in this process."""
     import argparse
@@ -132,8 +147,8 @@ def _check(config: dict, capsys) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
-def test_check_lists_the_variants_the_run_would_name(tmp_path, state, capsys):
-    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())  # a llama; no lm-eval, no model download
+def test_check_lists_the_variants_the_run_would_name(tmp_path, state, capsys, tiny_model_dir):
+    model = _checkpoint(tmp_path, tiny_model_dir)
     out = _check({"model": str(model), "lm_eval_tasks": [], "backends": ["hqq", "bnb"], "uniform_budgets": ["b4g64", "b3g64"],
                   "methods": ["sensiboost", "optimal"]}, capsys)  # fmt: skip
     ok = next(i for i, line in enumerate(out) if line.startswith("ok: ckpt"))
@@ -149,15 +164,15 @@ def test_check_lists_the_variants_the_run_would_name(tmp_path, state, capsys):
     assert any(line.startswith("note: bnb will skip uniform b3g64: bnb cannot express") for line in out[:ok]), "the backend notes come first"
 
 
-def test_check_says_when_the_methods_have_no_budget(tmp_path, state, capsys):
-    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
+def test_check_says_when_the_methods_have_no_budget(tmp_path, state, capsys, tiny_model_dir):
+    model = _checkpoint(tmp_path, tiny_model_dir)
     out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "methods": ["mxq", "optimal"]}, capsys)
     assert out[-1] == "note: budgets is empty: mxq, optimal make no variant; only the uniform rungs run"
     assert not any("mxq" in line for line in out if line.startswith("variant:"))
 
 
-def test_check_says_when_only_the_baseline_runs(tmp_path, state, capsys):
-    model = _safetensors_dir(tmp_path, "ckpt", _safetensors_bytes())
+def test_check_says_when_only_the_baseline_runs(tmp_path, state, capsys, tiny_model_dir):
+    model = _checkpoint(tmp_path, tiny_model_dir)
     out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "uniform_budgets": []}, capsys)
     assert out[-2:] == ["variant: none/unquantized/fp32  method unquantized  budget fp32  backend none",
                         "note: uniform_budgets is empty and budgets is empty: only the baseline runs"]  # fmt: skip
@@ -234,3 +249,72 @@ def test_the_cli_check_prints_one_error_line_and_no_traceback(tmp_path, state):
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in out.stderr, out.stderr
+
+
+# ---- relations between Params, and the texts' content (each an error line naming the Param, or a note) --
+
+
+def _short_model(tmp_path, tiny_model_dir, context: int):
+    """The tiny checkpoint with a shorter context (max_position_embeddings)."""
+    import shutil
+
+    d = tmp_path / f"ctx{context}"
+    shutil.copytree(tiny_model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}))
+    return d
+
+
+def _parquet(path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": column}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["calibration_short", "wikitext2_short", "c4_short", "not_utf8", "nul_bytes", "c4_ints", "config_not_json",
+                                  "seq_len_beyond_context", "window_beyond_context"])  # fmt: skip
+def test_relations_and_contents_end_in_one_line_naming_the_param(case, tmp_path, tiny_model_dir, state):
+    text = tmp_path / "t.txt"
+    config, param, message = {"model": str(tiny_model_dir), "calibration_seq_len": 64}, None, None
+    if case == "calibration_short":
+        text.write_text("A short text.")
+        config["calibration_text"], param, message = str(text), "calibration_text", "fewer than one window of calibration_seq_len 64"
+    elif case == "wikitext2_short":
+        text.write_text("Ten words of WikiText, far fewer than a window holds.")
+        config["wikitext2_text"], param, message = str(text), "wikitext2_text", "fewer than one paper window (1024)"
+    elif case == "c4_short":
+        config["c4_parquet"], param, message = _parquet(tmp_path / "c4.parquet", ["one tiny document"]), "c4_parquet", "fewer than one paper window"
+    elif case == "not_utf8":
+        text.write_bytes("caf\xe9 au lait, latin-1 encoded".encode("latin-1"))
+        config["calibration_text"], param, message = str(text), "calibration_text", "not UTF-8 text"
+    elif case == "nul_bytes":
+        text.write_bytes(b"\x00" * 4096)
+        config["wikitext2_text"], param, message = str(text), "wikitext2_text", "NUL bytes"
+    elif case == "c4_ints":
+        config["c4_parquet"], param, message = _parquet(tmp_path / "c4.parquet", [1, 2, 3]), "c4_parquet", "holds int64, not strings"
+    elif case == "config_not_json":
+        broken = _short_model(tmp_path, tiny_model_dir, 4096)
+        (broken / "config.json").write_text("{model_type: llama")
+        config["model"], param, message = str(broken), "model", "is not JSON"
+    elif case == "seq_len_beyond_context":
+        config.update(model=str(_short_model(tmp_path, tiny_model_dir, 128)), calibration_seq_len=256)
+        param, message = "calibration_seq_len", "longer than the model's context (128)"
+    else:
+        config["model"], param, message = str(_short_model(tmp_path, tiny_model_dir, 512)), "protocols", "a paper window is 1024 tokens, longer"
+    with pytest.raises(PipelineError) as err:
+        preflight(config, state / "cache")
+    assert f"Param {param}" in str(err.value) and message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_relations_that_change_nothing_fatal_are_notes(tmp_path, tiny_model_dir, state):
+    config = {"model": str(tiny_model_dir), "calibration_seq_len": 64, "calibration_samples": 4, "fisher_samples": 8,
+              "eval_tokens": 10**7, "methods": ["optimal"]}  # fmt: skip
+    _, _, notes = preflight(config, state / "cache")
+    assert any("fisher_samples 8 is more than calibration_samples 4" in n for n in notes), notes
+    assert any("eval_tokens 10,000,000 is more than wikitext2's" in n and "the whole set is evaluated" in n for n in notes), notes
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(400)))
+    _, _, notes = preflight({**config, "calibration_text": str(text), "calibration_samples": 64}, state / "cache")
+    assert any("the random windows overlap" in n for n in notes), notes

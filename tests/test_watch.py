@@ -76,7 +76,7 @@ def test_failed_lookups_are_reported_and_keep_the_old_state(state):
 
 def test_a_checkpoint_watched_twice_is_looked_up_once(state):
     lookup = lookup_from({"org/a": "sha"})
-    obs = watch.detect([entry("a", "org/a"), entry("a-again", "org/a", eval_tokens=5), entry("a-v2", "org/a", revision="v2")], {}, lookup)
+    obs = watch.detect([entry("a", "org/a"), entry("a-again", "org/a", eval_tokens=3000), entry("a-v2", "org/a", revision="v2")], {}, lookup)
     assert [o["entry"] for o in obs] == ["a", "a-v2"], "a branch is another checkpoint"
     assert lookup.calls == ["org/a", "org/a"]
 
@@ -124,14 +124,14 @@ def test_event_extras_oldest_first():
 
 def test_event_config_takes_the_zoo_entry_and_pins_hub_commits(tmp_path):
     params = {"model": "embedded", "eval_tokens": 2048, "methods": ["sensiboost"]}
-    entries = [entry("big", "org/big", eval_tokens=0, methods=[]), entry("local", str(tmp_path), eval_tokens=64)]
+    entries = [entry("big", "org/big", eval_tokens=0, methods=[]), entry("local", str(tmp_path), eval_tokens=4096)]
     assert watch.event_config(params, [], entries) == params, "no events: the run's own params"
 
     config = watch.event_config(params, [{"model": "org/big", "revision": "abc", "entry": "big"}], entries)
     assert config == {"model": "org/big", "eval_tokens": 0, "methods": [], "revision": "abc"}
 
     config = watch.event_config(params, [{"model": str(tmp_path), "revision": "sha256:x", "entry": "local"}], entries)
-    assert config["eval_tokens"] == 64 and "revision" not in config, "a local directory is not asked for by hash"
+    assert config["eval_tokens"] == 4096 and "revision" not in config, "a local directory is not asked for by hash"
 
     config = watch.event_config(params, [{"model": "org/new", "revision": "r1"}], entries)
     assert config == {**params, "model": "org/new", "revision": "r1"}, "a model outside the zoo runs with the params"

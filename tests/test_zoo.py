@@ -50,7 +50,7 @@ def test_load_zoo_merges_defaults_and_normalizes(tmp_path):
         tmp_path / "zoo.yaml",
         """
         defaults:
-          eval_tokens: 512
+          eval_tokens: 1536
           methods: []
         entries:
           - name: small
@@ -60,17 +60,17 @@ def test_load_zoo_merges_defaults_and_normalizes(tmp_path):
           - name: other
             model: org/model
             revision: v1
-            eval_tokens: 64
+            eval_tokens: 4096
             uniform_budgets: [b3g64]
             budgets: []
         """,
     )
     small, other = zoo.load_zoo(path)
     assert (small.name, small.model, small.watch, small.revision) == ("small", "embedded", True, None)
-    assert small.config["eval_tokens"] == 512 and small.config["methods"] == []
+    assert small.config["eval_tokens"] == 1536 and small.config["methods"] == []
     assert small.config["calibration_samples"] == 32, "PipelineConfig defaults are filled in"
     assert "name" not in small.config and "watch" not in small.config
-    assert (other.revision, other.config["eval_tokens"], other.watch) == ("v1", 64, False)
+    assert (other.revision, other.config["eval_tokens"], other.watch) == ("v1", 4096, False)
 
 
 def test_the_shipped_zoo_file_is_valid():
@@ -214,7 +214,7 @@ def test_a_new_revision_or_a_changed_config_runs_again(state):
     complete(state, item)
     assert zoo.plan_zoo([done], lookup=fake_lookup({"org/a": "sha-1"}))[0]["status"] == "done"
     assert zoo.plan_zoo([done], lookup=fake_lookup({"org/a": "sha-2"}))[0]["status"] == "pending"
-    changed = entry("a", model="org/a", budgets=[], eval_tokens=999)
+    changed = entry("a", model="org/a", budgets=[], eval_tokens=3000)
     assert zoo.plan_zoo([changed], lookup=fake_lookup({"org/a": "sha-1"}))[0]["status"] == "pending"
     renamed = entry("renamed", model="org/a", budgets=[])
     assert zoo.plan_zoo([renamed], lookup=fake_lookup({"org/a": "sha-1"}))[0]["status"] == "done", "the name is not the key"

@@ -33,6 +33,18 @@ class MethodSpec:
     # The option naming whose quantization error prices the rungs (its default: the profile's own HQQ rungs);
     # on a backend whose own rung errors the profile measures (Capabilities.own_errors) the planner sets it to those.
     errors_option: str | None = None
+    # (option, its values) that read the backward pass's loss estimate (optimal's objective "fisher"): with
+    # no gradient windows the method would fall back to another objective under the same name.
+    gradients: tuple[str, tuple[str, ...]] | None = None
+
+    def reads_gradients(self, options: dict | None = None) -> bool:
+        """Whether the method, with these options, needs the profile's backward pass."""
+        if self.rival_scores:
+            return True
+        if self.gradients is None:
+            return False
+        option, values = self.gradients
+        return (options or {}).get(option, self.default(option)) in values
 
     @property
     def defaults(self) -> dict:
@@ -84,7 +96,7 @@ METHODS: dict[str, MethodSpec] = {
                                                            "default": "fewer-large-is-important"}}),
         MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0, "default": 0.0}, **_MILP},
                    summary="MILP minimizing the sum of Frobenius errors"),
-        MethodSpec("optimal", "exact", ties=True, errors_option="errors",
+        MethodSpec("optimal", "exact", ties=True, errors_option="errors", gradients=("objective", ("fisher",)),
                    options={"objective": {"enum": ["fisher", "sensitivity", "output"], "default": "fisher"},
                             "errors": {"enum": ["hqq", "gptq"], "default": "hqq"}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),

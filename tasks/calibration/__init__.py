@@ -64,8 +64,14 @@ class Calibration(Contract):
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        raise PipelineError(f"text file {path} is a directory" if path.is_dir() else f"text file not found: {path}")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise PipelineError(f"text file {path} holds NUL bytes: it is not a text file")
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"text file {path} is not UTF-8 text (byte {exc.start} of {len(raw)})") from None
     if not text.strip():
         raise PipelineError(f"text file {path} is empty")
     return text
@@ -82,6 +88,11 @@ def read_c4(path: str | Path, documents: int = C4_DOCUMENTS) -> str:
     except Exception as exc:  # noqa: BLE001 (pyarrow raises ArrowInvalid, KeyError, OSError... for a file that is not C4 parquet)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PipelineError(f"C4 parquet {path} is not a parquet file with a 'text' column: {first[:200]}") from None
+    import pyarrow as pa
+
+    kind = table.schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PipelineError(f"C4 parquet {path}: its 'text' column holds {kind}, not strings")
     docs = [t for t in table.column("text").to_pylist()[:documents] if t and t.strip()]
     if not docs:
         raise PipelineError(f"C4 parquet {path} has no non-empty documents")
@@ -126,6 +137,22 @@ def source_files(params: CalibrationParams) -> dict[str, str]:
         if not Path(src).is_file():
             raise PipelineError(f"{name} source not found: {src}")
     return sources
+
+
+def token_counts(tokenizer, params: CalibrationParams) -> dict[str, int]:
+    """Each source's tokens with the model's tokenizer (the pre-flight's relations between Params and texts)."""
+    return {name: int(tokenize(tokenizer, text).shape[-1]) for name, text in read_sources(params).items()}
+
+
+def window_notes(params: CalibrationParams, tokens: int) -> list[str]:
+    """Whether the calibration text gives the windows asked for: fewer tokens than one window is an error
+    naming calibration_text; more windows than the text holds (they overlap) a note."""
+    if tokens <= params.seq_len:
+        raise PipelineError(f"Param calibration_text: {tokens} tokens, fewer than one window of calibration_seq_len {params.seq_len}")
+    if params.samples * params.seq_len > tokens:
+        return [f"calibration_samples x calibration_seq_len = {params.samples * params.seq_len:,} tokens from a text of {tokens:,}:"
+                f" the random windows overlap ({params.samples * params.seq_len / tokens:.1f}x the text)"]
+    return []
 
 
 def read_sources(params: CalibrationParams) -> dict[str, str]:

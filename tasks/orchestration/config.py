@@ -22,7 +22,7 @@ PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (che
 # Params whose null means something other than their default (a null elsewhere is the default).
 NULLABLE = ("revision", "promote_tolerance")
 PROMOTE_METRICS = ("kld_wikitext2", "kld_c4", "dnll_wikitext2", "dnll_c4")  # measured against the base model: 0 for it
-PROTOCOL_MIN_TOKENS = {"paper": 2, "gptq": 2048}  # the shortest stream that gives one window
+PROTOCOL_MIN_TOKENS = {"paper": 1024, "gptq": 2048}  # one window of each protocol (tasks.evaluation.perplexity.PROTOCOLS)
 
 
 def param(default, title: str, description: str = "", **schema):
@@ -105,7 +105,7 @@ class PipelineConfig:
     promote_min_improvement_pct: float = param(1.0, "Minimum improvement to replace the champion (%)",
                                                    "a new pick replaces the champion only if this much smaller (both within the tolerance) "
                                                    "or closer to the base model", type="number", minimum=0)
-    seed: int = param(42, "Seed", "of the calibration window sampling", type="integer")
+    seed: int = param(42, "Seed", "of the calibration window sampling", type="integer", minimum=0, maximum=2**63 - 1)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
@@ -154,9 +154,10 @@ class PipelineConfig:
         for name, least in (("eval_tokens", 0), ("fisher_samples", 0), ("calibration_samples", 1)):
             if getattr(self, name) < least:
                 raise PipelineError(f"Param {name}: must be >= {least}, got {getattr(self, name)}")
-        rivals = [m for m in self.methods if method_spec(m).rival_scores]
-        if rivals and self.budgets and self.fisher_samples == 0:
-            raise PipelineError(f"Param fisher_samples: {', '.join(rivals)} score(s) come from the backward pass; must be >= 1, got 0")
+        readers = [m for m in self.methods if method_spec(m).reads_gradients(self.method_options.get(m))]
+        if readers and self.budgets and self.fisher_samples == 0:
+            raise PipelineError(f"Param fisher_samples: {', '.join(readers)} read(s) the backward pass's loss estimate; must be >= 1, got 0")
+        self._check_duplicates()
         self._check_method_options()
         self._check_schemas()
         for raw in self.budgets:
@@ -164,7 +165,8 @@ class PipelineConfig:
                 check_budget(method, parse_budget(raw), raw, self.method_options.get(method, {}))
         for proto in self.protocols:
             if 0 < self.eval_tokens < PROTOCOL_MIN_TOKENS[proto]:
-                raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens)")
+                raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens;"
+                                    " 0 = the whole set)")
 
     @property
     def scored_methods(self) -> list[str]:
@@ -207,6 +209,17 @@ class PipelineConfig:
             except jsonschema.ValidationError as exc:
                 where = "".join(f"[{p!r}]" for p in exc.absolute_path)
                 raise PipelineError(f"Param {f.name}{where}: {exc.message}") from None
+
+    def _check_duplicates(self) -> None:
+        """The same rung, budget or backend twice would plan the same variant (one name) twice."""
+        for name, parse in (("uniform_budgets", parse_rung), ("budgets", parse_budget), ("backends", str)):
+            seen: dict = {}
+            for raw in getattr(self, name):
+                key = parse(raw)
+                if key in seen:
+                    same = f"{seen[key]!r} and {raw!r} are the same" if seen[key] != raw else f"{raw!r} is given twice"
+                    raise PipelineError(f"Param {name}: {same}")
+                seen[key] = raw
 
     def _check_method_options(self) -> None:
         for method, options in self.method_options.items():

@@ -6,6 +6,7 @@ would name, without profiling."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from tasks.allocation.methods import METHODS
@@ -29,10 +30,66 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
         from tasks.evaluation.downstream import check_tasks
 
         named_error("lm_eval_tasks", check_tasks, cfg.lm_eval_tasks)
-    model = resolve_model(cfg.model, cfg.revision, cache_dir)  # model files' headers, architecture
-    layout = layout_for(read_config(model.path))
+    model = named_error("model", lambda source: resolve_model(source, cfg.revision, cache_dir), cfg.model)  # files' headers
+    config_json = named_error("model", read_config, model.path)
+    layout = named_error("model", layout_for, config_json)  # a supported architecture
     plan_variants(cfg, layout.model_type if layout.stacked else None)  # e.g. tie_fused false on a stacked family
-    return cfg, model, backend_notes(cfg, layout.model_type)
+    notes = [*context_checks(cfg, config_json), *token_notes(cfg, model)]
+    return cfg, model, notes + backend_notes(cfg, layout.model_type)
+
+
+def context_checks(cfg: PipelineConfig, config_json: dict) -> list[str]:
+    """Windows no longer than the model's context (max_position_embeddings): calibration and evaluation."""
+    from tasks.errors import PipelineError
+    from tasks.orchestration.config import PROTOCOL_MIN_TOKENS
+
+    context = config_json.get("max_position_embeddings")
+    if not isinstance(context, int):
+        return []
+    if cfg.calibration_seq_len > context:
+        raise PipelineError(f"Param calibration_seq_len: {cfg.calibration_seq_len} tokens, longer than the model's context ({context})")
+    for proto in cfg.protocols:
+        if PROTOCOL_MIN_TOKENS[proto] > context:
+            raise PipelineError(f"Param protocols: a {proto} window is {PROTOCOL_MIN_TOKENS[proto]} tokens, longer than the model's context ({context})")
+    return []
+
+
+def token_notes(cfg: PipelineConfig, model) -> list[str]:
+    """The Params against the texts' token counts with the model's tokenizer: one calibration window at
+    least (error), one evaluation window of each protocol per set (error), windows that overlap, an
+    eval_tokens beyond a set and gradient windows beyond the calibration windows (notes)."""
+    from tasks.calibration import window_notes
+    from tasks.errors import PipelineError
+    from tasks.orchestration.config import PROTOCOL_MIN_TOKENS
+
+    sources = calibration_params(cfg)
+    counts = _token_counts(str(model.path), model.revision, sources)
+    notes = window_notes(sources, counts["calibration"])
+    for dataset, param_name in (("wikitext2", "wikitext2_text"), ("c4", "c4_parquet")):
+        for proto in cfg.protocols:
+            if counts[dataset] < PROTOCOL_MIN_TOKENS[proto]:
+                raise PipelineError(f"Param {param_name}: {counts[dataset]} tokens, fewer than one {proto} window ({PROTOCOL_MIN_TOKENS[proto]})")
+        if cfg.eval_tokens > counts[dataset]:
+            notes.append(f"eval_tokens {cfg.eval_tokens:,} is more than {dataset}'s {counts[dataset]:,} tokens: the whole set is evaluated")
+    if cfg.scored_methods and cfg.fisher_samples > cfg.calibration_samples:
+        notes.append(f"fisher_samples {cfg.fisher_samples} is more than calibration_samples {cfg.calibration_samples}: the backward pass"
+                     f" takes all {cfg.calibration_samples} windows")  # fmt: skip
+    return notes
+
+
+def _token_counts(model_path: str, revision: str, sources) -> dict[str, int]:
+    """Token counts per source, kept per model and source files (a process pre-flights many configs)."""
+    files = tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in (sources.calibration_text, sources.wikitext2_text,
+                                                                                       sources.c4_parquet))  # fmt: skip
+    return dict(_cached_counts(model_path, revision, files, sources))
+
+
+@lru_cache(maxsize=16)
+def _cached_counts(model_path: str, revision: str, files: tuple, sources) -> tuple:
+    from tasks.calibration import token_counts
+    from tasks.model_io import load_tokenizer
+
+    return tuple(token_counts(named_error("model", load_tokenizer, model_path), sources).items())
 
 
 def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
