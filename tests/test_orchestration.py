@@ -196,6 +196,9 @@ def test_the_config_names_what_the_stages_accept():
 
     assert set(BACKEND_NAMES) == set(BACKENDS)
     assert set(PROTOCOL_NAMES) == set(PROTOCOLS)
+    from tasks.orchestration.config import PROTOCOL_MIN_TOKENS
+
+    assert PROTOCOL_MIN_TOKENS == {name: p.max_length for name, p in PROTOCOLS.items()}, "one window of each protocol"
 
 
 @pytest.mark.parametrize(
