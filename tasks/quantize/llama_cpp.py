@@ -1,0 +1,61 @@
+"""Where this machine's llama.cpp is: the tools and shared libraries that `make setup` builds once from the
+pinned llama.cpp (scripts/build-llama-cpp.sh) and caches, outside the repository, per llama.cpp build.
+
+QUANT_LLAMA_CPP_DIR  the cache directory (default ~/.cache/quantpipe/llama.cpp/<build>), holding bin/ and lib/
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from tasks.errors import PipelineError
+
+BUILD = "b11312"  # llama.cpp's build number: the tree llama-cpp-python 0.3.36 vendors (scripts/build-llama-cpp.sh)
+ENV = "QUANT_LLAMA_CPP_DIR"
+
+
+def home() -> Path:
+    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "quantpipe" / "llama.cpp" / BUILD)
+
+
+def available() -> bool:
+    return (home() / ".complete").is_file() and (home() / "bin" / "llama-quantize").is_file()
+
+
+def tool(name: str) -> Path:
+    """The path of a llama.cpp tool (llama-quantize, llama-imatrix, llama-perplexity, llama-server)."""
+    path = home() / "bin" / name
+    if not path.is_file():
+        raise PipelineError(f"llama.cpp's {name} is not built at {home()}: run `make setup` (it builds llama.cpp {BUILD} once; needs cmake)")
+    return path
+
+
+@lru_cache(maxsize=1)
+def libggml() -> ctypes.CDLL:
+    """ggml's base library, for its type traits (ggml_blck_size, ggml_type_size, ggml_type_name)."""
+    candidates = sorted((home() / "lib").glob("libggml-base.so*"))
+    if not candidates:
+        raise PipelineError(f"llama.cpp's libggml-base is not built at {home()}: run `make setup`")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_blck_size.restype = ctypes.c_int64
+    lib.ggml_type_size.restype = ctypes.c_size_t
+    lib.ggml_type_name.restype = ctypes.c_char_p
+    return lib
+
+
+def run_tool(name: str, args: list[str], timeout_s: float = 3600) -> str:
+    """Run a llama.cpp tool to completion; its output, or one PipelineError line with its last words."""
+    import subprocess
+
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(home() / "lib"), os.environ.get("LD_LIBRARY_PATH")]))}
+    try:
+        done = subprocess.run([str(tool(name)), *map(str, args)], capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"llama.cpp's {name} did not finish in {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        last = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
+        raise PipelineError(f"llama.cpp's {name} failed (exit {done.returncode}): {last[0][:300]}")
+    return done.stdout + done.stderr
