@@ -59,3 +59,27 @@ def test_the_imatrix_is_the_mean_squared_activation_per_column_and_reads_back(tm
 def test_a_failing_tool_is_one_line():
     with pytest.raises(PipelineError, match="llama.cpp's llama-quantize failed"):
         llama_cpp.run_tool("llama-quantize", ["/nonexistent/model.gguf", "/tmp/out.gguf", "Q4_K"], timeout_s=60)
+
+
+@needs_llama_cpp
+def test_llama_quantize_writes_the_types_the_ladder_predicts_with_our_imatrix(tmp_path, tiny_model_dir):
+    """The tiny llama through llama.cpp's converter and llama-quantize, every weight given its own type and
+    our importance matrix: the file holds, per tensor, the type `written_type` predicts (fallbacks included)."""
+    import gguf
+
+    source = llama_cpp.convert_to_gguf(tiny_model_dir, tmp_path / "f32.gguf")
+    weights = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in gguf.GGUFReader(str(source)).tensors
+               if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2}  # fmt: skip
+    assert weights, "the converter wrote the decoder's weights"
+    wanted = {name: LADDER[i % len(LADDER)] for i, name in enumerate(sorted(weights))}  # i-quants need the imatrix
+    rng = np.random.default_rng(0)
+    matrix = ImportanceMatrix({n: rng.uniform(0.5, 2, size=(1, cols)).astype(np.float32) for n, (cols, _) in weights.items()},
+                              {n: np.array([[64.0]]) for n in weights}, ("test",), 1, 64)  # fmt: skip
+    imatrix = write_imatrix(tmp_path / "imatrix.gguf", matrix)
+    overrides = [arg for name, kind in wanted.items() for arg in ("--tensor-type", f"^{name.replace('.', chr(92) + '.')}$={kind.lower()}")]
+    out = tmp_path / "mixed.gguf"
+    log = llama_cpp.run_tool("llama-quantize", ["--imatrix", imatrix, *overrides, source, out, "Q8_0"], timeout_s=600)
+    assert f"loaded {len(weights)} importance matrix entries" in log
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if t.name in weights}
+    assert written == {name: written_type(kind, weights[name][0]).name for name, kind in wanted.items()}
+    assert {n for n in wanted if written[n] != wanted[n]} and {n for n in wanted if written[n] == wanted[n]}, "fallbacks and exact types both"

@@ -59,3 +59,22 @@ def run_tool(name: str, args: list[str], timeout_s: float = 3600) -> str:
         last = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
         raise PipelineError(f"llama.cpp's {name} failed (exit {done.returncode}): {last[0][:300]}")
     return done.stdout + done.stderr
+
+
+def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32") -> Path:
+    """A Hugging Face checkpoint as one GGUF file (tokenizer and metadata included) by llama.cpp's own
+    converter of the same build, with that build's gguf-py; the input of llama-quantize."""
+    import subprocess
+    import sys
+
+    script = home() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise PipelineError(f"llama.cpp's converter is not at {script}: run `make setup`")
+    out = Path(out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(home() / "gguf-py"), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    if done.returncode != 0 or not out.is_file():
+        last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        raise PipelineError(f"llama.cpp cannot convert {model_dir} to GGUF: {last[0][:300]}")
+    return out
