@@ -6,7 +6,6 @@ would name, without profiling."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from tasks.allocation.methods import METHODS
@@ -78,18 +77,23 @@ def token_notes(cfg: PipelineConfig, model) -> list[str]:
 
 
 def _token_counts(model_path: str, revision: str, sources) -> dict[str, int]:
-    """Token counts per source, kept per model and source files (a process pre-flights many configs)."""
+    """Token counts per source, kept per tokenizer (its files' contents) and source files: a process that
+    pre-flights many configs, or many checkpoints of one tokenizer, tokenizes the texts once."""
+    from tasks.artifacts import file_sha256
+
     files = tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in (sources.calibration_text, sources.wikitext2_text,
                                                                                        sources.c4_parquet))  # fmt: skip
-    return dict(_cached_counts(model_path, revision, files, sources))
+    tokenizer = tuple(file_sha256(p) for p in sorted(Path(model_path).glob("tokenizer*")) if p.is_file()) or (revision,)
+    key = (tokenizer, files, sources)
+    if key not in _COUNTS:
+        from tasks.calibration import token_counts
+        from tasks.model_io import load_tokenizer
+
+        _COUNTS[key] = token_counts(named_error("model", load_tokenizer, model_path), sources)
+    return dict(_COUNTS[key])
 
 
-@lru_cache(maxsize=16)
-def _cached_counts(model_path: str, revision: str, files: tuple, sources) -> tuple:
-    from tasks.calibration import token_counts
-    from tasks.model_io import load_tokenizer
-
-    return tuple(token_counts(named_error("model", load_tokenizer, model_path), sources).items())
+_COUNTS: dict = {}  # (tokenizer files, source files, sources) -> token counts, for this process
 
 
 def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
