@@ -8,13 +8,14 @@ from dataclasses import replace
 from tasks.allocation.stage import VariantPlan
 from tasks.orchestration import steps
 from tasks.orchestration.steps import Prepared, VariantRecord
+from tasks.profiling.stage import Profile
 
 
 def prepare(ctx, config: dict) -> tuple[Prepared, str | None]:
     """(the prepared run, its scores table's path or None)."""
     prepared = steps.prepare(ctx, config)
     profile = steps.profile(ctx, prepared)
-    return Prepared.from_json(prepared), profile and steps.Profile.from_json(profile).scores
+    return Prepared.from_json(prepared), profile and Profile.from_json(profile).scores
 
 
 def baseline(ctx, prep: Prepared) -> VariantRecord:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 DATA_DIR = REPO_ROOT / "data"
 C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (docs/methods.md §7)
 EVAL_SETS = ("wikitext2", "c4")
+WINDOWS_FILE = "calibration.safetensors"  # the calibration windows in the stage output
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,14 @@ class CalibrationParams(Contract):
     samples: int = 32
     seq_len: int = 512
     seed: int = 42
-    model: ResolvedModel | None = None  # whose tokenizer (an input: its revision keys the output, not the settings)
+    model: ResolvedModel | None = None  # whose tokenizer (an input: run_calibration keys the output by its identity)
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
     def cache_key(self) -> dict:
-        sources = source_files(self)
-        tokenizer = self.model.revision if self.model else ""
-        return {"params": self.settings(), "source_sha256": {name: file_sha256(src) for name, src in sources.items()}, "tokenizer": tokenizer}
+        """The settings and the sources' contents (run_calibration adds the tokenizer's identity)."""
+        return {"params": self.settings(), "source_sha256": {name: file_sha256(src) for name, src in source_files(self).items()}}
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Calibration(Contract):
 
     def windows(self) -> Path:
         """The calibration windows' file, fetched to this machine."""
-        return self.local() / "calibration.safetensors"
+        return self.local() / WINDOWS_FILE
 
 
 def read_text(path: str | Path) -> str:
@@ -186,7 +186,7 @@ def _build_calibration(out, model_path, params) -> str:
     texts = read_sources(params)
     with out.build() as tmp:
         calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed)
-        save_ids(tmp / "calibration.safetensors", calib)
+        save_ids(tmp / WINDOWS_FILE, calib)
         counts = {"calibration": list(calib.shape)}
         for name in EVAL_SETS:
             ids = tokenize(tokenizer, texts[name])

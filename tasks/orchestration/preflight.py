@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tasks.allocation.methods import METHODS
 from tasks.families import layout_for
-from tasks.errors import named_error
+from tasks.errors import PipelineError, named_error
 from tasks.ladder import parse_rung
-from tasks.orchestration.config import PipelineConfig, calibration_params
+from tasks.orchestration.config import PROTOCOL_MIN_TOKENS, PipelineConfig, calibration_params
 
 
 def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, object, list[str]]:
@@ -33,24 +33,21 @@ def preflight(config: dict, cache_dir: str | Path) -> tuple[PipelineConfig, obje
     config_json = named_error("model", read_config, model.path)
     layout = named_error("model", layout_for, config_json)  # a supported architecture
     plan_variants(cfg, layout.model_type if layout.stacked else None)  # e.g. tie_fused false on a stacked family
-    notes = [*context_checks(cfg, config_json), *token_notes(cfg, model)]
-    return cfg, model, notes + backend_notes(cfg, layout.model_type)
+    check_context(cfg, config_json)
+    return cfg, model, token_notes(cfg, model) + backend_notes(cfg, layout.model_type)
 
 
-def context_checks(cfg: PipelineConfig, config_json: dict) -> list[str]:
+def check_context(cfg: PipelineConfig, config_json: dict) -> None:
     """Windows no longer than the model's context (max_position_embeddings): calibration and evaluation."""
-    from tasks.errors import PipelineError
-    from tasks.orchestration.config import PROTOCOL_MIN_TOKENS
-
     context = config_json.get("max_position_embeddings")
     if not isinstance(context, int):
-        return []
+        return
     if cfg.calibration_seq_len > context:
         raise PipelineError(f"Param calibration_seq_len: {cfg.calibration_seq_len} tokens, longer than the model's context ({context})")
     for proto in cfg.protocols:
         if PROTOCOL_MIN_TOKENS[proto] > context:
-            raise PipelineError(f"Param protocols: a {proto} window is {PROTOCOL_MIN_TOKENS[proto]} tokens, longer than the model's context ({context})")
-    return []
+            raise PipelineError(f"Param protocols: a {proto} window is {PROTOCOL_MIN_TOKENS[proto]} tokens, longer than the model's"
+                                f" context ({context})")  # fmt: skip
 
 
 def token_notes(cfg: PipelineConfig, model) -> list[str]:
@@ -58,8 +55,6 @@ def token_notes(cfg: PipelineConfig, model) -> list[str]:
     least (error), one evaluation window of each protocol per set (error), windows that overlap, an
     eval_tokens beyond a set and gradient windows beyond the calibration windows (notes)."""
     from tasks.calibration import window_notes
-    from tasks.errors import PipelineError
-    from tasks.orchestration.config import PROTOCOL_MIN_TOKENS
 
     sources = calibration_params(cfg)
     counts = _token_counts(str(model.path), model.revision, sources)
@@ -101,7 +96,6 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
     family skips all; exact for the uniform rungs; for the layer-sensitive methods, what a backend that
     takes only some rungs can express."""
     from tasks.bitmap import uniform_bitmap
-    from tasks.errors import PipelineError
     from tasks.quantize.registry import get_backend
 
     notes = []
@@ -145,7 +139,6 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     skipped (why the backend will skip it, or None) or caveat (what decides at allocation). Pure: no profile,
     no scores; the same cross product with the backends that allocation makes."""
     from tasks.bitmap import uniform_bitmap
-    from tasks.errors import PipelineError
     from tasks.ladder import Rung
     from tasks.allocation.plan import memory_matches, plan_variants, variant_name
     from tasks.quantize.registry import get_backend

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
 from tasks.bitmap import BitMap
-from tasks.calibration import Calibration
+from tasks.calibration import WINDOWS_FILE, Calibration
 from tasks.contracts import Contract
 from tasks.model_io import ResolvedModel
 from tasks.quantize.registry import UNQUANTIZED, get_backend
@@ -40,7 +40,7 @@ def run(ctx, params: QuantizeParams) -> QuantizedModel:
     if params.backend == UNQUANTIZED:
         return QuantizedModel(str(params.model.path), params.model.revision, started)
     uri = run_quantize(params.model.local(ctx.settings.cache_dir), params.model.revision, params.bitmap, params.backend,
-                       ctx.settings.artifact_root, Path(params.calibration.uri) / "calibration.safetensors", params.options)  # fmt: skip
+                       ctx.settings.artifact_root, Path(params.calibration.uri) / WINDOWS_FILE, params.options)  # fmt: skip
     facts = read_json(ensure_local(uri) / "manifest.json").get("facts", {})
     return QuantizedModel(uri, Path(uri).name, started, facts.get("quant_seconds"))
 

@@ -35,8 +35,7 @@ class RecordParams(Contract):
     @property
     def config_hash(self) -> str:
         """Weights + calibration + evaluation settings: one MLflow run each."""
-        settings = {k: v for k, v in self.settings.to_json().items() if k != "datasets"}
-        return stable_hash({"model_hash": self.plan.model_hash, "calibration": Path(self.calibration.uri).name, "eval": settings})
+        return stable_hash({"model_hash": self.plan.model_hash, "calibration": Path(self.calibration.uri).name, "eval": info_settings(self.settings)})
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,7 @@ def verify(ctx, params: RecordParams, recorded: Recorded) -> LoadCheck | None:
     """The version's reload check (None for a variant without a version: the base model)."""
     if not recorded.version:
         return None
+    from tasks.evaluation.stage import metric_name
     from tasks.registry.load_check import DETAIL_TAG, TAG, check_version
     from tasks.registry.naming import registered_model_name
     from tasks.registry.tracking import client_for
@@ -128,6 +128,6 @@ def verify(ctx, params: RecordParams, recorded: Recorded) -> LoadCheck | None:
     if "reload_ppl" in m:  # the first 2,048 tokens' perplexity, recorded by the evaluation
         expected, tokens = m["reload_ppl"], int(m["reload_tokens"])
     else:
-        expected, tokens = m[f"ppl_wikitext2{'' if protocol == 'paper' else '_' + protocol}"], params.settings.eval_tokens
+        expected, tokens = m[metric_name("wikitext2", protocol)], params.settings.eval_tokens
     result = check_version(ctx.settings.tracking_uri, name, recorded.version, str(params.calibration.local()), tokens, expected, protocol)
     return LoadCheck("passed" if result["passed"] else "failed", result["detail"])
