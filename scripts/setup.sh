@@ -27,6 +27,10 @@ python -m pip install -q --no-deps --no-build-isolation -e .
 if command -v cmake >/dev/null && command -v c++ >/dev/null; then
   llama_cpp=$(PYTHON=python bash scripts/build-llama-cpp.sh)  # (an assignment: a failed build stops set-up)
   echo "setup: llama.cpp tools in $llama_cpp"
+  # llama.cpp's runtime in Python, bound to those libraries (LLAMA_CPP_LIB_PATH): the package only, its own
+  # build of llama.cpp turned off (a few seconds instead of ten minutes; pip's wheel cache ignores CMAKE_ARGS).
+  python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llama_cpp") is None)' || \
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install -q --no-cache-dir --no-deps llama-cpp-python==0.3.36
 else
   echo "setup: note: cmake or a C++ compiler is missing: llama.cpp is not built (the gguf backend needs it)"
 fi

@@ -68,7 +68,7 @@ class BitMap:
     @classmethod
     def from_json(cls, data: dict) -> "BitMap":
         try:
-            modules = {k: Rung(int(v["bits"]), int(v["group_size"])) for k, v in data["modules"].items()}
+            modules = {k: Rung.from_json(v) for k, v in data["modules"].items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise PipelineError(f"bit map is malformed: {exc!r}") from None
         params = {k: int(v) for k, v in data.get("params", {}).items()} or {k: 1 for k in modules}

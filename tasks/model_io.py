@@ -21,6 +21,7 @@ from tasks.errors import PipelineError
 from tasks.families import SUPPORTED_MODEL_TYPES, model_type_of
 from tasks.ladder import MODULES, module_key
 from tasks.model_files import check_gguf, check_safetensors
+from tasks.quantize.gguf_files import VOCAB_FILE, write_vocab_gguf
 
 if TYPE_CHECKING:  # torch is imported where a model is built: resolving and identifying need none
     import torch
@@ -122,6 +123,8 @@ def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedMo
         check_gguf(gguf)  # the whole index, before the converter reads it (a converted file was whole)
         log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
         _convert_gguf(gguf, target)
+    if not (target / VOCAB_FILE).is_file():  # llama.cpp's own tokenizer of the file (tasks/quantize/gguf_files.py)
+        write_vocab_gguf(gguf, target / VOCAB_FILE)
     return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
 
 

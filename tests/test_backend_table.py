@@ -97,10 +97,13 @@ def test_the_backends_declare_what_the_name_tables_said(tmp_path):
 
     caps = {name: capabilities(name) for name in registry.BACKENDS}
     assert {n for n, c in caps.items() if c.fused_kernels} == {"gptq", "awq"}
-    assert own_error_names() == ("gptq",) and caps["gptq"].own_errors.name == "gptq"
+    assert own_error_names() == ("gptq", "gguf") and caps["gptq"].own_errors.name == "gptq"
+    assert {n for n, c in caps.items() if c.ladder == "gguf"} == {"gguf"}
     assert {n: c.serving for n, c in caps.items()} == {"hqq": "mlflow pyfunc", "gptq": "mlflow pyfunc; GPTQModel (uniform maps)",
-                                                      "awq": "mlflow transformers; compressed-tensors", "bnb": "mlflow pyfunc; transformers (4-bit maps)"}  # fmt: skip
-    assert {n: c.libraries for n, c in caps.items()} == {"hqq": ("hqq",), "gptq": ("gptqmodel",), "awq": ("compressed-tensors",), "bnb": ("bitsandbytes",)}
+                                                      "awq": "mlflow transformers; compressed-tensors", "bnb": "mlflow pyfunc; transformers (4-bit maps)",
+                                                      "gguf": "llama.cpp (llama-server), Ollama, LM Studio; mlflow pyfunc over llama.cpp"}  # fmt: skip
+    assert {n: c.libraries for n, c in caps.items()} == {"hqq": ("hqq",), "gptq": ("gptqmodel",), "awq": ("compressed-tensors",), "bnb": ("bitsandbytes",),
+                                                        "gguf": ("llama-cpp-python",)}
     plain, dynamic, int8 = tmp_path / "plain", tmp_path / "dynamic", tmp_path / "int8"
     for d, config in ((plain, {"quantization_config": {}}), (dynamic, {"quantization_config": {"dynamic": {"-:.*": {}}}}), (int8, {})):
         d.mkdir()

@@ -41,6 +41,7 @@ FAMILY_PINS = {
     "gptq": {"gptqmodel": "7.6.0"},
     "llmcompressor": {"llmcompressor": "0.14.0.1"},
     "bnb": {"bitsandbytes": "0.50.2"},
+    "gguf": {"gguf": "0.19.0", "sentencepiece": "0.2.3"},
     "airflow": {"apache-airflow": "3.3.2", "apache-airflow-providers-cncf-kubernetes": "10.25.0"},
     "mlflow-server": {"mlflow": "3.17.2"},
 }
@@ -132,7 +133,7 @@ def test_image_table_lists_every_dockerfile():
         assert fam["role"] in ("stage", "service"), name
         assert re.fullmatch(r"[a-z0-9]+([._-][a-z0-9]+)*", fam["image"]), fam["image"]
     assert len({fam["image"] for fam in FAMILIES.values()}) == len(FAMILIES), "image names must be unique"
-    assert set(STAGE_FAMILIES) == {"core", "hqq", "gptq", "llmcompressor", "bnb"}
+    assert set(STAGE_FAMILIES) == {"core", "hqq", "gptq", "llmcompressor", "bnb", "gguf"}
 
 
 def test_image_table_matches_the_cli_and_the_backends():

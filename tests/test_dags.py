@@ -80,7 +80,7 @@ def test_dag_params_are_the_pipeline_config(monkeypatch):
     for name in dag.params:
         assert dag.params[name] == getattr(defaults, name), name
     dag.params.validate()  # the defaults pass their own schema
-    for name, bad in {"budgets": ["-3.0"], "methods": ["magic"], "backends": ["gguf"], "protocols": ["lambada"], "eval_tokens": -1}.items():
+    for name, bad in {"budgets": ["-3.0"], "methods": ["magic"], "backends": ["exllama"], "protocols": ["lambada"], "eval_tokens": -1}.items():
         with pytest.raises(Exception, match="valid|schema|not one of|does not match|less than"):
             dag.params.get_param(name).resolve(bad)
 

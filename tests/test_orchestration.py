@@ -100,13 +100,13 @@ def test_run_inprocess_walks_the_table(monkeypatch, state):
 
 
 def test_plan_variants_uniform_first_then_boost_then_the_rest():
-    config = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], "methods": ["mxq", "kurtboost", "optimal"], "budgets": ["b3g64"],
+    config = PipelineConfig.from_dict({"backends": ["hqq"], "uniform_budgets": ["b4g64"], "methods": ["mxq", "kurtboost", "optimal"], "budgets": ["b3g64"],
                                        "method_options": {"kurtboost": {"top_m": 0}}})  # fmt: skip
     specs = plan_variants(config)
     assert [s.name for s in specs] == ["uniform-4.25", "KB20-3.25", "mxq-3.25", "optimal-3.25"]
     assert specs[1].options == {"boost_stop": 2, "top_m": 0}, "the user's options over the method's defaults"
     assert specs[1].budget == parse_rung("b3g64")
-    exact = plan_variants(PipelineConfig.from_dict({"uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.4"]}))
+    exact = plan_variants(PipelineConfig.from_dict({"backends": ["hqq"], "uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.4"]}))
     assert [(s.name, s.budget) for s in exact] == [("optimal-3.40", 3.4)]
 
 
@@ -126,7 +126,7 @@ def test_budget_exact_methods_get_the_memory_the_boost_method_reached():
 
 def _names(config: dict, backend: str = "hqq") -> list[str]:
     """The variant names a run of `config` gives on one backend, as allocate names them."""
-    cfg = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], **config})
+    cfg = PipelineConfig.from_dict({"uniform_budgets": ["b4g64"], "backends": [backend], **config})
     specs = plan_variants(cfg, profiled_errors=())
     return [variant_name(backend, s.label, s.budget_label, m) for s, m in zip(specs, memory_matches(specs, cfg.match_boost_memory))]
 
@@ -228,7 +228,7 @@ def test_backends_that_serve_fused_kernels_get_tied_bit_maps():
     assert "tie_fused" not in plan["lim-3.25-tied-memory"].options and plan["lim-3.25-tied-memory"].ties == (True, False)
     explicit = PipelineConfig.from_dict({"backends": ["hqq", "gptq"], "methods": ["optimal"], "method_options": {"optimal": {"tie_fused": False}}})
     assert [(s.name, s.backends) for s in plan_variants(explicit, profiled_errors=()) if s.method == "optimal"] == [("optimal-3.25", None)]
-    hqq_only = PipelineConfig.from_dict({"methods": ["optimal"]})
+    hqq_only = PipelineConfig.from_dict({"backends": ["hqq"], "methods": ["optimal"]})
     assert [(s.name, s.backends, s.options) for s in plan_variants(hqq_only) if s.method == "optimal"] == [("optimal-3.25", None, {})]
 
 

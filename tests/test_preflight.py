@@ -21,9 +21,11 @@ from tasks.orchestration.preflight import backend_notes, preflight
 BAD = {
     "model": ({"model": "   "}, "no model"),
     "revision": ({"revision": 7}, "is not of type"),
-    "backends": ({"backends": ["gguf"]}, "unknown backend"),
+    "backends": ({"backends": ["exllama"]}, "unknown backend"),
     "uniform_budgets": ({"uniform_budgets": ["b5g64"]}, "b5g64"),
     "methods": ({"methods": ["magic"]}, "unknown method"),
+    "gguf_presets": ({"gguf_presets": ["Q4_K_X"]}, "is not one of"),
+    "preset_methods": ({"preset_methods": ["sensiboost"]}, "is not one of"),
     "budgets": ({"methods": ["optimal"], "budgets": ["1.9"]}, "optimal cannot meet '1.9'"),
     "method_options": ({"methods": ["mxq"], "method_options": {"mxq": {"tolerance": "tight"}}}, "is not of type 'number'"),
     "backend_options": ({"backends": ["gptq"], "backend_options": {"gptq": {"sym": "yes"}}}, "is not of type 'boolean'"),
@@ -173,16 +175,16 @@ def test_check_says_when_the_methods_have_no_budget(tmp_path, state, capsys, tin
 
 def test_check_says_when_only_the_baseline_runs(tmp_path, state, capsys, tiny_model_dir):
     model = _checkpoint(tmp_path, tiny_model_dir)
-    out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "uniform_budgets": []}, capsys)
+    out = _check({"model": str(model), "lm_eval_tasks": [], "budgets": [], "uniform_budgets": [], "gguf_presets": []}, capsys)
     assert out[-2:] == ["variant: none/unquantized/fp32  method unquantized  budget fp32  backend none",
                         "note: uniform_budgets is empty and budgets is empty: only the baseline runs"]  # fmt: skip
     from tasks.orchestration.preflight import plan_lines
 
     skipped = plan_lines(PipelineConfig.from_dict({"backends": ["bnb"], "uniform_budgets": ["b3g64"], "methods": []}))
     assert skipped[-1] == "note: every (backend, variant) pair is skipped: only the baseline runs"
-    nothing = plan_lines(PipelineConfig.from_dict({"uniform_budgets": [], "methods": ["uniform"], "include_baseline": False}))
+    nothing = plan_lines(PipelineConfig.from_dict({"uniform_budgets": [], "methods": ["uniform"], "include_baseline": False, "gguf_presets": []}))
     assert nothing == ["note: uniform_budgets is empty and no layer-sensitive method is selected: nothing runs"]
-    default = plan_lines(PipelineConfig.from_dict({"methods": ["kurtboost", "optimal"], "match_boost_memory": False}))
+    default = plan_lines(PipelineConfig.from_dict({"backends": ["hqq"], "methods": ["kurtboost", "optimal"], "match_boost_memory": False}))
     assert [line.split()[1] for line in default][-2:] == ["hqq/KB21/3.25", "hqq/optimal/3.25"], "no matching: the plain name"
 
 

@@ -30,7 +30,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
 from tasks.errors import PipelineError
-from tasks.ladder import Rung
+from tasks.ladder import GGML_BLOCKS, Rung
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,22 @@ _REPAIRS = 5  # re-solves with a tighter cap if HiGHS's feasibility tolerance le
 
 def rung_units(rung: Rung) -> int:
     """bpp * 512 of a rung, exactly."""
-    units = (Fraction(rung.bits) + Fraction(16, rung.group_size) + Fraction(32, rung.group_size * 128)) * UNITS_PER_BIT
+    if rung.ggml:  # a llama.cpp type: its bytes per block of weights
+        block, size = GGML_BLOCKS[rung.ggml]
+        units = Fraction(8 * size, block) * UNITS_PER_BIT
+    else:
+        units = (Fraction(rung.bits) + Fraction(16, rung.group_size) + Fraction(32, rung.group_size * 128)) * UNITS_PER_BIT
     if units.denominator != 1:
         raise PipelineError(f"rung {rung.name} has no whole number of 1/{UNITS_PER_BIT}-bit units")
     return int(units)
 
 
-def size_matrix(params: list[int], rungs: tuple[Rung, ...]) -> np.ndarray:
-    """Memory of each (module, rung) in units, int64, shape (len(params), len(rungs))."""
-    return np.outer(np.asarray(params, dtype=np.int64), np.array([rung_units(r) for r in rungs], dtype=np.int64))
+def size_matrix(params: list[int], rungs: tuple[Rung, ...], written: list[list[Rung]] | None = None) -> np.ndarray:
+    """Memory of each (module, rung) in units, int64, shape (len(params), len(rungs)); with `written`
+    (per module, the rung actually written for each of `rungs`), of those."""
+    if written is None:
+        return np.outer(np.asarray(params, dtype=np.int64), np.array([rung_units(r) for r in rungs], dtype=np.int64))
+    return np.array([[n * rung_units(w) for w in row] for n, row in zip(params, written)], dtype=np.int64).reshape(len(params), len(rungs))
 
 
 def capacity_units(budget_bpp: float, total_params: int, tolerance: float = 0.0) -> int:

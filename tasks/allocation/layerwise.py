@@ -22,7 +22,7 @@ from tasks.allocation.methods import takes_options
 from tasks.allocation.scores import Scores
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
-from tasks.ladder import LADDER, Rung, split_key
+from tasks.ladder import LADDERS, Rung, split_key
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,18 @@ ZD_DIRECTIONS = ("fewer-large-is-important", "more-large-is-important")
 _EPS = 1e-12  # float slack when comparing an average bpp with the budget
 
 
-def default_low(budget: float, below: Rung | None = None) -> Rung:
-    """The highest rung with bpp <= budget (and cheaper than `below`, if given)."""
-    fitting = [r for r in LADDER if r.bpp <= budget + _EPS and (below is None or r.bpp < below.bpp)]
+def default_low(budget: float, below: Rung | None = None, ladder: str = "hqq") -> Rung:
+    """The highest rung of the ladder with bpp <= budget (and cheaper than `below`, if given)."""
+    rungs = LADDERS[below.ladder if below else ladder]
+    fitting = [r for r in rungs if r.bpp <= budget + _EPS and (below is None or r.bpp < below.bpp)]
     if not fitting:
-        raise PipelineError(f"budget {budget:g} bpp is below the cheapest rung ({LADDER[0].name}={LADDER[0].bpp:.4f} bpp)")
+        raise PipelineError(f"budget {budget:g} bpp is below the cheapest rung ({rungs[0].name}={rungs[0].bpp:.4f} bpp)")
     return max(fitting, key=lambda r: r.bpp)
 
 
 def default_high(low: Rung) -> Rung:
-    """The next bit width at the same group size, e.g. b3g64 -> b4g64."""
-    above = [r for r in LADDER if r.group_size == low.group_size and r.bits > low.bits]
+    """The next bit width at the same group size (block, for a llama.cpp type), e.g. b3g64 -> b4g64, Q3_K -> Q4_K."""
+    above = [r for r in LADDERS[low.ladder] if r.group_size == low.group_size and r.bits > low.bits]
     if not above:
         raise PipelineError(f"no rung above {low.name} to keep important layers at; pass --low and --high")
     return min(above, key=lambda r: r.bits)

@@ -29,6 +29,7 @@ class MethodSpec:
     rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
     dkld: bool = False  # needs a profile with ExLlamaV3's measured KLD change per layer group and rung (opt-in, costly)
     scored: bool = True  # reads the profile's scores (uniform does not: the budget rung everywhere)
+    external: bool = False  # its bit map is a serving engine's own rules applied to the model (llama.cpp's presets), not an allocation
     layerwise: bool = False  # moves whole layers from its `high` rung down to its `low` one (needs a rung above `low`)
     # The option naming whose quantization error prices the rungs (its default: the profile's own HQQ rungs);
     # on a backend whose own rung errors the profile measures (Capabilities.own_errors) the planner sets it to those.
@@ -67,7 +68,8 @@ class MethodSpec:
         return f"{self.name[0].upper()}B{options.get('boost_stop', '')}{options.get('top_m', '')}"
 
 
-RUNG_NAME = {"type": "string", "pattern": r"^b[2348]g(32|64|128)$"}
+# a rung of the HQQ ladder (b4g64) or of the gguf ladder (a llama.cpp type: Q4_K, IQ4_XS, ...)
+RUNG_NAME = {"type": "string", "pattern": r"^(b[2348]g(32|64|128)|[Qq][2-8]_([0-1]|[Kk])|[Ii][Qq][1-4]_([Nn][Ll]|[XxSsMm]+))$"}
 _TIES = {"tie_fused": {"type": "boolean", "default": False}, "tie_experts": {"type": "boolean", "default": False}}
 
 
@@ -78,7 +80,8 @@ def _boost(boost_stop: int, top_m: int) -> dict:
 
 # low/high None: the highest rung within the budget and the next bit width (tasks/allocation/layerwise.py)
 _LAYERWISE = {"low": {**RUNG_NAME, "default": None}, "high": {**RUNG_NAME, "default": None}}
-_MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}], "default": None},  # None: every rung
+# rungs None: every rung of the ladder the variant's backend takes; "hqq" / "gguf": every rung of that ladder
+_MILP = {"rungs": {"oneOf": [{"type": "string"}, {"type": "array", "items": RUNG_NAME, "minItems": 1}], "default": None},
          "time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 60.0}, "mip_gap": {"type": "number", "minimum": 0, "default": 0.0},
          **_TIES}  # fmt: skip
 
@@ -86,6 +89,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("uniform", "rung", scored=False, summary="every module at the budget rung"),
+        MethodSpec("preset", "rung", scored=False, external=True, summary="llama.cpp's own mix for a preset (llama-quantize's rules; gguf backend)"),
         MethodSpec("sensiboost", "rung", boost=True, ties=True, options=_boost(3, 0), named=("boost_stop", "top_m"),
                    summary="boosts layers after jumps in activation sensitivity (SB30)"),
         MethodSpec("kurtboost", "rung", boost=True, ties=True, options=_boost(2, 1), named=("boost_stop", "top_m"),
@@ -98,7 +102,7 @@ METHODS: dict[str, MethodSpec] = {
                    summary="MILP minimizing the sum of Frobenius errors"),
         MethodSpec("optimal", "exact", ties=True, errors_option="errors", gradients=("objective", ("fisher",)),
                    options={"objective": {"enum": ["fisher", "sensitivity", "output"], "default": "fisher"},
-                            "errors": {"enum": ["hqq", "gptq"], "default": "hqq"}, **_MILP},
+                            "errors": {"enum": ["hqq", "gptq", "gguf"], "default": "hqq"}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),
         MethodSpec("taylor", "exact", ties=True, options=_MILP, rival_scores=True,
                    summary="NVIDIA ModelOpt auto_quantize's gradient score, same MILP"),

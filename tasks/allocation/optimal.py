@@ -46,7 +46,9 @@ from tasks.ladder import split_key
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("fisher", "sensitivity", "output")
-ERRORS = {"hqq": "", "gptq": "_gptq"}  # whose rung errors -> the suffix of their score columns
+# whose rung errors -> the suffix of their score columns (gguf: the table's gguf rungs, whose columns are
+# ggml's own errors; tasks/profiling/driver.py)
+ERRORS = {"hqq": "", "gptq": "_gptq", "gguf": ""}
 # The SensiBoost part of each projection (an MoE expert's projections take their layer's MLP parts).
 PARTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out", "gate_proj": "mlp_gate",
          "up_proj": "mlp_gate", "down_proj": "mlp_down"}  # fmt: skip
@@ -141,7 +143,7 @@ def _module_sensitivity(scores: Scores) -> np.ndarray:
 def build_program(scores: Scores, objective: str, rungs, time_limit: float, mip_gap: float,
                   tie_fused: bool, tie_experts: bool, errors: str) -> tuple[RungProgram, dict]:  # fmt: skip
     """The knapsack of `optimal` for one table; reused for every budget of a frontier."""
-    cand = candidate_rungs(scores, as_rungs(rungs))
+    cand = candidate_rungs(scores, as_rungs(rungs) or ("gguf" if errors == "gguf" else None))
     costs, facts = objective_costs(scores, objective, cand, errors)
     program = RungProgram(scores, costs, cand, "optimal", time_limit=time_limit, mip_gap=float(mip_gap), tie_fused=bool(tie_fused),
                           tie_experts=bool(tie_experts))  # fmt: skip

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.allocation.budget import budget_label, parse_budget
+from tasks.allocation.budget import budget_label, parse_budget, parse_uniform
 from tasks.allocation.methods import METHODS, method_spec
 from tasks.errors import PipelineError
-from tasks.ladder import Rung, parse_rung
-from tasks.quantize.registry import capabilities, own_error_names
+from tasks.ladder import Preset, Rung, parse_preset
+from tasks.quantize.registry import capabilities, ladder_of, own_error_names
 
 BASELINE_METHOD = "unquantized"  # the method of the unquantized base model's variant, `none/unquantized/fp32`
 
 
 def scored_methods(params) -> list[str]:
-    """The selected methods that read the profile (the layer-sensitive ones), when there are budgets for them."""
-    return [m for m in params.methods if method_spec(m).scored] if params.budgets else []
+    """The selected methods that read the profile (the layer-sensitive ones), when there are budgets for them
+    (the budgets, or the llama.cpp presets of the methods given their sizes)."""
+    methods = [m for m in params.methods if method_spec(m).scored] if params.budgets else []
+    ladders = {ladder_of(b) for b in params.backends}
+    has_presets = any(p.ladder in ladders for p in map(parse_preset, params.gguf_presets))
+    presets = [m for m in params.preset_methods if method_spec(m).scored] if has_presets else []
+    return list(dict.fromkeys(methods + presets))
 
 
 def wanted_errors(params) -> tuple[str, ...]:
@@ -40,27 +45,40 @@ def wanted_errors(params) -> tuple[str, ...]:
             chosen = (params.method_options.get(method) or {}).get(spec.errors_option)
             backends = (capabilities(b).own_errors for b in params.backends)
             wanted += [chosen] if chosen is not None else [e.name for e in backends if e]
+    # A backend with a ladder of its own (gguf) has no rungs but the ones its own errors profile: they are
+    # measured whenever it has variants (its uniform maps are realized on them; its importance matrix comes along).
+    wanted += [c.own_errors.name for c in map(capabilities, params.backends) if c.own_ladder and c.own_errors and _has_variants(params, c.ladder)]
     own = own_error_names()
     return tuple(e for e in dict.fromkeys(wanted) if e in own)
+
+
+def _has_variants(params, ladder: str) -> bool:
+    """Whether the run plans a bit map on `ladder`: a uniform rung or preset of it, a real-valued budget
+    or a rung of it for a layer-sensitive method, or a preset of it."""
+    budgets = [parse_budget(b) for b in params.budgets] if [m for m in params.methods if method_spec(m).scored] else []
+    return (any(parse_uniform(b).ladder == ladder for b in params.uniform_budgets)
+            or any(getattr(b, "ladder", ladder) == ladder for b in budgets)
+            or any(p.ladder == ladder for p in map(parse_preset, params.gguf_presets)))  # fmt: skip
 
 
 @dataclass(frozen=True)
 class VariantSpec:
     method: str
-    budget: Rung | float
+    budget: Rung | float | Preset
     options: dict = field(default_factory=dict)
     backends: tuple[str, ...] | None = None  # the backends this bit map is for (None: every backend)
     # For a method that ties nothing itself (lim, zd move whole layers): the ties of the boost bit maps
     # whose memory it matches on its backends (a tied SB30 reaches another memory than an untied one).
     memory_ties: tuple[bool, bool] | None = None
+    ladder: str = "hqq"  # whose rungs the bit map holds (its backends' Capabilities.ladder)
 
     @classmethod
     def of(cls, method: str, budget, options: dict | None = None, backends: tuple[str, ...] | None = None,
-           memory_ties: tuple[bool, bool] | None = None) -> "VariantSpec":  # fmt: skip
+           memory_ties: tuple[bool, bool] | None = None, ladder: str = "hqq") -> "VariantSpec":  # fmt: skip
         """The method's defaults under the given options."""
         spec = method_spec(method)
-        budget = budget if isinstance(budget, (Rung, float)) else parse_budget(budget)
-        return cls(method, budget, {**spec.defaults, **(options or {})}, backends, memory_ties)
+        budget = budget if isinstance(budget, (Rung, float, Preset)) else parse_budget(budget)
+        return cls(method, budget, {**spec.defaults, **(options or {})}, backends, memory_ties, getattr(budget, "ladder", ladder))
 
     @property
     def ties(self) -> tuple[bool, bool]:
@@ -87,7 +105,8 @@ class VariantSpec:
         errors = f"-{chosen}-errors" if chosen is not None and chosen != method.default(option) else ""
         tied, experts = self.memory_ties or (False, False)
         memory = (("-tied" if tied else "") + ("-experts-tied" if experts else "") + "-memory") if tied or experts else ""
-        return f"{self.label}-{self.budget_label}{ties}{errors}{memory}"
+        ladder = f"-{self.ladder}" if self.ladder != "hqq" and not isinstance(self.budget, (Rung, Preset)) and not errors else ""
+        return f"{self.label}-{self.budget_label}{ties}{errors}{memory}{ladder}"
 
 
 @dataclass(frozen=True)
@@ -131,29 +150,57 @@ def plan_variants(config, stacked_family: str | None = None, profiled_errors: tu
     AllocationParams; `profiled_errors`: whose own rung errors the profile holds (default: those the
     configuration asks for)."""
     profiled_errors = wanted_errors(config) if profiled_errors is None else profiled_errors
-    specs = [VariantSpec.of("uniform", parse_rung(b)) for b in config.uniform_budgets]
+    specs = []
+    for raw in config.uniform_budgets:
+        budget = parse_uniform(raw)
+        specs.append(VariantSpec.of("preset" if isinstance(budget, Preset) else "uniform", budget, backends=_on_ladder(config, budget.ladder)))
+    # llama.cpp's presets, where the run has a backend of their ladder (gguf)
+    presets = [p for p in map(parse_preset, config.gguf_presets) if _ladder_backends(config, p.ladder)]
+    specs += [VariantSpec.of("preset", p, backends=_on_ladder(config, p.ladder)) for p in presets if p not in [s.budget for s in specs]]
     methods = sorted((m for m in config.methods if METHODS[m].scored), key=lambda m: not METHODS[m].boost)
     for method in methods:
         options = config.method_options.get(method) or {}
         if stacked_family and options.get("tie_fused") is False:
             raise PipelineError(f"{method}: tie_fused cannot be false for a {stacked_family} model, which stores q/k/v and "
                                 "gate/up each in one linear (they share one rung)")  # fmt: skip
-        groups: dict[tuple, list[str]] = {}  # the backends' extra options -> those backends
+        groups: dict[tuple, list[str]] = {}  # (ladder, the backends' extra options) -> those backends
         for backend in config.backends:
             extra = backend_options(method, options, backend, stacked_family, profiled_errors)
-            groups.setdefault(tuple(sorted(extra.items())), []).append(backend)
+            groups.setdefault((capabilities(backend).ladder, tuple(sorted(extra.items()))), []).append(backend)
         memory = _memory_groups(config, methods, method, stacked_family)
         for raw in config.budgets:
             budget = parse_budget(raw)
-            if memory:
+            ladders = {getattr(budget, "ladder", None)} if isinstance(budget, (Rung, Preset)) else {ladder for ladder, _ in groups}
+            if memory and ladders == {"hqq"}:
                 specs += [VariantSpec.of(method, budget, options, b, ties) for ties, b in memory]
-            elif list(groups) == [()]:
+            elif list(groups) == [("hqq", ())] and ladders == {"hqq"}:
                 specs.append(VariantSpec.of(method, budget, options))
             else:
-                for extra, backends in sorted(groups.items(), key=lambda item: len(item[0])):  # the plain bit map first
-                    specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends)))
+                for (ladder, extra), backends in sorted(groups.items(), key=lambda item: (item[0][0] != "hqq", len(item[0][1]))):
+                    if ladder in ladders:  # the plain HQQ bit map first
+                        specs.append(VariantSpec.of(method, budget, {**options, **dict(extra)}, tuple(backends), ladder=ladder))
+    for method in config.preset_methods:  # each at every preset's exact size, on the preset's ladder
+        options = config.method_options.get(method) or {}
+        for preset in presets:
+            backends = _on_ladder(config, preset.ladder)
+            extra = {**options, **backend_options(method, options, _ladder_backends(config, preset.ladder)[0], stacked_family, profiled_errors)}
+            spec = VariantSpec.of(method, preset, extra, backends)
+            if spec not in specs:
+                specs.append(spec)
     _check_stems(specs)
     return specs
+
+
+def _ladder_backends(config, ladder: str) -> tuple[str, ...]:
+    return tuple(b for b in config.backends if capabilities(b).ladder == ladder)
+
+
+def _on_ladder(config, ladder: str) -> tuple[str, ...] | None:
+    """The run's backends that take rungs of `ladder` (None: all of them)."""
+    backends = _ladder_backends(config, ladder)
+    if not backends:
+        raise PipelineError(f"Param uniform_budgets: a {ladder} rung or preset needs a backend of that ladder (add the {ladder} backend)")
+    return None if len(backends) == len(config.backends) else backends
 
 
 def _check_stems(specs: list[VariantSpec]) -> None:
@@ -204,25 +251,41 @@ def memory_matches(specs: list[VariantSpec], match_boost_memory: bool = True) ->
     return out
 
 
-def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True) -> list[PlannedVariant]:
+def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True,
+                      presets=None) -> list[PlannedVariant]:  # fmt: skip
     """Every spec's bit map. With match_boost_memory, a budget-exact method given a rung gets the memory
-    the first boost method reached at that rung (equal-memory comparison; `memory_matches`)."""
+    the first boost method reached at that rung (equal-memory comparison; `memory_matches`). A llama.cpp
+    preset's bit map comes from `presets(name)` (llama-quantize's own rules), and an exact method given that
+    preset as budget gets its linears' size and its embeddings' and output head's types (equal file size)."""
     from tasks.allocation import allocate
     from tasks.bitmap import uniform_bitmap
 
     reached: dict[tuple, float] = {}  # (rung label, tied) -> bpp the first boost method reached there
+    mixes: dict[str, object] = {}  # preset name -> its bit map
     out = []
     for spec, matched in zip(specs, memory_matches(specs, match_boost_memory)):
         method = METHODS[spec.method]
         where = _memory_key(spec)
-        if matched is not None:
+        if isinstance(spec.budget, Preset):
+            if presets is None:
+                raise PipelineError(f"budget {spec.budget.name}: a llama.cpp preset needs the gguf backend's model and profile")
+            if spec.budget.name not in mixes:
+                mixes[spec.budget.name] = presets(spec.budget.name)
+            preset = mixes[spec.budget.name]
+            target = preset.nominal_bpp
+        elif matched is not None:
             target = reached[where]
         else:
             target = spec.budget.bpp if isinstance(spec.budget, Rung) else float(spec.budget)
-        if not method.scored:  # uniform: the rung everywhere, from the parameter counts alone
+        if spec.method == "preset":
+            bitmap = preset
+        elif not method.scored:  # uniform: the rung everywhere, from the parameter counts alone
             bitmap = uniform_bitmap(params, spec.budget)
+            bitmap = scores.realize(bitmap) if scores is not None else bitmap
         else:
-            bitmap = allocate(scores, spec.method, target, spec.options)
+            bitmap = allocate(scores, spec.method, target, spec.options, spec.ladder)
+            if isinstance(spec.budget, Preset):  # the preset's embeddings and output head: equal file size
+                bitmap.options.update({k: v for k, v in preset.options.items() if k in ("token_embd", "output")}, preset_size=spec.budget.name)
         if method.boost:
             reached.setdefault(where, bitmap.nominal_bpp)
         out.append(PlannedVariant(spec, target, bitmap, matched))

@@ -29,9 +29,10 @@ class RungProgram:
         self.scores, self.rungs, self.method = scores, tuple(rungs), method
         self.tie_fused, self.tie_experts = bool(tie_fused), bool(tie_experts)
         self.groups = fused_groups(scores.keys, self.tie_fused, self.tie_experts)
-        params = [sum(scores.params[scores.keys[i]] for i in g) for g in self.groups]
+        self.written = scores.written(self.rungs)  # a gguf type's fallback where a module's rows do not take it
+        sizes = size_matrix([scores.params[k] for k in scores.keys], self.rungs, self.written)
         costs = np.stack([np.asarray(costs)[g].sum(axis=0) for g in self.groups])
-        self.knapsack = ChoiceKnapsack(costs, size_matrix(params, self.rungs), time_limit=time_limit, mip_rel_gap=mip_gap)
+        self.knapsack = ChoiceKnapsack(costs, np.stack([sizes[g].sum(axis=0) for g in self.groups]), time_limit=time_limit, mip_rel_gap=mip_gap)
 
     def _bpp(self, units: int) -> float:
         return units / UNITS_PER_BIT / self.scores.total_params
@@ -77,7 +78,7 @@ class RungProgram:
         return [results[i] for i in range(len(budgets))]
 
     def _bitmap(self, choice, budget: float, tolerance: float, facts: dict, options: dict | None) -> BitMap:
-        modules = {self.scores.keys[i]: self.rungs[j] for group, j in zip(self.groups, choice) for i in group}
+        modules = {self.scores.keys[i]: self.written[i][j] for group, j in zip(self.groups, choice) for i in group}
         modules = {k: modules[k] for k in self.scores.keys}
         options = {
             **(options or {}),
@@ -94,10 +95,15 @@ class RungProgram:
         return bitmap
 
 
-def candidate_rungs(scores: Scores, rungs: tuple[Rung, ...] | None) -> tuple[Rung, ...]:
-    """The candidates asked for (default: every rung the table has), all of which the table must hold."""
-    if rungs is None:
-        return scores.rungs
+def candidate_rungs(scores: Scores, rungs: tuple[Rung, ...] | str | None) -> tuple[Rung, ...]:
+    """The candidates asked for (default: every HQQ rung the table has; a ladder's name: every rung of that
+    ladder it has), all of which the table must hold."""
+    if rungs is None or isinstance(rungs, str):
+        found = scores.ladder_rungs(rungs or "hqq")
+        if not found:
+            raise PipelineError(f"scores table {scores.source} has no rungs of the {rungs or 'hqq'} ladder"
+                                + (" (profile with gguf_errors: a run with the gguf backend does)" if rungs == "gguf" else ""))
+        return found
     absent = [r.name for r in rungs if r not in scores.rungs]
     if absent:
         raise PipelineError(f"scores table {scores.source} has no rows for candidate rung(s) {', '.join(absent)}")

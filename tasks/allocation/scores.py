@@ -16,20 +16,21 @@ file hold several models; `--model` picks one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.errors import PipelineError
-from tasks.ladder import LADDER, META_BITS, META_GROUP, Rung, module_key, module_order
+from tasks.ladder import GGUF_LADDER, LADDER, META_BITS, META_GROUP, Rung, module_key, module_order
 
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("layer", "module", "nbit1", "gsize1", "params")
 REFERENCE_RUNG = Rung(4, 64)  # the rung whose rows carry the per-module scores (docs/methods.md §3)
 _RUNG_BY_PAIR = {(r.bits, r.group_size): r for r in LADDER}
+_GGUF_BY_NAME = {r.name: r for r in GGUF_LADDER}
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,28 @@ class Scores:
             raise PipelineError(f"column '{column}' of {self.source} has no value for layer(s) {missing}")
         return {int(layer): float(per_layer[layer]) for layer in self.layers}
 
+    def ladder_rungs(self, ladder: str) -> tuple[Rung, ...]:
+        """The table's rungs of one ladder ("hqq" or "gguf")."""
+        return tuple(r for r in self.rungs if r.ladder == ladder)
+
+    def written(self, rungs: tuple[Rung, ...]) -> list[list[Rung]]:
+        """Per module and rung, the rung actually written: a gguf type's fallback where the module's row
+        width does not take it (the `written` column), else the rung itself."""
+        if not any(r.ggml for r in rungs) or not self.has("written"):
+            return [list(rungs) for _ in self.keys]
+        table = self.frame.pivot(index="key", columns="rung", values="written").reindex(index=list(self.keys), columns=[r.name for r in rungs])
+        return [[_GGUF_BY_NAME[w] if isinstance(w, str) and w else r for r, w in zip(rungs, row)] for row in table.itertuples(index=False)]
+
+    def realize(self, bitmap):
+        """The bit map with every module at the rung actually written (see `written`)."""
+        if not any(r.ggml for r in bitmap.modules.values()):
+            return bitmap
+        rungs = tuple(dict.fromkeys(bitmap.modules.values()))
+        written = dict(zip(self.keys, self.written(rungs)))
+        position = {r: j for j, r in enumerate(rungs)}
+        modules = {k: written[k][position[r]] if k in written else r for k, r in bitmap.modules.items()}
+        return replace(bitmap, modules=modules)
+
     def rung_matrix(self, column: str, rungs: tuple[Rung, ...] | None = None) -> np.ndarray:
         """Values of a per-(module, rung) column, shape (len(keys), len(rungs))."""
         rungs = tuple(rungs or self.rungs)
@@ -142,11 +165,15 @@ def scores_from_frame(frame: pd.DataFrame, source: str = "<frame>", model: str |
     frame = frame.copy()
     frame["layer"] = frame["layer"].astype(int)
     frame["module"] = frame["module"].astype(str)
+    types = frame["type"].where(frame["type"].notna(), "").astype(str) if "type" in frame.columns else pd.Series("", index=frame.index)
     pairs = list(zip(frame["nbit1"].astype(int), frame["gsize1"].astype(int)))
-    unknown = sorted({p for p in pairs if p not in _RUNG_BY_PAIR})
+    unknown = sorted({p for p, t in zip(pairs, types) if not t and p not in _RUNG_BY_PAIR})
     if unknown:
         raise PipelineError(f"scores table {source} has configurations off the ladder: {unknown}")
-    frame["rung"] = [_RUNG_BY_PAIR[p].name for p in pairs]
+    bad = sorted({t for t in types if t and t not in _GGUF_BY_NAME})
+    if bad:
+        raise PipelineError(f"scores table {source} has types off the gguf ladder: {bad}")
+    frame["rung"] = [t or _RUNG_BY_PAIR[p].name for p, t in zip(pairs, types)]
     frame["key"] = [module_key(layer, mod) for layer, mod in zip(frame["layer"], frame["module"])]
     if frame.duplicated(["key", "rung"]).any():
         dup = frame[frame.duplicated(["key", "rung"])].iloc[0]
@@ -164,7 +191,7 @@ def scores_from_frame(frame: pd.DataFrame, source: str = "<frame>", model: str |
         raise PipelineError(f"scores table {source} has a module with no parameters")
 
     counts = frame.groupby("rung")["key"].nunique()
-    rungs = tuple(r for r in LADDER if counts.get(r.name, 0) == len(keys))
+    rungs = tuple(r for r in LADDER + GGUF_LADDER if counts.get(r.name, 0) == len(keys))
     if not rungs:
         raise PipelineError(f"scores table {source}: no rung is present for every module")
     frame = frame.sort_values(["layer", "key", "rung"], kind="stable").reset_index(drop=True)

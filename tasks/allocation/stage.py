@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
+from tasks.allocation.presets import preset_bitmap
 from tasks.allocation.plan import BASELINE_METHOD, allocate_variants, plan_variants, rung_errors, variant_name
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
 from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.model_io import ResolvedModel
 from tasks.profiling.stage import Profile
+from tasks.profiling.table import IMATRIX_FILE
 from tasks.quantize.registry import UNQUANTIZED
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,8 @@ class AllocationParams(Contract):
     methods: tuple[str, ...] = ()
     budgets: tuple[str, ...] = ()
     method_options: dict = field(default_factory=dict)
+    gguf_presets: tuple[str, ...] = ()  # llama.cpp presets: each a variant, and a budget of preset_methods
+    preset_methods: tuple[str, ...] = ()
     match_boost_memory: bool = True
     include_baseline: bool = True
 
@@ -87,12 +93,16 @@ def run(ctx, params: AllocationParams) -> Allocation:
     from tasks.quantize.registry import own_error_names
 
     table = read_scores(ensure_local(params.profile.scores)) if params.profile else None
-    model_config = read_config(params.model.local(ctx.settings.cache_dir))
+    checkpoint = params.model.local(ctx.settings.cache_dir)
+    model_config = read_config(checkpoint)
     layout = layout_for(model_config)
     # whose own rung errors the table holds (a reused richer profile may hold some this run did not ask for)
-    profiled_errors = () if table is None else tuple(e for e in own_error_names() if table.has(f"out_err_{e}"))
+    profiled_errors = () if table is None else tuple(e for e in own_error_names() if table.has(f"out_err_{e}") or table.ladder_rungs(e))
+    counts = linear_param_counts(model_config)
+    imatrix = params.profile and Path(params.profile.local()) / IMATRIX_FILE
+    presets = partial(preset_bitmap, checkpoint=checkpoint, imatrix=imatrix if imatrix and imatrix.is_file() else None, params=counts)
     planned = allocate_variants(plan_variants(params, layout.model_type if layout.stacked else None, profiled_errors), table,
-                                linear_param_counts(model_config), params.match_boost_memory)  # fmt: skip
+                                counts, params.match_boost_memory, presets)  # fmt: skip
     scores = params.profile and params.profile.scores
     out = StageOutput(ctx.settings.artifact_root, "allocation",
                       {"model": params.model.revision, "scores": scores and file_sha256(ensure_local(scores)),

@@ -24,7 +24,7 @@ from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream, 
 from tasks.evaluation.reference import TAIL, TOP_K, Reference
 from tasks.evaluation.stats import block_se, paired_difference, ppl_with_se
 from tasks.model_io import ResolvedModel
-from tasks.quantize.registry import UNQUANTIZED
+from tasks.quantize.registry import UNQUANTIZED, get_backend
 from tasks.quantize.stage import QuantizedModel
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,6 @@ def load_for_eval(model_dir: str | Path, backend: str, device: str = "cpu"):
         from tasks.model_io import load_model
 
         return load_model(model_dir).to(device)
-    from tasks.quantize.registry import get_backend
 
     return get_backend(backend).load(Path(model_dir), device=device)
 
@@ -222,6 +221,8 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
         reference = capture
         metrics, tokens = _against_self(metrics, tokens, params)
     metrics.update(reload_metrics(tokens, params))
+    if backend != UNQUANTIZED:
+        metrics.update(runtime_metrics(model_dir, backend, streams, params, reference, metrics))
     if params.lm_eval_tasks:
         from tasks.evaluation.downstream import metric_names, run_downstream
         from tasks.model_io import load_tokenizer
@@ -229,7 +230,7 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
         tokenizer = load_tokenizer(tokenizer_dir or model_dir)
         metrics.update(metric_names(run_downstream(model, tokenizer, params.lm_eval_tasks, limit=params.lm_eval_limit)))
     metrics.update(
-        saved_bytes=directory_bytes(model_dir),
+        saved_bytes=directory_bytes(model_dir) if backend == UNQUANTIZED else get_backend(backend).saved_bytes(model_dir),
         peak_mem_bytes=memory.delta_bytes,
         load_seconds=load_seconds,
     )
@@ -238,6 +239,29 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
         write_json_atomic(tmp / "metrics.json", metrics)
         save_tokens(tokens, tmp / TOKENS_FILE)
     return metrics
+
+
+def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalParams, reference: Reference | None, ours: dict) -> dict:
+    """The same windows and tokens scored in the backend's serving engine (Capabilities.runtime, e.g.
+    llama.cpp's own kernels), its metrics under the engine's prefix, and per perplexity how far the two
+    evaluators are apart in units of ours's standard error (`<prefix>_ppl_gap_se_<set>`: under 1 agrees)."""
+    from tasks.quantize.registry import capabilities
+
+    runtime = capabilities(backend).runtime
+    if runtime is None:
+        return {}
+    prefix, name = runtime
+    log.info("evaluate: the same windows in %s's own runtime", name)
+    model = get_backend(backend).runtime(model_dir, max(PROTOCOLS[p].max_length for p in params.protocols))
+    try:
+        metrics, _ = evaluate_model(model, streams, params, "cpu", reference)
+    finally:
+        model.close()
+    out = {f"{prefix}_{k}": v for k, v in metrics.items() if not k.startswith("eval_tokens")}
+    for key, value in metrics.items():
+        if key.startswith("ppl_") and not key.endswith("_se") and ours.get(f"{key}_se"):
+            out[f"{prefix}_ppl_gap_se_{key[4:]}"] = abs(value - ours[key]) / ours[f"{key}_se"]
+    return out
 
 
 def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalParams) -> dict:

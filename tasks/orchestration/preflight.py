@@ -11,7 +11,8 @@ from pathlib import Path
 from tasks.allocation.methods import METHODS
 from tasks.families import layout_for
 from tasks.errors import PipelineError, named_error
-from tasks.ladder import parse_rung
+from tasks.allocation.budget import parse_uniform
+from tasks.ladder import Preset
 from tasks.orchestration.config import PROTOCOL_MIN_TOKENS, PipelineConfig, calibration_params
 
 
@@ -107,7 +108,13 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
             continue
         caps = backend.capabilities
         for raw in cfg.uniform_budgets:
-            rung = parse_rung(raw)
+            rung = parse_uniform(raw)
+            if rung.ladder != caps.ladder:  # planned for the backends of its own ladder only
+                continue
+            if isinstance(rung, Preset):
+                if caps.ladder != rung.ladder:
+                    notes.append(f"{name} will skip preset {rung.name}: a llama.cpp preset is for the {rung.ladder} backend")
+                continue
             try:
                 backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, rung))
             except PipelineError as exc:
@@ -117,7 +124,9 @@ def backend_notes(cfg: PipelineConfig, family: str = "") -> list[str]:
             notes.append(f"{name} expresses only {caps.bitmap} bit maps on bits {caps.uniform_bits} and group sizes {caps.group_sizes}:"
                          f" the {', '.join(sensitive)} maps that use other rungs will be skipped")  # fmt: skip
         own = caps.own_errors
-        if own and own.name in cfg.profiled_errors:
+        if own and own.name in cfg.profiled_errors and caps.own_ladder:
+            notes.append(f"{name}: the profile also scores every rung of the {caps.ladder} ladder by {own.title}'s own quantizer ({own.cost})")
+        elif own and own.name in cfg.profiled_errors:
             for method in (m for m in cfg.scored_methods if METHODS[m].errors_option):
                 option = METHODS[method].errors_option
                 notes.append(f"{name}: the profile also prices every rung by {own.title}'s own error for {method} on {name} ({own.cost}; "
@@ -139,7 +148,7 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     skipped (why the backend will skip it, or None) or caveat (what decides at allocation). Pure: no profile,
     no scores; the same cross product with the backends that allocation makes."""
     from tasks.bitmap import uniform_bitmap
-    from tasks.ladder import Rung
+    from tasks.ladder import Preset, Rung
     from tasks.allocation.plan import memory_matches, plan_variants, variant_name
     from tasks.quantize.registry import get_backend
 
@@ -153,17 +162,21 @@ def planned_variants(cfg: PipelineConfig, family: str = "", stacked_family: str 
     backends = {name: get_backend(name) for name in cfg.backends}
     specs = plan_variants(cfg, stacked_family)
     for spec, matched in zip(specs, memory_matches(specs, cfg.match_boost_memory)):
-        if not isinstance(spec.budget, Rung):
+        if isinstance(spec.budget, Preset):
+            budget = f"{spec.budget.name} (llama.cpp's preset: its size)"
+        elif not isinstance(spec.budget, Rung):
             budget = f"{spec.budget_label} bpp"
         elif matched:
             budget = f"{spec.budget.name} at {matched}'s memory"
         else:
-            budget = f"{spec.budget.name} ({spec.budget_label} bpp)"
+            budget = f"{spec.budget.name} ({spec.budget.bpp:g} bpp)" if spec.budget.ggml else f"{spec.budget.name} ({spec.budget_label} bpp)"
         for name in spec.backends or cfg.backends:
             backend = backends[name]
             caps = backend.capabilities
             skipped, caveat = backend.family_refusal(family), None
-            if not skipped and not METHODS[spec.method].scored:
+            if not skipped and isinstance(spec.budget, Preset):
+                skipped = None if caps.ladder == spec.budget.ladder else f"a llama.cpp preset is for the {spec.budget.ladder} backend"
+            elif not skipped and not METHODS[spec.method].scored:
                 try:
                     backend.check(uniform_bitmap({"0.mlp.down_proj": 1}, spec.budget))
                 except PipelineError as exc:

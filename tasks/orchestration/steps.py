@@ -95,7 +95,7 @@ def profile(ctx: StageContext, prepared: dict) -> dict | None:
 
     prep = Prepared.from_json(prepared)
     cfg = prep.params
-    if not cfg.scored_methods:
+    if not cfg.scored_methods and not cfg.profiled_errors:
         return None
     params = stage.ProfileParams(prep.model, prep.calibration, cfg.gradient_windows, cfg.rival_scores, cfg.dkld, cfg.profiled_errors)
     result = stage.run(ctx, params)
@@ -117,10 +117,12 @@ def allocate(ctx: StageContext, prepared: dict, profiled: dict | None) -> list[d
 
 def quantize(ctx: StageContext, item: dict) -> dict:
     from tasks.quantize import stage
+    from tasks.quantize.registry import capabilities
 
     v = VariantRecord.from_json(item)
     options = v.run.params.backend_options.get(v.plan.backend, {})
-    quantized = stage.run(ctx, stage.QuantizeParams(v.run.model, v.plan.backend, v.plan.bitmap, v.run.calibration, options))
+    imatrix = v.profile.imatrix if v.profile and v.plan.quantized and capabilities(v.plan.backend).imatrix else None
+    quantized = stage.run(ctx, stage.QuantizeParams(v.run.model, v.plan.backend, v.plan.bitmap, v.run.calibration, options, imatrix))
     return replace(v, quantized=quantized).to_json()
 
 

@@ -38,14 +38,14 @@ import torch
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
 from tasks.families import ATTN_IN, MLP_GATE, Layout, leaf
-from tasks.ladder import LADDER, Rung
+from tasks.ladder import GGUF_LADDER, LADDER, Rung
 from tasks.profiling import dkld, hqq_fast, rivals
 from tasks.profiling.gptq_errors import gptq_rung_errors
 from tasks.profiling.fisher import TOKENS, InputStash, fisher_loss_delta, head_gradient, layer_backward
 from tasks.profiling.activations import Gram, QuadraticForm, cosine_sum, squared_error, squared_norm
 from tasks.profiling.checkpoint import Checkpoint, LayerFactory, load_config
 from tasks.profiling.progress import ProfileProgress
-from tasks.profiling.table import PARTS, SUMMARY_FILE, score_row, write_scores
+from tasks.profiling.table import IMATRIX_FILE, PARTS, SUMMARY_FILE, row_rung, score_row, write_profile_imatrix, write_scores
 from tasks.profiling.weights import kurtosis, zd_fraction
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ DEFAULT_FISHER_SAMPLES = 8
 # the sums it accumulates do not depend on the split.
 GRAD_BATCH = 2
 GPTQ_KEY = "gptq:"  # row_errors of GPTQ's rungs: under this prefix + the module's key
+IMATRIX_KEY = "imatrix:"  # per module: [tokens, sum of squares of each input column], for llama.cpp's imatrix
 CALIBRATION_FILE = "calibration.safetensors"
 
 
@@ -226,14 +227,42 @@ def _parts(sums: dict[str, float], forms: dict[str, QuadraticForm], layout: Layo
     return {p: raw[p] / (tokens * width) for p in PARTS}
 
 
-def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, torch.Tensor]) -> torch.Tensor:
-    """W - dequant(HQQ_rung(W)) for every rung, stacked along the rows: [len(rungs) * out, in]."""
+def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, torch.Tensor], importance: torch.Tensor | None = None,
+                 copies: dict[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """W - dequant(rung(W)) for every rung, stacked along the rows: [len(rungs) * out, in]. An HQQ rung by
+    HQQ; a gguf rung by ggml's own quantizer with `importance` (llama.cpp's imatrix: the mean squared input
+    per column) at the type llama-quantize writes for these rows. `copies` receives {k: j} for every rung k
+    whose errors are rung j's (two gguf types with one fallback on these rows)."""
     out = w.shape[0]
     stack = torch.empty(len(rungs) * out, w.shape[1], device=w.device)
+    done: dict[Rung, int] = {}  # gguf rungs written as the same type (a fallback) share one quantization
     for k, rung in enumerate(rungs):
+        if rung.ggml:
+            from tasks.quantize.ggml_quant import ggml_rung_error
+            from tasks.quantize.ggml_types import written_rung
+
+            written = written_rung(rung, w.shape[1])
+            if written in done:
+                stack[k * out : (k + 1) * out] = stack[done[written] * out : (done[written] + 1) * out]
+                if copies is not None:
+                    copies[k] = done[written]
+            else:
+                stack[k * out : (k + 1) * out] = ggml_rung_error(w, written, importance)
+                done[written] = k
+            continue
         deq = known[rung] if rung in known else hqq_fast.quant_dequant(w, rung)
         torch.sub(w, deq, out=stack[k * out : (k + 1) * out])
     return stack
+
+
+def _row_sums(form: QuadraticForm, errors: torch.Tensor, rungs: int, copies: dict[int, int]) -> torch.Tensor:
+    """form.row_sums of every rung's errors [rungs, out], each distinct rung's computed once."""
+    if not copies:
+        return form.row_sums(errors).view(rungs, -1)
+    distinct = [k for k in range(rungs) if k not in copies]
+    blocks = errors.view(rungs, -1, errors.shape[1])
+    sums = form.row_sums(blocks[distinct].reshape(-1, errors.shape[1])).view(len(distinct), -1)
+    return sums[[distinct.index(copies.get(k, k)) for k in range(rungs)]]
 
 
 def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
@@ -269,17 +298,22 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
     lim = -sums["cos"] / tokens
 
     rows, row_errors = [], {}
+    ggml = any(r.ggml for r in rungs)
     for m in layout.modules:
-        w = weights[m]
+        w, source = weights[m], layout.input_of(m)
+        if ggml:  # llama.cpp's importance matrix: per input column, the sum of squares and the tokens behind it
+            row_errors[IMATRIX_KEY + m] = torch.cat([matrices[source].diagonal().new_tensor([counts[source]]), matrices[source].diagonal()]).float()
         with _phase(seconds, "hqq"):
-            errors = _rung_errors(w, rungs, {SENSITIVITY_RUNG: sens_q[m]})
-        with _phase(seconds, "out_err"):  # all rungs in one pass of block products
-            row_errors[m] = forms[layout.input_of(m)].row_sums(errors).view(len(rungs), -1)
-            out_err = row_errors[m].sum(dim=1) / (counts[layout.input_of(m)] * w.shape[0])
+            importance = matrices[source].diagonal().float() / max(counts[source], 1.0) if ggml else None
+            copies: dict[int, int] = {}
+            errors = _rung_errors(w, rungs, {SENSITIVITY_RUNG: sens_q[m]}, importance, copies)
+        with _phase(seconds, "out_err"):  # all distinct rungs in one pass of block products
+            row_errors[m] = _row_sums(forms[source], errors, len(rungs), copies)
+            out_err = row_errors[m].sum(dim=1) / (counts[source] * w.shape[0])
             fnorm = [torch.linalg.vector_norm(e, dtype=torch.float64).item() for e in errors.view(len(rungs), -1)]
         for rung, f, e in zip(rungs, fnorm, out_err.tolist()):
             rows.append(
-                score_row(index, m, rung, params=w.numel(), fnorm=f, kurtosis=kurt[m], sensitivity=parts[part_of[m]],
+                score_row(index, m, rung, shape=tuple(w.shape), fnorm=f, kurtosis=kurt[m], sensitivity=parts[part_of[m]],
                           lim=lim, zd=zd, out_err=e, parts=parts)  # fmt: skip
             )
         del errors
@@ -290,7 +324,8 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
 
 def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: dict, counts: dict, forms: dict, layout: Layout,
                  rungs: tuple[Rung, ...], seconds: dict) -> None:  # fmt: skip
-    """`out_err_gptq` on the layer's rows and GPTQ's per-output errors into `row_errors` (gptq_errors.py)."""
+    """`out_err_gptq` on the layer's HQQ rows and GPTQ's per-output errors into `row_errors` (gptq_errors.py)."""
+    rungs = hqq_rungs(rungs)
     by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for m in layout.modules:
         by_input[layout.input_of(m)][m] = weights[m]
@@ -307,8 +342,19 @@ def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: di
 
 def _rung_values(rows: list[dict], rungs: tuple[Rung, ...], key, values: dict) -> list:
     """For each row, values[key(row)][the position of the row's rung in `rungs`] (values: one list per key)."""
-    position = {(r.bits, r.group_size): i for i, r in enumerate(rungs)}
-    return [values[key(row)][position[(row["nbit1"], row["gsize1"])]] for row in rows]
+    position = {r.name: i for i, r in enumerate(rungs)}
+    return [values[key(row)][position[name]] if (name := row_rung(row).name) in position else None for row in rows]
+
+
+def column_importance(row_errors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per module key, llama.cpp's importance of its input columns (mean squared activation), from its
+    `imatrix:` entry (tokens, then sums)."""
+    return {k.removeprefix(IMATRIX_KEY): v[1:] / max(float(v[0]), 1.0) for k, v in row_errors.items() if k.startswith(IMATRIX_KEY)}
+
+
+def hqq_rungs(rungs: tuple[Rung, ...]) -> tuple[Rung, ...]:
+    """The rungs of the HQQ ladder (the ones GPTQ's solver and the rivals' scores take)."""
+    return tuple(r for r in rungs if not r.ggml)
 
 
 def _row_key(row: dict) -> str:
@@ -354,11 +400,13 @@ def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.devi
 
 def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
                       ids: torch.Tensor, batch_size: int, seconds: dict, progress: ProfileProgress,
-                      rival_rungs: tuple[Rung, ...] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
+                      rival_rungs: tuple[Rung, ...] = (), importance: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per module key, the sum over the gradient samples' tokens of its squared output gradients of the
     calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
     checkpoint and fed its stashed input; `progress` is saved after each (and resumed from). With
-    `rival_rungs`, also the rivals' sums over those rungs (tasks.profiling.rivals), under their own keys."""
+    `rival_rungs`, also the rivals' sums over those rungs (tasks.profiling.rivals), under their own keys;
+    `importance` (module key -> mean squared input per column) prices their gguf rungs."""
+    importance = importance or {}
     layers = factory.config.num_hidden_layers
     seq_len, device = hidden.shape[1], hidden.device
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
@@ -389,7 +437,7 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
         errors = {}
         if rival_rungs:
             with _phase(seconds, "rivals"):
-                errors = {m: _rung_errors(w, rival_rungs, {}) for m, w in factory.layout.weights(state).items()}
+                errors = {m: _rung_errors(w, rival_rungs, {}, importance.get(f"{index}.{m}")) for m, w in factory.layout.weights(state).items()}
         for start in range(0, inputs.shape[0], batch_size):
             part = slice(start, start + batch_size)
             capture = {} if rival_rungs else None
@@ -445,11 +493,13 @@ def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: di
     1/2 sum_o rowerr_o * sq_o / (tokens * routed gradient tokens)."""
     by_column: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for k, e in row_errors.items():
+        if k.startswith(IMATRIX_KEY):
+            continue
         by_column["fisher_dloss_gptq" if k.startswith(GPTQ_KEY) else "fisher_dloss"][k.removeprefix(GPTQ_KEY)] = e
     for column, errors in by_column.items():
         routed = {k: float(squares[f"{TOKENS}{k}"]) if f"{TOKENS}{k}" in squares else grad_tokens for k in errors}
         dloss = {k: fisher_loss_delta(e, squares[k], tokens, routed[k]).tolist() for k, e in errors.items()}
-        for row, value in zip(rows, _rung_values(rows, rungs, _row_key, dloss)):
+        for row, value in zip(rows, _rung_values(rows, hqq_rungs(rungs) if column.endswith("_gptq") else rungs, _row_key, dloss)):
             row[column] = value
 
 
@@ -462,8 +512,8 @@ def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str
 
 
 def _error_key(index: int, module: str) -> str:
-    """'3.mlp.down_proj', or 'gptq:3.mlp.down_proj' for GPTQ's errors of that module."""
-    prefix = GPTQ_KEY if module.startswith(GPTQ_KEY) else ""
+    """'3.mlp.down_proj', or 'gptq:3.mlp.down_proj' for GPTQ's errors of that module (and 'imatrix:3.mlp.down_proj')."""
+    prefix = next((p for p in (GPTQ_KEY, IMATRIX_KEY) if module.startswith(p)), "")
     return f"{prefix}{index}.{module[len(prefix):]}"
 
 
@@ -474,7 +524,7 @@ def _on(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, normalize: bool = False,
                   rungs: tuple[Rung, ...] = LADDER, fisher_samples: int = DEFAULT_FISHER_SAMPLES,
                   device: str = "cpu", rival_scores: bool = False, dkld_windows: int = 0,
-                  dkld_rungs: tuple[Rung, ...] = dkld.DEFAULT_RUNGS, gptq_errors: bool = False) -> Path:  # fmt: skip
+                  dkld_rungs: tuple[Rung, ...] = dkld.DEFAULT_RUNGS, gptq_errors: bool = False, gguf_errors: bool = False) -> Path:  # fmt: skip
     """Profile the checkpoint at `model_path` on `calibration` (tensor, calibration.safetensors or its
     directory); write scores.csv, scores.parquet and profiling.json into `out_dir`; return the CSV path.
 
@@ -493,7 +543,11 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         whole model).
     gptq_errors: also price every rung by the error GPTQ leaves (columns out_err_gptq and
         fisher_dloss_gptq; tasks.profiling.gptq_errors), for `optimal` on the gptq backend.
+    gguf_errors: also score every rung of the gguf ladder (llama.cpp's types, by ggml's own quantizer with
+        the calibration set's importance matrix, which is written beside the scores as imatrix.gguf).
     """
+    if gguf_errors:
+        rungs = tuple(dict.fromkeys((*rungs, *GGUF_LADDER)))
     rungs = _checked(model_path, batch_size, rungs, fisher_samples, rival_scores, dkld_windows, gptq_errors)
     started = time.perf_counter()
     device = torch.device(device)
@@ -517,7 +571,7 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
                                             batch_size=batch_size, rungs=rungs, normalize=normalize, gptq=gptq_errors)  # fmt: skip
         if stash:
             squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
-                                        batch_size, seconds, progress, rungs if rival_scores else ())  # fmt: skip
+                                        batch_size, seconds, progress, rungs if rival_scores else (), column_importance(row_errors))  # fmt: skip
             _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
             if rival_scores:
                 _add_rival_columns(rows, rungs, squares, ids[:grad_samples].numel())
@@ -528,10 +582,12 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         with _phase(seconds, "dkld"):
             measured = dkld.measure_dkld(model_path, ids[:dkld_windows], tuple(r for r in dkld_rungs if r in rungs))
         for row in rows:
-            row["dkld"] = measured.get((row["layer"], dkld.group_of(row["module"]), Rung(row["nbit1"], row["gsize1"])))
+            row["dkld"] = measured.get((row["layer"], dkld.group_of(row["module"]), row_rung(row)))
     progress.remove()
 
     csv = write_scores(rows, out_dir)
+    if any(r.ggml for r in rungs):
+        write_profile_imatrix(row_errors, factory.config, ids, Path(out_dir) / IMATRIX_FILE)
     total = time.perf_counter() - started
     summary = {
         "model": str(model_path), "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "layers": layers, "batch_size": batch_size,
@@ -559,8 +615,10 @@ def _checked(model_path, batch_size: int, rungs, fisher_samples: int, rival_scor
     if fisher_samples < 0:
         raise PipelineError(f"fisher_samples must be 0 or more, got {fisher_samples}")
     rungs = tuple(rungs)
-    if not rungs or any(r not in LADDER for r in rungs):
+    if not rungs or any(r not in LADDER + GGUF_LADDER for r in rungs):
         raise PipelineError(f"rungs must be ladder rungs, got {[getattr(r, 'name', r) for r in rungs]}")
+    if any(r.ggml for r in rungs) and LayerFactory(load_config(model_path)).layout.experts:
+        raise PipelineError("gguf rungs: the gguf backend does not quantize mixture-of-experts models here; profile without them")
     return rungs
 
 

@@ -15,7 +15,7 @@ from tasks.artifacts import StageOutput, ensure_local, file_sha256
 from tasks.calibration import Calibration
 from tasks.contracts import Contract
 from tasks.model_io import ResolvedModel
-from tasks.profiling.table import SCORES_CSV, SCORES_FORMAT, SUMMARY_FILE
+from tasks.profiling.table import IMATRIX_FILE, SCORES_CSV, SCORES_FORMAT, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class Profile(Contract):
     @property
     def scores(self) -> str:
         return str(Path(self.uri) / SCORES_CSV)
+
+    @property
+    def imatrix(self) -> str | None:
+        """llama.cpp's importance matrix of the calibration set, where the profile wrote one (gguf rungs)."""
+        path = self.local() / IMATRIX_FILE
+        return str(path) if path.is_file() else None
 
     def local(self) -> Path:
         return ensure_local(self.uri)

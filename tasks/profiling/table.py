@@ -21,22 +21,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.ladder import META_BITS, META_GROUP, Rung
+from tasks.ladder import META_BITS, META_GROUP, Rung, ggml_rung
 
 SCORES_FORMAT = 2  # bump when the columns change: cached scores tables of another format are not reused
 SCORES_CSV = "scores.csv"
 SUMMARY_FILE = "profiling.json"  # written last by run_profiling: an attempt that has it finished its scores
 SCORES_PARQUET = "scores.parquet"
+IMATRIX_FILE = "imatrix.gguf"  # llama.cpp's importance matrix of the calibration set, beside the scores (gguf rungs)
 PARTS = ("attn_in", "attn_out", "mlp_gate", "mlp_down")
 COLUMNS = (
     "layer", "module", "nbit1", "gsize1", "nbit2", "gsize2", "fnorm", "memmb", "params", "kurtosis",
     "sensitivity", "lim", "zd", "out_err", *(f"sens_{p}" for p in PARTS), "fisher_dloss", "taylor_dloss", "delta_loss",
-    "dkld", "out_err_gptq", "fisher_dloss_gptq",
+    "dkld", "out_err_gptq", "fisher_dloss_gptq", "type", "written",
 )  # fmt: skip
 
 
-def score_row(layer: int, module: str, rung: Rung, *, params: int, fnorm: float, kurtosis: float,
+def score_row(layer: int, module: str, rung: Rung, *, shape: tuple[int, int], fnorm: float, kurtosis: float,
               sensitivity: float, lim: float, zd: float, out_err: float, parts: dict[str, float]) -> dict:  # fmt: skip
+    """One row; a gguf rung's row also names its type and the type llama-quantize writes for the module's
+    row width (its errors and memory are that type's)."""
+    params = shape[0] * shape[1]
+    written = written_rung(rung, shape[1]) if rung.ggml else rung
     return {
         "layer": layer,
         "module": module,
@@ -45,8 +50,9 @@ def score_row(layer: int, module: str, rung: Rung, *, params: int, fnorm: float,
         "nbit2": META_BITS,
         "gsize2": META_GROUP,
         "fnorm": fnorm,
-        "memmb": rung.mib(params),
+        "memmb": written.mib(params),
         "params": params,
+        **({"type": rung.ggml, "written": written.ggml} if rung.ggml else {}),
         "kurtosis": kurtosis,
         "sensitivity": sensitivity,
         "lim": lim,
@@ -77,3 +83,34 @@ def write_scores(rows: list[dict], out_dir: str | Path, parquet: bool = True) ->
     csv = out / SCORES_CSV
     _atomic(csv, lambda tmp: frame.to_csv(tmp, index=False))
     return csv
+
+
+def row_rung(row: dict) -> Rung:
+    """The rung a row scores: its gguf type, else its (nbit1, gsize1) HQQ rung."""
+    kind = row.get("type")
+    return ggml_rung(kind) if isinstance(kind, str) and kind else Rung(int(row["nbit1"]), int(row["gsize1"]))
+
+
+def written_rung(rung: Rung, row_width: int) -> Rung:
+    from tasks.quantize.ggml_types import written_rung as written
+
+    return written(rung, row_width)
+
+
+def write_profile_imatrix(row_errors: dict, config, ids, path: Path) -> Path:
+    """llama.cpp's imatrix file of the profiled modules (their `imatrix:` entries: tokens, then the sum of
+    squares per input column), named as llama.cpp names the weights of `config`'s architecture."""
+    import numpy as np
+
+    from tasks.quantize.imatrix import ImportanceMatrix, gguf_weight_name, write_imatrix
+    from tasks.quantize.llama_cpp import gguf_arch
+
+    arch, layers = gguf_arch(config.model_type), int(config.num_hidden_layers)
+    sums, counts = {}, {}
+    for key, value in row_errors.items():
+        if key.startswith("imatrix:"):
+            layer, module = key.removeprefix("imatrix:").split(".", 1)
+            name = gguf_weight_name(arch, f"model.layers.{layer}.{module}", layers)
+            values = value.double().cpu().numpy()
+            sums[name], counts[name] = values[None, 1:], np.array([[values[0]]])
+    return write_imatrix(path, ImportanceMatrix(sums, counts, ("calibration",), int(ids.shape[0]), int(ids.shape[1])))

@@ -87,9 +87,20 @@ class Capabilities:
     # fused group: bit maps for it tie those modules unless method_options say otherwise.
     fused_kernels: bool = False
     own_errors: OwnErrors | None = None
+    ladder: str = "hqq"  # whose rungs its bit maps hold: the HQQ ladder's (bits, group size), or llama.cpp's types ("gguf")
+    # The serving engine whose own runtime the evaluation also scores the saved model in (`Backend.runtime`),
+    # as (metric prefix, name): its metrics sit beside this project's evaluator's, e.g. llamacpp_ppl_wikitext2.
+    runtime: tuple[str, str] | None = None
+    imatrix: bool = False  # quantizes with the profile's importance matrix (quantize(..., imatrix=path))
     serving: str = ""  # the registered version's `serving` tag: how it is served, in a few words
     clients: str = ""  # who loads the saved checkpoint directory besides this project (the model card, README's backend table)
     libraries: tuple[str, ...] = ()  # what the loaded model needs besides torch and transformers (its requirements.txt)
+
+
+    @property
+    def own_ladder(self) -> bool:
+        """Its rungs are a ladder of its own (llama.cpp's types), profiled as its own errors, not HQQ's."""
+        return self.ladder != "hqq"
 
 
 class Backend:
@@ -109,6 +120,11 @@ class Backend:
         if not bitmap.modules:
             raise PipelineError("the bit map has no modules to quantize")
         caps = self.capabilities
+        other = sorted({r.name for r in bitmap.modules.values() if r.ladder != caps.ladder})
+        if other:
+            raise PipelineError(f"{self.name} takes rungs of the {caps.ladder} ladder, not {other}")
+        if caps.ladder == "gguf":
+            return
         bad = sorted({r.name for r in bitmap.modules.values() if r.bits not in caps.uniform_bits or r.group_size not in caps.group_sizes})
         if bad:
             raise PipelineError(
@@ -126,6 +142,26 @@ class Backend:
     def load(self, out_dir: Path, device: str = "cpu") -> nn.Module:
         """Reload a saved quantized model as a causal LM in eval mode (forward(input_ids).logits)."""
         raise NotImplementedError
+
+    def runtime(self, out_dir: Path, context: int) -> nn.Module:
+        """The saved model in its serving engine's own runtime (Capabilities.runtime), as a causal LM."""
+        raise NotImplementedError
+
+    def generator(self, out_dir: Path):
+        """A text generator over the saved model in its serving engine ((prompt, max_new_tokens) -> text), for
+        the registered model's pyfunc; None: the pyfunc generates with the `load`ed model (transformers)."""
+        return None
+
+    def serving_files(self, out_dir: Path, registered_name: str) -> None:
+        """Write what the engine's users need beside the registered checkpoint (an Ollama Modelfile, ...)."""
+
+    def serving_card(self, checkpoint_dir: str, registered_name: str) -> list[str]:
+        """The model card's lines on serving the registered checkpoint (at `checkpoint_dir`) with its engine."""
+        return []
+
+    def saved_bytes(self, out_dir: Path) -> int:
+        """Bytes of the saved weights (the number users compare): its safetensors files."""
+        return sum(p.stat().st_size for p in Path(out_dir).rglob("*.safetensors") if p.is_file())
 
     def transformers_misreads(self, checkpoint: Path) -> bool:
         """Whether transformers would load the saved checkpoint wrongly (it ignores quantization methods it

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tasks.errors import PipelineError
+from tasks.ladder import GGUF_LADDER, Rung, ggml_rung
 
 # The ladder of the gguf backend, cheapest first: the K-quants, the legacy types and the i-quants.
-LADDER = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1",
-          "Q6_K", "Q8_0")  # fmt: skip
+LADDER = tuple(r.name for r in GGUF_LADDER)
 # llama-quant.cpp `tensor_requires_imatrix`: these refuse to quantize a weight (not the embeddings or the
 # output head) without an importance matrix.
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
@@ -73,3 +73,8 @@ def tensor_bytes(name: str, rows: int, row_width: int) -> int:
     """The bytes a [rows, row_width] weight takes in the file at the type llama.cpp writes for `name`."""
     kind = written_type(name, row_width)
     return rows * row_width // kind.block * kind.block_bytes
+
+
+def written_rung(rung: Rung, row_width: int) -> Rung:
+    """The gguf rung llama-quantize actually writes for `rung` on rows of `row_width` weights."""
+    return ggml_rung(written_type(rung.name, row_width).name)

@@ -78,3 +78,17 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32"
         last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
         raise PipelineError(f"llama.cpp cannot convert {model_dir} to GGUF: {last[0][:300]}")
     return out
+
+
+# transformers' model_type -> llama.cpp's architecture name (general.architecture), where they differ
+_ARCH = {"mistral": "llama"}
+
+
+def gguf_arch(model_type: str) -> str:
+    """llama.cpp's architecture name for a transformers `model_type` (llama, gemma3, qwen2, ...)."""
+    import gguf
+
+    arch = _ARCH.get(model_type, model_type)
+    if arch not in gguf.MODEL_ARCH_NAMES.values():
+        raise PipelineError(f"llama.cpp has no architecture for {model_type!r} models")
+    return arch

@@ -22,7 +22,17 @@ BACKENDS: dict[str, str | type] = {
     "gptq": "tasks.quantize.gptq:GPTQBackend",
     "awq": "tasks.quantize.awq:AWQBackend",
     "bnb": "tasks.quantize.bnb:BnBBackend",
+    "gguf": "tasks.quantize.gguf:GGUFBackend",
 }
+
+
+# name -> the ladder of its rungs where it is not HQQ's (Capabilities.ladder, mirrored here for the light
+# planning code: tests/test_backend_table.py checks they agree).
+BACKEND_LADDERS: dict[str, str] = {"gguf": "gguf"}
+
+
+def ladder_of(name: str) -> str:
+    return BACKEND_LADDERS.get(name, "hqq")
 
 
 _DEVICE = {"type": ["null", "string"], "default": None, "description": "where it quantizes: null = cuda:0 when torch sees a GPU, else cpu"}
@@ -87,6 +97,11 @@ def capabilities(name: str) -> Capabilities:
 def own_error_names() -> tuple[str, ...]:
     """The backends' own rung errors that the profile can measure (Capabilities.own_errors), in table order."""
     return tuple(dict.fromkeys(c.own_errors.name for c in map(capabilities, BACKENDS) if c.own_errors))
+
+
+def runtimes() -> tuple[tuple[str, str], ...]:
+    """The serving engines whose own runtime evaluates a backend's models (Capabilities.runtime): (metric prefix, name)."""
+    return tuple(dict.fromkeys(c.runtime for c in map(capabilities, BACKENDS) if c.runtime))
 
 
 def measurable_errors(names: tuple[str, ...], model_type: str) -> tuple[str, ...]:

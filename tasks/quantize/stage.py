@@ -24,6 +24,7 @@ class QuantizeParams(Contract):
     bitmap: str | None  # the bit map's JSON file (None for the base model)
     calibration: Calibration
     options: dict = field(default_factory=dict)  # the backend's options (Param backend_options; {}: its defaults)
+    imatrix: str | None = None  # the profile's importance matrix, for a backend that quantizes with one (Capabilities.imatrix)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def run(ctx, params: QuantizeParams) -> QuantizedModel:
     if params.backend == UNQUANTIZED:
         return QuantizedModel(str(params.model.path), params.model.revision, started)
     uri = run_quantize(params.model.local(ctx.settings.cache_dir), params.model.revision, params.bitmap, params.backend,
-                       ctx.settings.artifact_root, Path(params.calibration.uri) / WINDOWS_FILE, params.options)  # fmt: skip
+                       ctx.settings.artifact_root, Path(params.calibration.uri) / WINDOWS_FILE, params.options, params.imatrix)  # fmt: skip
     facts = read_json(ensure_local(uri) / "manifest.json").get("facts", {})
     return QuantizedModel(uri, Path(uri).name, started, facts.get("quant_seconds"))
 
@@ -53,8 +54,10 @@ def run_quantize(
     artifact_root: str | Path,
     calibration_path: str | Path | None = None,
     options: dict | None = None,
+    imatrix: str | Path | None = None,
 ) -> str:
-    """Return the artifact directory of the quantized model (built once per distinct input)."""
+    """Return the artifact directory of the quantized model (built once per distinct input). `imatrix`:
+    llama.cpp's importance matrix, for a backend that quantizes with one (Capabilities.imatrix)."""
     options = options or {}
     impl = get_backend(backend)
     bitmap_path = ensure_local(bitmap_path)
@@ -69,12 +72,17 @@ def run_quantize(
         "options": options,
         "calibration": file_sha256(calibration_path) if calibration_path and impl.capabilities.needs_calibration else None,
     }
+    if imatrix and impl.capabilities.imatrix:  # (a key only where one is used: the other backends' keys stay as they were)
+        imatrix = ensure_local(imatrix)
+        inputs["imatrix"] = file_sha256(imatrix)
+    else:
+        imatrix = None
     out = StageOutput(artifact_root, f"quantized/{backend}", inputs)
     with out.exclusive():
-        return _build_quantized(out, impl, model_path, bitmap, backend, calibration_path, options)
+        return _build_quantized(out, impl, model_path, bitmap, backend, calibration_path, options, imatrix)
 
 
-def _build_quantized(out, impl, model_path, bitmap, backend: str, calibration_path, options: dict) -> str:
+def _build_quantized(out, impl, model_path, bitmap, backend: str, calibration_path, options: dict, imatrix=None) -> str:
     if out.is_complete():
         log.info("quantize %s/%s: cache hit %s", backend, bitmap.method, out.uri)
         return str(out.path)
@@ -85,6 +93,7 @@ def _build_quantized(out, impl, model_path, bitmap, backend: str, calibration_pa
         calibration = load_ids(calibration_path)
     log.info("quantize %s/%s at %.3f bpp: %s", backend, bitmap.method, bitmap.nominal_bpp, bitmap.rung_counts())
     with out.build() as tmp:
-        facts = impl.quantize(Path(model_path), bitmap, calibration, tmp, options)
+        extra = {"imatrix": Path(imatrix)} if imatrix else {}
+        facts = impl.quantize(Path(model_path), bitmap, calibration, tmp, options, **extra)
         write_json_atomic(tmp / "manifest.json", {"backend": backend, "method": bitmap.method, "facts": facts})
     return str(out.path)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TAG, DETAIL_TAG = "load_check", "load_check_detail"
 TOLERANCE = 0.005  # relative perplexity difference a reload may show (0.5%)
+PROMPT = "The capital of France is"  # what the serving engine of a version with one is asked
 TIMEOUT_S = 3600
 
 
@@ -44,28 +45,35 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
         from tasks.calibration import load_ids
         from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream
 
-        model = load_torch_model(model_uri)
+        model, engine = load_for_check(model_uri)
         ids = load_ids(ensure_local(calibration_dir) / "wikitext2.safetensors").reshape(-1)
         ids = ids[:eval_tokens] if eval_tokens else ids
         ppl = score_stream(model_forward(model), ids, PROTOCOLS[protocol]).ppl
+        served = engine(PROMPT, 8) if engine is not None else None  # the serving engine's own runtime answers too
     except Exception as exc:  # noqa: BLE001 (any failure to load or run is the check's finding)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return {"passed": False, "detail": f"does not reload: {type(exc).__name__}: {first[:300]}"}
     diff = abs(ppl - expected) / expected
+    passed = diff <= TOLERANCE and (engine is None or bool(served.strip()))
     verdict = "within" if diff <= TOLERANCE else "outside"
-    return {"passed": diff <= TOLERANCE, "ppl": ppl, "detail": f"reloaded ppl {ppl:.4f} vs recorded {expected:.4f} ({100 * diff:.3f}%, {verdict} {100 * TOLERANCE:g}%)"}
+    detail = f"reloaded ppl {ppl:.4f} vs recorded {expected:.4f} ({100 * diff:.3f}%, {verdict} {100 * TOLERANCE:g}%)"
+    if engine is not None:
+        detail += f"; its serving engine completes {PROMPT!r} with {served!r}" if served.strip() else "; its serving engine generates nothing"
+    return {"passed": passed, "ppl": ppl, "detail": detail}
 
 
-def load_torch_model(model_uri: str):
-    """The model inside a registered version, through MLflow's own loader for its flavor."""
+def load_for_check(model_uri: str):
+    """(the torch model inside a registered version, through MLflow's own loader for its flavor; the
+    pyfunc's serving-engine generator, or None)."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
     if "transformers" in Model.load(model_uri).flavors:
         import mlflow.transformers
 
-        return mlflow.transformers.load_model(model_uri, return_type="components")["model"]
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+        return mlflow.transformers.load_model(model_uri, return_type="components")["model"], None
+    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return python_model.model, getattr(python_model, "engine", None)
 
 
 def check_version(tracking_uri: str, name: str, version: str, calibration_dir: str, eval_tokens: int, expected: float,

@@ -29,7 +29,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from tasks.quantize.base import HIDDEN_MODEL_TYPE
-from tasks.quantize.registry import capabilities, get_backend
+from tasks.quantize.registry import capabilities, get_backend, runtimes
 from tasks.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -50,22 +50,34 @@ class QuantizedCausalLM(mlflow.pyfunc.PythonModel):
     """Prompts (a list of strings, or a one-column DataFrame) -> greedy continuations (strings)."""
 
     def load_context(self, context):
+        self.checkpoint = Path(context.artifacts[CHECKPOINT])
+        self.backend = get_backend(_backend_of(self.checkpoint))
+        self.engine = self.backend.generator(self.checkpoint)  # the serving engine's own runtime, where it has one
+        self._model = self.tokenizer = None
+
+    @property
+    def model(self):
+        """The checkpoint as a torch causal LM (the backend's loader), loaded when first asked for: a model
+        served by its engine needs it only for the reload check."""
         from tasks.model_io import load_tokenizer
 
-        checkpoint = Path(context.artifacts[CHECKPOINT])
-        self.model = get_backend(_backend_of(checkpoint)).load(checkpoint)
-        self.tokenizer = load_tokenizer(checkpoint)
+        if self._model is None:
+            self._model, self.tokenizer = self.backend.load(self.checkpoint), load_tokenizer(self.checkpoint)
+        return self._model
 
     def predict(self, context, model_input, params=None):
         import torch
 
         prompts = _prompts(model_input)
         max_new = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
+        if self.engine is not None:
+            return [self.engine(prompt, max_new) for prompt in prompts]
         out = []
         with torch.inference_mode():
+            model = self.model
             for prompt in prompts:
                 ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-                generated = self.model.generate(ids, max_new_tokens=max_new, do_sample=False,
+                generated = model.generate(ids, max_new_tokens=max_new, do_sample=False,
                                                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)  # fmt: skip
                 out.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
         return out
@@ -83,7 +95,7 @@ def _backend_of(checkpoint: Path) -> str:
     return json.loads((checkpoint / "quantpipe.json").read_text())["backend"]
 
 
-def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metrics: dict, out: Path) -> Path:
+def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metrics: dict, out: Path, registered_name: str = "") -> Path:
     """The checkpoint as it is registered: the backend's files, the tokenizer, the metrics, and a
     config.json that a standard loader cannot mistake for a plain checkpoint where it cannot read it."""
     shutil.copytree(model_dir, out)
@@ -92,6 +104,7 @@ def stage_checkpoint(model_dir: Path, backend: str, base_model_path: Path, metri
             shutil.copy2(Path(base_model_path) / name, out / name)
     (out / "quantpipe.json").write_text(json.dumps({"backend": backend, "loader": loader_line(backend, "<dir>")}, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    get_backend(backend).serving_files(out, registered_name)
     if transformers_misreads(out, backend):  # make transformers refuse (it ignores unknown quant methods)
         config = json.loads((out / "config.json").read_text())
         config[HIDDEN_MODEL_TYPE] = config["model_type"]
@@ -122,7 +135,9 @@ def model_card(variant: dict, metrics: dict, registered_name: str, checkpoint_di
              ("budget", variant["budget_label"]), ("nominal bits per parameter", _fmt(metrics.get("nominal_bpp"))),
              ("extra memory over the budget rung", f"{_fmt(metrics.get('extra_pct'))} %"),
              ("WikiText-2 perplexity", _fmt(metrics.get("ppl_wikitext2"))), ("C4 perplexity", _fmt(metrics.get("ppl_c4"))),
-             ("saved size", f"{(metrics.get('saved_bytes') or 0) / 2**20:.1f} MiB")]  # fmt: skip
+             ("saved size", f"{(metrics.get('saved_bytes') or 0) / 2**20:.1f} MiB"),
+             *((f"WikiText-2 perplexity in {name}'s own runtime", _fmt(metrics.get(f"{prefix}_ppl_wikitext2")))
+               for prefix, name in runtimes() if metrics.get(f"{prefix}_ppl_wikitext2") is not None)]  # fmt: skip
     lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts), ""]
     if variant.get("bitmap"):
         bitmap = BitMap.load(variant["bitmap"])
@@ -140,6 +155,7 @@ def model_card(variant: dict, metrics: dict, registered_name: str, checkpoint_di
         "```", "",
         f"The checkpoint alone (`{checkpoint_dir}/`): {capabilities(variant['backend']).clients}.",
         f"With this project installed: `{loader_line(variant['backend'], checkpoint_dir)}`.", "",
+        *get_backend(variant["backend"]).serving_card(checkpoint_dir, registered_name),
         "Perplexities: paper protocol (sliding window 1024, stride 512) on the evaluated tokens "
         f"({_fmt(metrics.get('eval_tokens_wikitext2'))} of WikiText-2, {_fmt(metrics.get('eval_tokens_c4'))} of C4).",
     ]  # fmt: skip
@@ -179,7 +195,8 @@ def build_mlflow_model(variant: dict, metrics: dict, registered_name: str, out: 
     signature = infer_signature(EXAMPLE, ["Paris."], params={"max_new_tokens": MAX_NEW_TOKENS})
     metadata = {"backend": variant["backend"], "method": variant["method"], "variant": variant["name"]}
     try:
-        checkpoint = stage_checkpoint(Path(variant["model_dir"]), variant["backend"], Path(variant["model"]["path"]), metrics, staging)
+        checkpoint = stage_checkpoint(Path(variant["model_dir"]), variant["backend"], Path(variant["model"]["path"]), metrics, staging,
+                                      registered_name)  # fmt: skip
         if transformers_flavored(checkpoint, variant["backend"]):
             from mlflow import transformers as mlflow_transformers
 

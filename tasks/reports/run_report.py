@@ -14,6 +14,13 @@ from tasks.artifacts import ensure_local, write_json_atomic, write_text_atomic
 QUALITY_PREFIXES = ("ppl_", "kld_", "kld99_", "top1_", "dnll_", "lmeval_")
 
 
+def quality_prefixes() -> tuple[str, ...]:
+    """QUALITY_PREFIXES and the serving engines' own evaluations of them (llamacpp_ppl_, ...)."""
+    from tasks.quantize.registry import runtimes
+
+    return QUALITY_PREFIXES + tuple(f"{prefix}_{p}" for prefix, _ in runtimes() for p in QUALITY_PREFIXES)
+
+
 def results_row(plan, metrics: dict, run_id: str | None, version: str | None, load_check: str | None) -> dict:
     """One variant's row of results.json and the table (`plan`: its VariantPlan)."""
     m = metrics
@@ -21,7 +28,7 @@ def results_row(plan, metrics: dict, run_id: str | None, version: str | None, lo
         "variant": plan.name, "backend": plan.backend, "method": plan.method, "label": plan.label, "budget": plan.budget_label,
         "nominal_bpp": m.get("nominal_bpp"), "extra_pct": m.get("extra_pct"),
         **{k: m.get(k) for k in ("saved_bytes", "peak_mem_bytes", "tokens_per_s", "quant_seconds", "predicted_dnll")},
-        **{k: val for k, val in m.items() if k.startswith(QUALITY_PREFIXES)},
+        **{k: val for k, val in m.items() if k.startswith(quality_prefixes())},
         "run_id": run_id, "version": version, "load_check": load_check,
     }  # fmt: skip
 

@@ -60,10 +60,24 @@ def results_table(rows: list[dict]) -> str:
             for i, r in enumerate(rows)]
     downstream = sorted({k for r in rows for k in r if k.startswith("lmeval_") and k.endswith("_acc")})
     extra = [(k, k[len("lmeval_"):].replace("_", " "), "{:.3f}") for k in downstream]
-    ordered = RESULT_COLUMNS[:-TRAILING] + tuple(extra) + RESULT_COLUMNS[-TRAILING:]
+    at = next(i for i, c in enumerate(RESULT_COLUMNS) if c[0] == "top1_wikitext2")
+    ordered = RESULT_COLUMNS[:at] + runtime_columns(rows) + RESULT_COLUMNS[at:-TRAILING] + tuple(extra) + RESULT_COLUMNS[-TRAILING:]
     cols = [c for c in ordered if any(r.get(c[0]) not in (None, "") for r in rows)]
     cells = [[_cell(r, key, fmt) for key, _, fmt in cols] for r in rows]
     return markdown([title for _, title, _ in cols], cells, [key not in ("variant", "ties") for key, _, _ in cols], pad=True)
+
+
+def runtime_columns(rows: list[dict]) -> tuple:
+    """The serving engines' own evaluations (Capabilities.runtime: llamacpp_ppl_wikitext2, ...), beside ours."""
+    from tasks.quantize.registry import runtimes
+
+    out = []
+    for prefix, name in runtimes():
+        for key, title, fmt in (("ppl_wikitext2", "wiki2 ppl", "{:.2f}"), ("kld_wikitext2", "wiki2 KLD", "{:.4f}")):
+            if any(r.get(f"{prefix}_{key}") is not None for r in rows):
+                out.append((f"{prefix}_{key}", f"{name} {title}", fmt))
+                WITH_SE.add(f"{prefix}_{key}")
+    return tuple(out)
 
 
 def _version(row: dict):

@@ -1,0 +1,101 @@
+"""A GGUF file in llama.cpp's own runtime (its CPU kernels, through llama-cpp-python bound to the libraries
+`make setup` built), as a causal LM this project's evaluator scores and a generator the registry's checks
+and pyfunc call. Its logits are llama.cpp's, on exactly the windows and tokens of every other evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.errors import PipelineError
+
+
+def llama_cpp_module():
+    """llama-cpp-python, bound to this machine's llama.cpp build (it ships no libraries of its own here)."""
+    from tasks.quantize.llama_cpp import home
+
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(home() / "lib"))
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise PipelineError(f"llama.cpp's runtime needs llama-cpp-python and the libraries `make setup` builds ({exc})") from None
+    except (OSError, RuntimeError) as exc:
+        raise PipelineError(f"llama.cpp's libraries do not load from {os.environ['LLAMA_CPP_LIB_PATH']}: {exc}; run `make setup`") from None
+    return llama_cpp
+
+
+def open_gguf(path: str | Path, context: int, logits_all: bool = False):
+    """llama.cpp's model and context over a GGUF file, or one PipelineError line if llama.cpp cannot load it."""
+    llama_cpp = llama_cpp_module()
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"GGUF file not found: {path}")
+    threads = max(1, len(os.sched_getaffinity(0)))
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=context, n_batch=context, n_ubatch=min(context, 512), logits_all=logits_all,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise PipelineError(f"llama.cpp cannot load {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def check_loads(path: str | Path, timeout_s: float = 600) -> None:
+    """llama.cpp loads the file (model and vocabulary), tried in a child process: llama.cpp aborts the whole
+    process on some bad files (an unknown tokenizer model), which must not take the caller with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tasks.quantize.llama_cpp_runtime import open_gguf; open_gguf(sys.argv[1], 64).close(); print('loaded')")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"llama.cpp did not load {path} in {timeout_s:.0f} s") from None
+    if done.returncode != 0 or "loaded" not in done.stdout:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip() and not line.startswith(("  File", "Traceback"))]
+        why = next((line for line in reversed(lines) if "error" in line.lower() or "what()" in line or "failed" in line.lower()), lines[-1] if lines else "")
+        why = why.strip().removeprefix("tasks.errors.PipelineError: ")
+        raise PipelineError(why[:400] if why.startswith("llama.cpp cannot load") else f"llama.cpp cannot load {path} (exit {done.returncode}): {why[:300]}")
+
+
+class LlamaCppModel(nn.Module):
+    """forward(input_ids [B, T]) -> .logits [B, keep or T, vocab] float32, each row one fresh llama.cpp
+    sequence (its KV cache cleared), as transformers' causal LMs answer the evaluator."""
+
+    def __init__(self, path: str | Path, context: int):
+        super().__init__()
+        self.path, self.context = Path(path), int(context)
+        self.llm = open_gguf(path, self.context, logits_all=True)
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, logits_to_keep: int = 0, **_) -> SimpleNamespace:
+        if input_ids.shape[1] > self.context:
+            raise PipelineError(f"a window of {input_ids.shape[1]} tokens exceeds llama.cpp's context of {self.context}")
+        rows = []
+        for row in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            scores = self.llm.scores[: len(row)]  # a view of llama-cpp-python's buffer, which the next row overwrites
+            rows.append(torch.from_numpy(np.array(scores[-logits_to_keep:] if logits_to_keep else scores, dtype=np.float32)))
+        return SimpleNamespace(logits=torch.stack(rows))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppGenerator:
+    """Greedy completions by llama.cpp over a GGUF file, opened once (the registered model's pyfunc)."""
+
+    def __init__(self, path: str | Path, context: int = 2048):
+        self.path, self.context = Path(path), context
+        self.llm = None
+
+    def __call__(self, prompt: str, max_new_tokens: int) -> str:
+        if self.llm is None:
+            self.llm = open_gguf(self.path, self.context)
+        out = self.llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"]
