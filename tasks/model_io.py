@@ -125,7 +125,37 @@ def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedMo
         _convert_gguf(gguf, target)
     if not (target / VOCAB_FILE).is_file():  # llama.cpp's own tokenizer of the file (tasks/quantize/gguf_files.py)
         write_vocab_gguf(gguf, target / VOCAB_FILE)
+    check_tokenizer(gguf, target)
     return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
+
+
+# A probe of what tokenizers get wrong: spaces and newlines, digits, punctuation, markup, non-ASCII.
+TOKENIZER_PROBE = (" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a guest @-@ "
+                   "starring role on the television series The Bill in 2000 .\n\tCafé naïve — 1,234.5 km² ; don't (x+y)*2 == 10 ?")  # fmt: skip
+TOKENIZER_CHECKED = "tokenizer.checked"  # in a converted checkpoint: its tokenizer gave llama.cpp's ids on the probe
+
+
+def check_tokenizer(gguf: Path, target: Path) -> None:
+    """The tokenizer transformers converted from a GGUF must give llama.cpp's token ids (llama.cpp is the
+    reference for a .gguf: the file's own runtime) on TOKENIZER_PROBE, else every number of the run would be
+    measured on wrongly split text: one error line instead. Checked once per converted checkpoint."""
+    from tasks.quantize import llama_cpp
+
+    if (target / TOKENIZER_CHECKED).is_file():
+        return
+    if not llama_cpp.available():
+        log.warning("llama.cpp is not built: the tokenizer converted from %s is not checked against llama.cpp's", gguf.name)
+        return
+    from tasks.quantize.llama_cpp_runtime import llama_cpp_tokens
+
+    theirs = llama_cpp_tokens(target / VOCAB_FILE, TOKENIZER_PROBE)
+    ours = load_tokenizer(target)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if ours != theirs:
+        raise PipelineError(f"{gguf.name}: the tokenizer transformers converts from it does not reproduce llama.cpp's "
+                            f"({len(ours)} tokens where llama.cpp's own gives {len(theirs)} on a {len(TOKENIZER_PROBE)}-character "
+                            "probe), so every number of the run would be wrong: give the model's original checkpoint (a hub id or "
+                            "a directory with its tokenizer) instead")  # fmt: skip
+    (target / TOKENIZER_CHECKED).write_text(f"{len(ours)} tokens on the probe, as llama.cpp's\n")
 
 
 def _file_digest(path: Path) -> str:

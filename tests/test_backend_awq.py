@@ -85,6 +85,7 @@ def test_awq_uniform_4bit_roundtrip(tiny, tmp_path):
     with torch.no_grad():
         logits = model(tiny["ids"]).logits
     assert 1e-3 < rel_error(tiny["reference"], logits) < 0.5  # really quantized, still close
+    assert backend.engine_checks(tmp_path)["vllm"].startswith("loads"), "4-bit groups of 64 over 256-wide inputs: vLLM's WNA16 takes it"
 
 
 def test_awq_kurtboost_map_gives_boosted_modules_8_bits(tiny, tmp_path):

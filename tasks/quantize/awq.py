@@ -39,7 +39,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import Backend, Capabilities, patched
+from tasks.quantize.base import Backend, Capabilities, patched, true_config
 from tasks.quantize.registry import option_defaults
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
@@ -136,6 +136,11 @@ class AWQBackend(Backend):
 
     def transformers_runs(self, checkpoint: Path) -> bool:
         return True  # compressed-tensors config groups
+
+    def engine_checks(self, out_dir: Path) -> dict[str, str]:
+        from tasks.quantize.vllm_rules import compressed_tensors_refusals, tensor_shapes, vllm_verdict
+
+        return {"vllm": vllm_verdict(compressed_tensors_refusals(true_config(out_dir), tensor_shapes(out_dir)))}
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,
                  options: dict) -> dict:

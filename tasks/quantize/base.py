@@ -159,6 +159,11 @@ class Backend:
         """The model card's lines on serving the registered checkpoint (at `checkpoint_dir`) with its engine."""
         return []
 
+    def engine_checks(self, out_dir: Path) -> dict[str, str]:
+        """Serving engine -> whether it loads the saved checkpoint, by that engine's own loader rules (the
+        registered version's tags: `vllm`), where the format claims it."""
+        return {}
+
     def saved_bytes(self, out_dir: Path) -> int:
         """Bytes of the saved weights (the number users compare): its safetensors files."""
         return sum(p.stat().st_size for p in Path(out_dir).rglob("*.safetensors") if p.is_file())

@@ -42,7 +42,7 @@ from torch import nn
 from tasks.bitmap import BitMap
 from tasks.errors import PipelineError
 from tasks.ladder import Rung
-from tasks.quantize.base import HIDDEN_MODEL_TYPE, Backend, Capabilities, OwnErrors, patched, plain_checkpoint
+from tasks.quantize.base import HIDDEN_MODEL_TYPE, Backend, Capabilities, OwnErrors, patched, plain_checkpoint, true_config
 from tasks.quantize.registry import option_defaults
 from tasks.quantize.gptq_targets import (
     BITMAP_FILE,
@@ -138,6 +138,11 @@ class GPTQBackend(Backend):
         """With per-module overrides (`dynamic`): transformers' GPTQ integration (optimum) drops them."""
         config = json.loads((Path(checkpoint) / "config.json").read_text())
         return bool((config.get("quantization_config") or {}).get("dynamic"))
+
+    def engine_checks(self, out_dir: Path) -> dict[str, str]:
+        from tasks.quantize.vllm_rules import gptq_refusals, tensor_shapes, vllm_verdict
+
+        return {"vllm": vllm_verdict(gptq_refusals(true_config(out_dir), tensor_shapes(out_dir)))}
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration: torch.Tensor | None, out_dir: Path,
                  options: dict) -> dict:

@@ -63,6 +63,23 @@ def check_loads(path: str | Path, timeout_s: float = 600) -> None:
         raise PipelineError(why[:400] if why.startswith("llama.cpp cannot load") else f"llama.cpp cannot load {path} (exit {done.returncode}): {why[:300]}")
 
 
+def llama_cpp_tokens(path: str | Path, text: str, timeout_s: float = 300) -> list[int]:
+    """llama.cpp's own token ids of `text` (no BOS, no special-token parsing) with the vocabulary of a GGUF
+    file, read in a child process (vocabulary only)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from tasks.quantize.llama_cpp_runtime import llama_cpp_module; lc = llama_cpp_module(); "
+            "llm = lc.Llama(sys.argv[1], vocab_only=True, verbose=False); "
+            "print(json.dumps(llm.tokenize(sys.stdin.read().encode(), add_bos=False, special=False)))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], input=text, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if done.returncode != 0:
+        raise PipelineError(f"llama.cpp cannot read the vocabulary of {path} (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 class LlamaCppModel(nn.Module):
     """forward(input_ids [B, T]) -> .logits [B, keep or T, vocab] float32, each row one fresh llama.cpp
     sequence (its KV cache cleared), as transformers' causal LMs answer the evaluator."""

@@ -19,6 +19,7 @@ from tasks.evaluation.stage import EvalParams, Evaluation
 from tasks.failpoints import failpoint
 from tasks.model_io import ResolvedModel
 from tasks.quantize.stage import QuantizedModel
+from tasks.quantize.registry import get_backend
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def record(ctx, params: RecordParams) -> Recorded:
     if not plan.quantized:
         return Recorded(run_id, reused, None, model_id)
     tags = version_tags(plan.name, plan.method, plan.backend, params.metrics, plan.model_hash, serving)
+    tags.update(get_backend(plan.backend).engine_checks(ensure_local(params.quantized.uri)))  # e.g. vllm: whether vLLM's loader takes it
     version, _ = register_version(ctx.settings.tracking_uri, model.name, run_id, tags, claims_root=str(ctx.settings.artifact_root),
                                   description=description, model_id=model_id)  # fmt: skip
     failpoint("record.registered")

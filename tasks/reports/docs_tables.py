@@ -63,18 +63,21 @@ def _provenance(run: dict) -> str:
 
 def embedded_summary() -> str:
     """The README's small table: what each variant is, how big, how close to the base model, whether it reloads."""
+    from tasks.quantize.registry import runtimes
     from tasks.registry.mlflow_model import serving
     from tasks.reports.table import format_cell, markdown
 
     run = _stored()
-    head = ["#", "variant", "bpp", "saved MiB", "WikiText-2 KLD", "WikiText-2 ppl", "reload", "served by"]
+    engines = [(prefix, name) for prefix, name in runtimes() if any(r.get(f"{prefix}_kld_wikitext2") is not None for r in run["rows"])]
+    head = ["#", "variant", "bpp", "saved MiB", "WikiText-2 KLD", *(f"KLD in {name}" for _, name in engines), "WikiText-2 ppl", "reload", "served by"]
     cells = []
     for i, r in enumerate(run["rows"], 1):
         name = f"**{r['variant']}** (champion)" if r.get("champion") else r["variant"]
         cells.append([str(i), name, format_cell(r.get("nominal_bpp"), "{:.3f}"), format_cell((r.get("saved_bytes") or 0) / 2**20 or None, "{:.1f}"),
-                      format_cell(r.get("kld_wikitext2"), "{:.4f}"), format_cell(r.get("ppl_wikitext2"), "{:.2f}"),
-                      format_cell(r.get("load_check"), "{}"), serving(r["backend"]) if r["backend"] != "none" else "-"])  # fmt: skip
-    table = markdown(head, cells, [True, False, True, True, True, True, False, False])
+                      format_cell(r.get("kld_wikitext2"), "{:.4f}"), *(format_cell(r.get(f"{p}_kld_wikitext2"), "{:.4f}") for p, _ in engines),
+                      format_cell(r.get("ppl_wikitext2"), "{:.2f}"), format_cell(r.get("load_check"), "{}"),
+                      serving(r["backend"]) if r["backend"] != "none" else "-"])  # fmt: skip
+    table = markdown(head, cells, [True, False, True, True, True, *(True for _ in engines), True, False, False])
     return f"{table}\n\n{run['champion']}\n\n{_provenance(run)}"
 
 
