@@ -74,21 +74,34 @@ def budget_label(budget: float | Rung | Preset) -> str:
     return budget.label if isinstance(budget, (Rung, Preset)) else f"{budget:.2f}"
 
 
-def check_budget(method: str, budget: float | Rung, raw, options: dict) -> None:
+def check_budget(method: str, budget: float | Rung, raw, options: dict, ladders: tuple[str, ...] = ("hqq",)) -> None:
     """Whether `method` can meet `budget`: a budget-exact method needs at least its cheapest allocation
     (every module on its cheapest candidate rung); lim/zd also need a rung above their low rung."""
     spec = method_spec(method)
     if spec.budget == "rung" or isinstance(budget, Preset):  # a preset's size is known once llama.cpp applied its rules
         return
     bpp = budget.bpp if isinstance(budget, Rung) else float(budget)
-    rungs = as_rungs(options.get("rungs")) or "hqq"
-    candidates = LADDERS[rungs] if isinstance(rungs, str) else rungs
+    rungs = as_rungs(options.get("rungs"))
+    if isinstance(budget, Rung):
+        ladders = (budget.ladder,)  # a rung budget plans bit maps on its own ladder only
+    for ladder in ([rungs] if isinstance(rungs, str) else [None] if rungs else ladders):
+        _check_cheapest(method, bpp, raw, rungs if ladder is None else LADDERS[ladder])
+    for ladder in ladders:
+        _check_layerwise(spec, method, bpp, raw, options, LADDERS[ladder])
+
+
+def _check_cheapest(method: str, bpp: float, raw, candidates) -> None:
     cheapest = min(candidates, key=lambda r: r.bpp)
     if bpp < cheapest.bpp - 1e-9:
         raise PipelineError(f"Param budgets: {method} cannot meet {raw!r} ({bpp:.4f} bpp): its cheapest allocation, every module at"
                             f" {cheapest.name}, takes {cheapest.bpp:.4f} bpp")  # fmt: skip
+
+
+def _check_layerwise(spec, method: str, bpp: float, raw, options: dict, ladder: tuple[Rung, ...]) -> None:
     if spec.layerwise and not options.get("high"):
-        low = parse_rung(options["low"]) if options.get("low") else max((r for r in LADDER if r.bpp <= bpp + 1e-9), key=lambda r: r.bpp)
-        if not any(r.group_size == low.group_size and r.bits > low.bits for r in LADDER):
+        low = parse_rung(options["low"]) if options.get("low") else max((r for r in ladder if r.bpp <= bpp + 1e-9), key=lambda r: r.bpp, default=None)
+        if low is None or low not in ladder:
+            return  # below the ladder (the cheapest check says so), or a low rung of another ladder
+        if not any(r.group_size == low.group_size and r.bits > low.bits for r in ladder):
             raise PipelineError(f"Param budgets: {method} at {raw!r} puts layers at {low.name}, and no rung above it keeps the"
                                 " important ones: give a lower budget or method_options high")  # fmt: skip

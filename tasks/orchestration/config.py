@@ -13,7 +13,7 @@ from tasks.allocation.methods import METHODS, check_options, method_spec
 from tasks.allocation.plan import scored_methods, wanted_errors
 from tasks.errors import PipelineError, named_error
 from tasks.ladder import GGUF_PRESETS, Preset, Rung, parse_preset, parse_rung
-from tasks.quantize.registry import BACKENDS
+from tasks.quantize.registry import BACKENDS, ladder_of
 
 # an HQQ rung (b4g64 / 4.25), or a llama.cpp type (Q4_K, IQ4_XS) or preset (Q4_K_M) for the gguf backend
 GGUF_PATTERN = r"[Qq][2-8]_([0-1]|[Kk])(_[SsMmLl])?|[Ii][Qq][1-4]_([Nn][Ll]|[XxSsMm]+)"
@@ -170,7 +170,7 @@ class PipelineConfig:
         self._check_schemas()
         for raw in self.budgets:
             for method in self.methods:
-                check_budget(method, parse_budget(raw), raw, self.method_options.get(method, {}))
+                check_budget(method, parse_budget(raw), raw, self.method_options.get(method, {}), tuple({ladder_of(b) for b in self.backends}))
         for proto in self.protocols:
             if 0 < self.eval_tokens < PROTOCOL_MIN_TOKENS[proto]:
                 raise PipelineError(f"Param eval_tokens: {self.eval_tokens} is too few for one {proto} window ({PROTOCOL_MIN_TOKENS[proto]} tokens;"
