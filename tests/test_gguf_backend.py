@@ -266,3 +266,17 @@ def test_the_embedded_models_tokenizer_is_llama_cpps(embedded_model):
 
     ours = load_tokenizer(embedded_model.path)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     assert ours == llama_cpp_tokens(embedded_model.path / "tokenizer.gguf", TOKENIZER_PROBE) and len(ours) > 50
+
+
+def test_bad_gguf_params_are_one_line_each():
+    from tasks.orchestration.config import PipelineConfig
+
+    for config, message in (({"backends": ["gguf"], "methods": ["optimal"], "budgets": ["1.9"], "uniform_budgets": []}, "every module at IQ2_XXS"),
+                            ({"backends": ["gguf"], "uniform_budgets": ["Q3_X"]}, "'Q3_X' is not a rung of the ladder"),
+                            ({"backends": ["gguf"], "gguf_presets": ["Q4_K_X"]}, "is not one of"),
+                            ({"backends": ["hqq"], "uniform_budgets": ["Q4_0"]}, "needs a backend of that ladder")):  # fmt: skip
+        with pytest.raises(PipelineError, match=message) as err:
+            from tasks.allocation.plan import plan_variants
+
+            plan_variants(PipelineConfig.from_dict(config))
+        assert "\n" not in str(err.value)
