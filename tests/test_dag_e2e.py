@@ -44,6 +44,7 @@ def test_dag_runs_end_to_end_and_records_everything(airflow_env, tiny_model_dir)
 
     conf = {
         "model": str(tiny_model_dir),
+        "backends": ["hqq"],
         "uniform_budgets": ["b4g64", "b3g128"],
         "methods": ["optimal"],  # so the profile's scores path travels between tasks
         "budgets": ["3.4"],

@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow  # a pipeline run and three fresh Python processes
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = {"uniform_budgets": ["b4g64"], "methods": [], "budgets": [], "calibration_samples": 4, "calibration_seq_len": 128,
+CONF = {"backends": ["hqq"], "uniform_budgets": ["b4g64"], "methods": [], "budgets": [], "calibration_samples": 4, "calibration_seq_len": 128,
         "eval_tokens": 1024, "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
 
 

@@ -106,6 +106,7 @@ def logged(servers, tiny_model_dir, tmp_path_factory):
         result = run_inprocess(
             {
                 "model": str(tiny_model_dir),
+                "backends": ["hqq"],
                 "uniform_budgets": ["b4g64", "b3g128"],
                 "methods": [],
                 "budgets": [],

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow,  # a pipeline run, an MLflow server and a browse
               pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")]  # fmt: skip
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = {"uniform_budgets": ["b4g64", "b3g128"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"], "calibration_samples": 4,
+CONF = {"backends": ["hqq"], "uniform_budgets": ["b4g64", "b3g128"], "methods": ["sensiboost", "optimal"], "budgets": ["b3g64"], "calibration_samples": 4,
         "calibration_seq_len": 128, "fisher_samples": 2, "eval_tokens": 1024, "lm_eval_tasks": []}  # fmt: skip
 
 

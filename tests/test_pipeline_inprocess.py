@@ -17,6 +17,7 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
     result = run_inprocess(
         {
             "model": str(tiny_model_dir),
+            "backends": ["hqq"],
             "uniform_budgets": ["b3g64"],
             "methods": [m for m in METHODS if m != "uniform"],
             "budgets": ["b3g64"],
@@ -49,7 +50,7 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
         return sorted(p for p in (state / "artifacts" / "profiling").iterdir() if not p.name.startswith("."))
 
     profiles = profiles_on_disk()
-    run_inprocess({"model": str(tiny_model_dir), "uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.6"],
+    run_inprocess({"model": str(tiny_model_dir), "backends": ["hqq"], "uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.6"],
                    "calibration_samples": 4, "calibration_seq_len": 128, "eval_tokens": 1024, "protocols": ["paper"],
                    "lm_eval_tasks": []})  # fmt: skip
     assert profiles_on_disk() == profiles and len(profiles) == 1

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # a dozen pipeline processes on a 4-layer model
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = 4
-CONF = {"uniform_budgets": ["b4g64"], "methods": ["optimal"], "budgets": ["3.4"], "calibration_samples": 4,
+CONF = {"backends": ["hqq"], "uniform_budgets": ["b4g64"], "methods": ["optimal"], "budgets": ["3.4"], "calibration_samples": 4,
         "calibration_seq_len": 128, "fisher_samples": 2, "eval_tokens": 1024, "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
 STAGE_POINTS = ["calibration.build", "profiling.build", "quantized.build", "reference.build", "evaluation.build",
                 "record.logged", "record.registered", "finish.reported"]  # fmt: skip

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 CONF = {  # the reduced pipeline: baseline + one uniform 4-bit variant on the tiny checkpoint
+    "backends": ["hqq"],
     "uniform_budgets": ["b4g64"],
     "methods": [],
     "budgets": [],
