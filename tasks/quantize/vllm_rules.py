@@ -45,6 +45,14 @@ def _linears(shapes: dict, suffix: str) -> dict[str, list[int]]:
     return {name[: -len(suffix) - 1]: shape for name, shape in shapes.items() if name.endswith("." + suffix) and _LINEAR.match(name)}
 
 
+def _resolved(linears: dict, resolve):
+    """(name, tensor shape, its config) of every linear its config quantizes (resolve: None for one left alone)."""
+    for name, shape in linears.items():
+        config = resolve(name)
+        if config is not None:
+            yield name, shape, config
+
+
 def gptq_refusals(config: dict, shapes: dict) -> list[str]:
     """Why vLLM's GPTQ loader would refuse the checkpoint (empty: it loads)."""
     q = config.get("quantization_config") or {}
@@ -63,10 +71,7 @@ def gptq_refusals(config: dict, shapes: dict) -> list[str]:
 
     out = []
     quantized = _linears(shapes, "qweight")
-    for name, shape in quantized.items():
-        c = resolved(name)
-        if c is None:
-            continue
+    for name, shape, c in _resolved(quantized, resolved):
         k = shape[0] * 32 // int(c["bits"])
         if (int(c["bits"]), bool(c["sym"])) not in GPTQ_TYPES:
             out.append(f"{name}: {c['bits']}-bit {'symmetric' if c['sym'] else 'asymmetric'} (vLLM's GPTQ kernels take 4- and 8-bit symmetric only)")
@@ -114,10 +119,7 @@ def compressed_tensors_refusals(config: dict, shapes: dict) -> list[str]:
 
     out = []
     linears = _linears(shapes, "weight_packed")
-    for name, shape in linears.items():
-        group = group_of(name)
-        if group is None:
-            continue
+    for name, shape, group in _resolved(linears, group_of):
         w = groups[group].get("weights") or {}
         bits, size, strategy = int(w.get("num_bits", 0)), w.get("group_size"), w.get("strategy")
         k = shape[1] * 32 // bits if bits else 0
