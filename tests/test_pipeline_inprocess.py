@@ -19,7 +19,7 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
             "model": str(tiny_model_dir),
             "backends": ["hqq"],
             "uniform_budgets": ["b3g64"],
-            "methods": [m for m in METHODS if m != "uniform"],
+            "methods": [m for m, spec in METHODS.items() if spec.scored],  # (uniform and llama.cpp's presets are not methods of budgets)
             "budgets": ["b3g64"],
             "calibration_samples": 4,
             "calibration_seq_len": 128,
@@ -30,7 +30,7 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
     )
     rows = json.loads((state / "reports" / "latest" / "results.json").read_text())
     by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"unquantized", "uniform", *[m for m in METHODS if m != "uniform"]}
+    assert set(by_method) == {"unquantized", "uniform", *[m for m, spec in METHODS.items() if spec.scored]}
     sb = by_method["sensiboost"]["nominal_bpp"]
     for method in ("lim", "zd", "mxq", "optimal", "taylor", "delta_loss", "dkld_greedy"):  # budget-exact, at SB30's memory
         assert by_method[method]["nominal_bpp"] <= sb + 1e-9, method
