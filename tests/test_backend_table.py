@@ -99,6 +99,7 @@ def test_the_backends_declare_what_the_name_tables_said(tmp_path):
     assert {n for n, c in caps.items() if c.fused_kernels} == {"gptq", "awq"}
     assert own_error_names() == ("gptq", "gguf") and caps["gptq"].own_errors.name == "gptq"
     assert {n for n, c in caps.items() if c.ladder == "gguf"} == {"gguf"}
+    assert {n: registry.ladder_of(n) for n in caps} == {n: c.ladder for n, c in caps.items()}, "the light ladder table mirrors the capabilities"
     assert {n: c.serving for n, c in caps.items()} == {"hqq": "mlflow pyfunc", "gptq": "mlflow pyfunc; GPTQModel (uniform maps)",
                                                       "awq": "mlflow transformers; compressed-tensors", "bnb": "mlflow pyfunc; transformers (4-bit maps)",
                                                       "gguf": "llama.cpp (llama-server), Ollama, LM Studio; mlflow pyfunc over llama.cpp"}  # fmt: skip

@@ -192,7 +192,7 @@ def plan_variants(config, stacked_family: str | None = None, profiled_errors: tu
 
 
 def _ladder_backends(config, ladder: str) -> tuple[str, ...]:
-    return tuple(b for b in config.backends if capabilities(b).ladder == ladder)
+    return tuple(b for b in config.backends if ladder_of(b) == ladder)
 
 
 def _on_ladder(config, ladder: str) -> tuple[str, ...] | None:
