@@ -79,14 +79,14 @@ def load_for_check(model_uri: str):
 def check_version(tracking_uri: str, name: str, version: str, calibration_dir: str, eval_tokens: int, expected: float,
                   protocol: str = "paper") -> dict:
     """Run `reproduce` in the clean checking process and record the outcome on the version's tags."""
-    from tasks.registry.tracking import client_for
+    from tasks.registry.tracking import client_for, set_version_tag
 
     request = {"model_uri": f"models:/{name}/{version}", "calibration": str(calibration_dir), "eval_tokens": int(eval_tokens),
                "expected": float(expected), "protocol": protocol}  # fmt: skip
     result = _checker({**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}).check(request)
     client = client_for(tracking_uri)
-    client.set_model_version_tag(name, version, TAG, "passed" if result["passed"] else "failed")
-    client.set_model_version_tag(name, version, DETAIL_TAG, result["detail"][:500])
+    set_version_tag(client, name, version, TAG, "passed" if result["passed"] else "failed")
+    set_version_tag(client, name, version, DETAIL_TAG, result["detail"][:500])
     log.info("load check of %s v%s: %s", name, version, result["detail"])
     return result
 

@@ -273,11 +273,12 @@ def run_promotion(
 def _demote(client, name: str, champion: Candidate, rule: str) -> dict:
     """The champion failed its reload check and no other version may replace it: the alias goes (the
     version and its history stay), so nothing serves a model that does not load."""
+    from tasks.registry.tracking import set_version_tag
     from tasks.registry.versions import set_note
 
     detail = client.get_model_version(name, str(champion.version)).tags.get("load_check_detail", "")
     reason = f"champion v{champion.version} failed its reload check ({detail}) and no other version is eligible"
-    client.set_model_version_tag(name, str(champion.version), "demoted_reason", reason)
+    set_version_tag(client, name, champion.version, "demoted_reason", reason)
     set_note(client, name, str(champion.version), f"**Demoted** ({_now()}): {reason}.")
     client.delete_registered_model_alias(name, ALIAS)
     log.warning("demote %s@%s (v%s): %s", name, ALIAS, champion.version, reason)

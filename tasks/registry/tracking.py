@@ -60,6 +60,22 @@ def client_for(tracking_uri: str):
     return client
 
 
+def set_version_tag(client, name: str, version, key: str, value: str, attempts: int = 5) -> None:
+    """Set a model version's tag. Runs that share a version (a variant two configs both hold) verify it
+    concurrently; MLflow's SQL store sets a tag by select-then-insert, so the second writer of a new key
+    can fail on the unique constraint: the row is then there and a retry updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_model_version_tag(name, str(version), key, value)
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def ensure_experiment(client, base_model: str, artifact_location: str | None = None, tracking_uri: str | None = None) -> str:
     """The base model's experiment, created on first use. A local artifact directory only goes with a
     local store (`tracking_uri` sqlite:/file:/path); a tracking server decides for itself."""

@@ -10,7 +10,7 @@ import logging
 import time
 
 from tasks.registry.naming import registered_model_name
-from tasks.registry.tracking import KEY_DIGITS, KEY_PREFIX, client_for, key_metrics
+from tasks.registry.tracking import KEY_DIGITS, KEY_PREFIX, client_for, key_metrics, set_version_tag
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def register_version(tracking_uri: str, base_model: str, run_id: str, tags: dict
         _link_logged_model(client, model_id, name, mv.version)
     first = _existing(client, name, model_hash)
     if first is not None and int(first) < int(mv.version):  # two takeovers raced: keep both, say which counts
-        client.set_model_version_tag(name, str(mv.version), "duplicate_of", first)
+        set_version_tag(client, name, mv.version, "duplicate_of", first)
         log.warning("registry: %s version %s duplicates version %s (model_hash %s)", name, mv.version, first, model_hash)
         return first, False
     log.info("registry: registered %s version %s (%s)", name, mv.version, tags.get("variant"))
