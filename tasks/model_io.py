@@ -125,6 +125,11 @@ def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedMo
         _convert_gguf(gguf, target)
     if not (target / VOCAB_FILE).is_file():  # llama.cpp's own tokenizer of the file (tasks/quantize/gguf_files.py)
         write_vocab_gguf(gguf, target / VOCAB_FILE)
+    if not (target / TOKENIZER_CHECKED).is_file():
+        from tasks.gguf_tokenizer import is_spm, spm_tokenizer
+
+        if is_spm(gguf):  # written here, not at conversion, so that a checkpoint converted by an older version gets it too
+            spm_tokenizer(gguf).save_pretrained(target)
     check_tokenizer(gguf, target)
     return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
 
@@ -136,9 +141,9 @@ TOKENIZER_CHECKED = "tokenizer.checked"  # in a converted checkpoint: its tokeni
 
 
 def check_tokenizer(gguf: Path, target: Path) -> None:
-    """The tokenizer transformers converted from a GGUF must give llama.cpp's token ids (llama.cpp is the
-    reference for a .gguf: the file's own runtime) on TOKENIZER_PROBE, else every number of the run would be
-    measured on wrongly split text: one error line instead. Checked once per converted checkpoint."""
+    """The tokenizer of a checkpoint converted from a GGUF must give llama.cpp's token ids (llama.cpp is the
+    reference for a .gguf: the file's own runtime) on TOKENIZER_PROBE, BOS and EOS included, else every number
+    of the run would be measured on wrongly split text: one error line instead. Checked once per checkpoint."""
     from tasks.quantize import llama_cpp
 
     if (target / TOKENIZER_CHECKED).is_file():
@@ -148,14 +153,16 @@ def check_tokenizer(gguf: Path, target: Path) -> None:
         return
     from tasks.quantize.llama_cpp_runtime import llama_cpp_tokens
 
-    theirs = llama_cpp_tokens(target / VOCAB_FILE, TOKENIZER_PROBE)
-    ours = load_tokenizer(target)(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    if ours != theirs:
-        raise PipelineError(f"{gguf.name}: the tokenizer transformers converts from it does not reproduce llama.cpp's "
-                            f"({len(ours)} tokens where llama.cpp's own gives {len(theirs)} on a {len(TOKENIZER_PROBE)}-character "
-                            "probe), so every number of the run would be wrong: give the model's original checkpoint (a hub id or "
-                            "a directory with its tokenizer) instead")  # fmt: skip
-    (target / TOKENIZER_CHECKED).write_text(f"{len(ours)} tokens on the probe, as llama.cpp's\n")
+    tokenizer = load_tokenizer(target)
+    for special in (False, True):
+        theirs = llama_cpp_tokens(target / VOCAB_FILE, TOKENIZER_PROBE, special=special)
+        ours = tokenizer(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]
+        if ours != theirs:
+            what = "BOS/EOS" if special else "text"  # the text itself was checked first
+            raise PipelineError(f"{gguf.name}: its converted tokenizer does not reproduce llama.cpp's {what} ({len(ours)} tokens where "
+                                f"llama.cpp's own gives {len(theirs)} on a {len(TOKENIZER_PROBE)}-character probe), so every number of the "
+                                "run would be wrong: give the model's original checkpoint (a hub id or a directory with its tokenizer) instead")  # fmt: skip
+    (target / TOKENIZER_CHECKED).write_text(f"{len(ours)} tokens on the probe, BOS/EOS included, as llama.cpp's\n")
 
 
 def _file_digest(path: Path) -> str:
@@ -177,19 +184,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.artifacts import OWNER, make_partial, remove_dead_partials
+    from tasks.gguf_tokenizer import is_spm
 
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_partials(target.parent, f".{target.name}.")
     tmp = make_partial(target.parent, f".{target.name}.")
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers' converter does not split SentencePiece text as llama.cpp does: _resolve_gguf writes that one
+        tokenizer = None if is_spm(gguf) else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF loader leaves quantization bookkeeping behind; the weights are plain float32 now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / OWNER).unlink()
         if target.exists():
             shutil.rmtree(target)

@@ -248,14 +248,22 @@ def gemma_gguf(tmp_path_factory):
 @pytest.mark.network
 @pytest.mark.slow
 @needs_llama_cpp
-def test_a_gguf_whose_tokenizer_transformers_cannot_reproduce_stops_with_one_line(gemma_gguf, tmp_path):
-    """transformers' conversion of Gemma 3's GGUF tokenizer splits text otherwise than llama.cpp (the file's own
-    runtime) does: the run stops with one line naming the file instead of measuring wrongly split text."""
-    from tasks.model_io import resolve_model
+def test_a_real_sentencepiece_gguf_is_tokenized_as_llama_cpp_tokenizes_it(gemma_gguf, tmp_path):
+    """Gemma 3's GGUF (SentencePiece, BOS first, no space prefix), which transformers' own converter splits
+    into single characters: the converted checkpoint's tokenizer gives llama.cpp's ids on WikiText-2 (BOS
+    included), and the calibration windows start with BOS as llama.cpp's perplexity windows do."""
+    from tasks.calibration import CalibrationParams, load_ids, read_text, run_calibration, window_bos
+    from tasks.model_io import load_tokenizer, resolve_model
+    from tasks.quantize.llama_cpp_runtime import llama_cpp_tokens
 
-    with pytest.raises(PipelineError, match="does not reproduce llama.cpp's") as err:
-        resolve_model(str(gemma_gguf), cache_dir=tmp_path)
-    assert "\n" not in str(err.value)
+    model = resolve_model(str(gemma_gguf), cache_dir=tmp_path)
+    tokenizer = load_tokenizer(model.path)
+    text = read_text(CalibrationParams().wikitext2_text)[:20000]
+    theirs = llama_cpp_tokens(gemma_gguf, text, special=True)
+    assert tokenizer(text)["input_ids"] == theirs and theirs[0] == 2
+    assert len(theirs) < len(text) / 3, "pieces, not characters"
+    calibration = run_calibration(model.path, CalibrationParams(samples=2, seq_len=64), tmp_path / "artifacts", model.revision)
+    assert window_bos(calibration) == 2 and (load_ids(f"{calibration}/calibration.safetensors")[:, 0] == 2).all()
 
 
 @needs_llama_cpp

@@ -4,7 +4,9 @@ Outputs, in one artifact directory:
   calibration.safetensors  input_ids int64 [samples, seq_len]: random windows (seeded) of the calibration text
   wikitext2.safetensors    input_ids int64 [1, T]: the WikiText-2 test text, CRLF normalized
   c4.safetensors           input_ids int64 [1, T]: the first 1100 C4 validation documents joined by "\n\n"
-The evaluation streams are stored whole; evaluation takes a documented prefix of them by default.
+  manifest.json            token counts, and `bos_token_id` when the tokenizer puts BOS before every text
+The evaluation streams are stored whole; evaluation takes a documented prefix of them by default. With a
+BOS, every calibration and evaluation window starts with it (its first token, only ever context, replaced).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import StageOutput, ensure_local, file_sha256, write_json_atomic
+from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
 from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.model_io import ResolvedModel
@@ -104,15 +106,34 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
-def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`samples` random windows of `seq_len` tokens (GPTQ-style calibration), reproducible by seed."""
+def tokenizer_bos(tokenizer) -> int | None:
+    """The BOS token a tokenizer puts before every text (Gemma's, Llama's: llama.cpp's add_bos_token), or None
+    (SmolLM2's puts none)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if bos is not None and ids and ids[0] == bos else None
+
+
+def window_bos(calibration_dir: str | Path) -> int | None:
+    """The token every calibration and evaluation window starts with (each window's first token replaced, as
+    llama.cpp's perplexity does), recorded by the calibration stage; None: windows are plain text."""
+    manifest = ensure_local(calibration_dir) / "manifest.json"
+    return read_json(manifest).get("bos_token_id") if manifest.is_file() else None
+
+
+def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens (GPTQ-style calibration), reproducible by seed; with
+    `bos`, each window's first token is BOS (the context the model always sees first)."""
     total = ids.shape[-1]
     if total <= seq_len:
         raise PipelineError(f"calibration text has {total} tokens, fewer than one window of {seq_len}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seq_len, (samples,), generator=gen)
     flat = ids.reshape(-1)
-    return torch.stack([flat[s : s + seq_len] for s in starts.tolist()])
+    windows = torch.stack([flat[s : s + seq_len] for s in starts.tolist()])
+    if bos is not None:
+        windows[:, 0] = bos
+    return windows
 
 
 def save_ids(path: Path, ids: torch.Tensor) -> None:
@@ -185,7 +206,8 @@ def _build_calibration(out, model_path, params) -> str:
     tokenizer = load_tokenizer(model_path)
     texts = read_sources(params)
     with out.build() as tmp:
-        calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed)
+        bos = tokenizer_bos(tokenizer)
+        calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed, bos)
         save_ids(tmp / WINDOWS_FILE, calib)
         counts = {"calibration": list(calib.shape)}
         for name in EVAL_SETS:
@@ -194,6 +216,6 @@ def _build_calibration(out, model_path, params) -> str:
                 raise PipelineError(f"evaluation text {name} has fewer than 2 tokens")
             save_ids(tmp / f"{name}.safetensors", ids)
             counts[name] = int(ids.shape[-1])
-        write_json_atomic(tmp / "manifest.json", {"outputs": counts})
+        write_json_atomic(tmp / "manifest.json", {"outputs": counts, **({"bos_token_id": bos} if bos is not None else {})})
         log.info("calibration: %s windows of %s tokens; evaluation tokens %s", *counts["calibration"], {k: counts[k] for k in EVAL_SETS})
     return str(out.path)

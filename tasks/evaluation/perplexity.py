@@ -125,10 +125,15 @@ def scored_prefix(tokens: int, protocol: Protocol) -> int:
     return sum(n for _, _, n in windows(tokens, protocol))
 
 
-def model_forward(model) -> Forward:
-    """A transformers causal LM as a Forward: logits only at the kept positions, no KV cache."""
+def model_forward(model, bos: int | None = None):
+    """A transformers causal LM as a Forward: logits only at the kept positions, no KV cache. `bos`: every
+    window's first token is replaced by it (a model whose tokenizer puts BOS before every text, as llama.cpp's
+    perplexity does); a window's first token is only ever context, so the same tokens are scored."""
 
     def forward(ids: torch.Tensor, keep: int) -> torch.Tensor:
+        if bos is not None:
+            ids = ids.clone()
+            ids[:, 0] = bos
         try:
             return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         except TypeError as exc:  # a model class without logits_to_keep: all logits, then the kept ones

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, read_json, write_json_atomic
-from tasks.calibration import EVAL_SETS, Calibration, load_ids
+from tasks.calibration import EVAL_SETS, Calibration, load_ids, window_bos
 from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.evaluation.memory import PeakRSS, directory_bytes
@@ -115,13 +115,13 @@ def check_window_fits(params: EvalParams, available: dict[str, int] | None = Non
                 raise PipelineError(f"eval_tokens {have} is too few for one {proto} window of {need} tokens ({dataset})")
 
 
-def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams, device: str = "cpu",
-                   reference: Reference | None = None, capture: Reference | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate_model(model, streams: dict[str, torch.Tensor], params: EvalParams, device: str = "cpu", reference: Reference | None = None,
+                   capture: Reference | None = None, bos: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics and per-token arrays (nll/kld/top1 per set and protocol). With `reference` (the base
     model's), KLD, top-1 agreement and the NLL increase are measured too; `capture` receives this model's
-    own top-k (when this model is the base)."""
+    own top-k (when this model is the base). `bos`: the token each window starts with (window_bos)."""
     metrics, tokens, fed, seconds = {}, {}, 0, 0.0
-    forward = model_forward(model)
+    forward = model_forward(model, bos)
     for dataset, ids in streams.items():
         ids = ids.to(device)
         for proto in params.protocols:
@@ -188,6 +188,7 @@ def run_evaluation(
         "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
         "reference": reference_out and reference_out.key,
         "format": FORMAT,
+        **({"bos": bos} if (bos := window_bos(calibration_dir)) is not None else {}),  # keys of models without stay as they were
         **({"device": device} if device != "cpu" else {}),  # speed and memory differ; CPU keys stay as they were
     }
     out = StageOutput(artifact_root, "evaluation", inputs)
@@ -200,7 +201,7 @@ def run_evaluation(
 
 def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: Path, params: EvalParams, tokenizer_dir,
              device: str, base_dir, reference_out: StageOutput | None) -> dict:  # fmt: skip
-    streams = eval_streams(calibration_dir, params)
+    streams, bos = eval_streams(calibration_dir, params), window_bos(calibration_dir)
     reference = capture = None
     if reference_out is not None:
         with reference_out.exclusive():
@@ -209,12 +210,12 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
             elif backend == UNQUANTIZED:
                 capture = Reference({})  # the base model's own pass is the reference: one forward, not two
             else:
-                reference = build_reference(base_dir, reference_out, streams, params, device)
+                reference = build_reference(base_dir, reference_out, streams, params, device, bos)
     with PeakRSS() as memory:
         started = time.perf_counter()
         model = load_for_eval(model_dir, backend, device)
         load_seconds = time.perf_counter() - started
-        metrics, tokens = evaluate_model(model, streams, params, device, reference, capture)
+        metrics, tokens = evaluate_model(model, streams, params, device, reference, capture, bos)
     if capture is not None:
         with reference_out.build() as tmp:
             capture.save(tmp)
@@ -222,7 +223,7 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
         metrics, tokens = _against_self(metrics, tokens, params)
     metrics.update(reload_metrics(tokens, params))
     if backend != UNQUANTIZED:
-        engine, engine_tokens = runtime_metrics(model_dir, backend, streams, params, reference, metrics)
+        engine, engine_tokens = runtime_metrics(model_dir, backend, streams, params, reference, metrics, bos)
         metrics.update(engine)
         tokens.update(engine_tokens)
     if params.lm_eval_tasks:
@@ -244,7 +245,7 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
 
 
 def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalParams, reference: Reference | None,
-                    ours: dict) -> tuple[dict, dict]:  # fmt: skip
+                    ours: dict, bos: int | None = None) -> tuple[dict, dict]:  # fmt: skip
     """The same windows and tokens scored in the backend's serving engine (Capabilities.runtime, e.g.
     llama.cpp's own kernels): its metrics under the engine's prefix, with per perplexity how far the two
     evaluators are apart in units of ours's standard error (`<prefix>_ppl_gap_se_<set>`: under 1 agrees),
@@ -258,7 +259,7 @@ def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalPa
     log.info("evaluate: the same windows in %s's own runtime", name)
     model = get_backend(backend).runtime(model_dir, max(PROTOCOLS[p].max_length for p in params.protocols))
     try:
-        metrics, tokens = evaluate_model(model, streams, params, "cpu", reference)
+        metrics, tokens = evaluate_model(model, streams, params, "cpu", reference, bos=bos)
     finally:
         model.close()
     out = {f"{prefix}_{k}": v for k, v in metrics.items() if not k.startswith("eval_tokens")}
@@ -269,7 +270,9 @@ def runtime_metrics(model_dir: Path, backend: str, streams: dict, params: EvalPa
 
 
 def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalParams) -> dict:
+    bos = window_bos(calibration_dir)
     return {
+        **({"bos": bos} if bos is not None else {}),
         "model": base_key,
         "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
         "eval_tokens": params.eval_tokens,
@@ -279,13 +282,13 @@ def reference_inputs(base_key: str | None, calibration_dir: Path, params: EvalPa
     }
 
 
-def build_reference(base_dir: str | Path, out: StageOutput, streams: dict, params: EvalParams, device: str) -> Reference:
+def build_reference(base_dir: str | Path, out: StageOutput, streams: dict, params: EvalParams, device: str, bos: int | None = None) -> Reference:
     """The base model's pass over the evaluation windows, cached (before a quantized variant's own
     evaluation, so its memory is not counted as the variant's)."""
     log.info("evaluate: computing the base model's reference distributions (once per model and evaluation set)")
     model = load_for_eval(ensure_local(base_dir), UNQUANTIZED, device)
     capture = Reference({})
-    evaluate_model(model, streams, params, device, capture=capture)
+    evaluate_model(model, streams, params, device, capture=capture, bos=bos)
     del model
     with out.build() as tmp:
         capture.save(tmp)

@@ -63,18 +63,20 @@ def check_loads(path: str | Path, timeout_s: float = 600) -> None:
         raise PipelineError(why[:400] if why.startswith("llama.cpp cannot load") else f"llama.cpp cannot load {path} (exit {done.returncode}): {why[:300]}")
 
 
-def llama_cpp_tokens(path: str | Path, text: str, timeout_s: float = 300) -> list[int]:
-    """llama.cpp's own token ids of `text` (no BOS, no special-token parsing) with the vocabulary of a GGUF
-    file, read in a child process (vocabulary only)."""
+def llama_cpp_tokens(path: str | Path, text: str, special: bool = False, timeout_s: float = 300) -> list[int]:
+    """llama.cpp's own token ids of `text` with the vocabulary of a GGUF file, read in a child process
+    (vocabulary only). `special`: the BOS/EOS the file's metadata asks for, as llama.cpp adds them (no
+    special-token parsing of the text either way)."""
     import json
     import subprocess
     import sys
 
     code = ("import json, sys; from tasks.quantize.llama_cpp_runtime import llama_cpp_module; lc = llama_cpp_module(); "
             "llm = lc.Llama(sys.argv[1], vocab_only=True, verbose=False); "
-            "print(json.dumps(llm.tokenize(sys.stdin.read().encode(), add_bos=False, special=False)))")  # fmt: skip
+            "print(json.dumps(llm.tokenize(sys.stdin.read().encode(), add_bos=sys.argv[2] == '1', special=False)))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, str(path)], input=text, capture_output=True, text=True, timeout=timeout_s, env=env)
+    done = subprocess.run([sys.executable, "-c", code, str(path), "1" if special else "0"], input=text, capture_output=True, text=True,
+                          timeout=timeout_s, env=env)  # fmt: skip
     if done.returncode != 0:
         raise PipelineError(f"llama.cpp cannot read the vocabulary of {path} (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])

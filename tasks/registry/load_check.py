@@ -42,13 +42,14 @@ def reproduce(model_uri: str, calibration_dir: str | Path, eval_tokens: int, exp
     result says why it failed."""
     try:
         from tasks.artifacts import ensure_local
-        from tasks.calibration import load_ids
+        from tasks.calibration import load_ids, window_bos
         from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream
 
         model, engine = load_for_check(model_uri)
-        ids = load_ids(ensure_local(calibration_dir) / "wikitext2.safetensors").reshape(-1)
+        calibration_dir = ensure_local(calibration_dir)
+        ids = load_ids(calibration_dir / "wikitext2.safetensors").reshape(-1)
         ids = ids[:eval_tokens] if eval_tokens else ids
-        ppl = score_stream(model_forward(model), ids, PROTOCOLS[protocol]).ppl
+        ppl = score_stream(model_forward(model, window_bos(calibration_dir)), ids, PROTOCOLS[protocol]).ppl
         served = engine(PROMPT, 8) if engine is not None else None  # the serving engine's own runtime answers too
     except Exception as exc:  # noqa: BLE001 (any failure to load or run is the check's finding)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
