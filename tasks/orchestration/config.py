@@ -62,7 +62,7 @@ class PipelineConfig:
     backends: list[str] = param(["hqq", "gguf"], "Backends", "quantization backends", minItems=1, **_strings(enum=backend_names))
     uniform_budgets: list[str] = param(["b4g128", "b3g64"], "Uniform rungs",
                                        "ladder rungs for the uniform baselines (b4g64 or 4.25; gguf: a type such as Q4_0, or a llama.cpp preset such as Q4_K_M)", **_strings(pattern=f"^({RUNG_PATTERN})$"))
-    methods: list[str] = param(["sensiboost", "kurtboost", "mxq", "optimal"], "Layer-sensitive methods",
+    methods: list[str] = param(["sensiboost", "kurtboost", "optimal"], "Layer-sensitive methods",
                                "allocators that read the profile", **_strings(enum=list(METHODS)))
     budgets: list[str] = param(["b3g64"], "Budgets for the layer-sensitive methods",
                                "rungs (required by sensiboost/kurtboost), positive bits per parameter, or a llama.cpp preset (Q4_K_M: its size, gguf)", **_strings(pattern=BUDGET_PATTERN))
