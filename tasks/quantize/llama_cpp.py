@@ -81,7 +81,7 @@ def convert_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32"
 
 
 # transformers' model_type -> llama.cpp's architecture name (general.architecture), where they differ
-_ARCH = {"mistral": "llama", "gemma3_text": "gemma3", "gemma2_text": "gemma2"}  # transformers model_type -> llama.cpp arch
+_ARCH = {"mistral": "llama", "gemma3_text": "gemma3", "gemma2_text": "gemma2"}
 
 
 def gguf_arch(model_type: str) -> str:
