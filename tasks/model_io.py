@@ -151,18 +151,13 @@ def check_tokenizer(gguf: Path, target: Path) -> None:
     if not llama_cpp.available():
         log.warning("llama.cpp is not built: the tokenizer converted from %s is not checked against llama.cpp's", gguf.name)
         return
-    from tasks.quantize.llama_cpp_runtime import llama_cpp_tokens
+    from tasks.quantize.llama_cpp_runtime import tokenizer_mismatch
 
-    tokenizer = load_tokenizer(target)
-    for special in (False, True):
-        theirs = llama_cpp_tokens(target / VOCAB_FILE, TOKENIZER_PROBE, special=special)
-        ours = tokenizer(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]
-        if ours != theirs:
-            what = "BOS/EOS" if special else "text"  # the text itself was checked first
-            raise PipelineError(f"{gguf.name}: its converted tokenizer does not reproduce llama.cpp's {what} ({len(ours)} tokens where "
-                                f"llama.cpp's own gives {len(theirs)} on a {len(TOKENIZER_PROBE)}-character probe), so every number of the "
-                                "run would be wrong: give the model's original checkpoint (a hub id or a directory with its tokenizer) instead")  # fmt: skip
-    (target / TOKENIZER_CHECKED).write_text(f"{len(ours)} tokens on the probe, BOS/EOS included, as llama.cpp's\n")
+    mismatch = tokenizer_mismatch(load_tokenizer(target), target / VOCAB_FILE, TOKENIZER_PROBE)
+    if mismatch:
+        raise PipelineError(f"{gguf.name}: its converted tokenizer does not reproduce llama.cpp's {mismatch}, so every number of the "
+                            "run would be wrong: give the model's original checkpoint (a hub id or a directory with its tokenizer) instead")  # fmt: skip
+    (target / TOKENIZER_CHECKED).write_text("the probe's token ids, BOS/EOS included, are llama.cpp's\n")
 
 
 def _file_digest(path: Path) -> str:

@@ -84,6 +84,18 @@ def llama_cpp_tokens(path: str | Path, text: str, special: bool = False, timeout
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tokenizer_mismatch(tokenizer, path: str | Path, text: str) -> str | None:
+    """Where a transformers tokenizer and llama.cpp's vocabulary of a GGUF split `text` differently: None
+    when both give the same ids, with and without BOS/EOS; else what differs ("text" is checked first, then
+    "BOS/EOS") and the two token counts, for an error line."""
+    for special in (False, True):
+        theirs = llama_cpp_tokens(path, text, special=special)
+        ours = tokenizer(text, add_special_tokens=special)["input_ids"]
+        if ours != theirs:
+            return f"{'BOS/EOS' if special else 'text'} ({len(ours)} tokens where llama.cpp's own gives {len(theirs)} on a {len(text)}-character probe)"
+    return None
+
+
 class LlamaCppModel(nn.Module):
     """forward(input_ids [B, T]) -> .logits [B, keep or T, vocab] float32, each row one fresh llama.cpp
     sequence (its KV cache cleared), as transformers' causal LMs answer the evaluator."""
