@@ -326,6 +326,26 @@ def test_optimal_objective_falls_back_without_gradients(caplog):
     assert "optimal option objective: 'vibes' is not one of" in one_line_error(allocate, full, "optimal", 3.4, {"objective": "vibes"})
 
 
+def test_optimal_per_token_objective_prices_with_the_per_token_column_and_falls_back_to_fisher(caplog):
+    frame = make_table(n_layers=2, seed=9)
+    rng = np.random.default_rng(3)
+    frame["taylor_dloss"] = frame["fisher_dloss"] * rng.uniform(0.2, 5.0, len(frame))  # another ranking than fisher's
+    frame["taylor_dloss_gptq"] = frame["fisher_dloss"] * rng.uniform(0.2, 5.0, len(frame))
+    frame["fisher_dloss_gptq"] = frame["fisher_dloss"]
+    s = scores_from_frame(frame)
+    token = allocate_optimal(s, 3.4, objective="per_token")
+    assert token.options["objective_name"] == "per_token" and token.options["error"] == "taylor_dloss"
+    assert token.modules == allocate(s, "taylor", 3.4, {}).modules  # ModelOpt's score on the same exact knapsack
+    assert token.modules != allocate_optimal(s, 3.4, objective="fisher").modules
+    gptq = allocate_optimal(s, 3.4, objective="per_token", errors="gptq")
+    assert gptq.options["error"] == "taylor_dloss_gptq"
+    chosen = np.array([s.rung_matrix("taylor_dloss_gptq", (gptq.modules[k],))[i, 0] for i, k in enumerate(s.keys)])
+    assert gptq.options["objective"] == pytest.approx(chosen.sum(), rel=1e-9)
+    with caplog.at_level(logging.WARNING):
+        fallback = allocate_optimal(scores_from_frame(make_table(n_layers=2, seed=9)), 3.4, objective="per_token")
+    assert "no taylor_dloss column" in caplog.text and fallback.options["objective_name"] == "fisher"
+
+
 def test_optimal_rung_restriction_and_minimum():
     s = scores_from_frame(make_table(n_layers=2, seed=6))
     bitmap = allocate_optimal(s, 3.7, rungs="b3g64,b4g64")

@@ -62,6 +62,10 @@ def test_a_registered_backend_is_planned_by_its_capabilities(dummy):
     assert priced.profiled_errors == ("gptq",), "a backend with own rung errors has them profiled"
     plan = {s.name: s for s in plan_variants(priced)}
     assert plan["optimal-3.25-gptq-errors"].backends == ("gptqlike",) and plan["optimal-3.25"].backends == ("hqq",)
+    # the rival scores (a backward-pass cost) are profiled when a method reads them, the per-token objective too
+    assert not priced.rival_scores
+    assert PipelineConfig.from_dict({"methods": ["optimal"], "method_options": {"optimal": {"objective": "per_token"}}}).rival_scores
+    assert PipelineConfig.from_dict({"methods": ["taylor"]}).rival_scores
 
 
 def test_the_preflight_announces_what_a_registered_backend_skips_and_costs(dummy):

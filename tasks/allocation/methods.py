@@ -27,6 +27,8 @@ class MethodSpec:
     # The options whose defaults every variant records, as they name it (SB30: boost_stop 3, top_m 0).
     named: tuple[str, ...] = ()
     rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
+    # (option, its values) that read those scores too (optimal's objective "per_token": their per-token product)
+    token_scores: tuple[str, tuple[str, ...]] | None = None
     dkld: bool = False  # needs a profile with ExLlamaV3's measured KLD change per layer group and rung (opt-in, costly)
     scored: bool = True  # reads the profile's scores (uniform does not: the budget rung everywhere)
     external: bool = False  # its bit map is a serving engine's own rules applied to the model (llama.cpp's presets), not an allocation
@@ -40,11 +42,16 @@ class MethodSpec:
 
     def reads_gradients(self, options: dict | None = None) -> bool:
         """Whether the method, with these options, needs the profile's backward pass."""
-        if self.rival_scores:
-            return True
-        if self.gradients is None:
+        return self.reads_rival_scores(options) or self._chosen(self.gradients, options)
+
+    def reads_rival_scores(self, options: dict | None = None) -> bool:
+        """Whether the method, with these options, needs the rival scores' columns in the profile."""
+        return self.rival_scores or self._chosen(self.token_scores, options)
+
+    def _chosen(self, switch: tuple[str, tuple[str, ...]] | None, options: dict | None) -> bool:
+        if switch is None:
             return False
-        option, values = self.gradients
+        option, values = switch
         return (options or {}).get(option, self.default(option)) in values
 
     @property
@@ -100,8 +107,9 @@ METHODS: dict[str, MethodSpec] = {
                                                            "default": "fewer-large-is-important"}}),
         MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0, "default": 0.0}, **_MILP},
                    summary="MILP minimizing the sum of Frobenius errors"),
-        MethodSpec("optimal", "exact", ties=True, errors_option="errors", gradients=("objective", ("fisher",)),
-                   options={"objective": {"enum": ["fisher", "sensitivity", "output"], "default": "fisher"},
+        MethodSpec("optimal", "exact", ties=True, errors_option="errors", gradients=("objective", ("per_token", "fisher")),
+                   token_scores=("objective", ("per_token",)),
+                   options={"objective": {"enum": ["per_token", "fisher", "sensitivity", "output"], "default": "fisher"},
                             "errors": {"enum": ["hqq", "gptq", "gguf"], "default": "hqq"}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),
         MethodSpec("taylor", "exact", ties=True, options=_MILP, rival_scores=True,

@@ -7,7 +7,11 @@ is checked in integer units, so the budget is never exceeded. C is the estimated
 calibration loss when module m is quantized at rung r, summed over modules (quantization noise of
 different modules taken as independent). `objective` chooses the estimate:
 
-- "fisher" (default): C = `fisher_dloss`, the second-order Fisher estimate
+- "per_token": C = `taylor_dloss`, the same second-order estimate with g^2 and (dW_r x)^2 multiplied token
+  by token before the sum, 1/2 E_t[sum_o g_{t,o}^2 (dW_r x_t)_o^2] (NVIDIA ModelOpt's auto_quantize score),
+  on the gradient samples' tokens only; with errors="gptq" `taylor_dloss_gptq` (GPTQ's own errors). It keeps
+  what "fisher" drops: a module whose large errors fall on tokens with large gradients costs more.
+- "fisher": C = `fisher_dloss`, the second-order Fisher estimate
       1/2 sum_o E[g_o^2] * E[(dW_r x)_o^2]     (nats per calibration token)
   with g the gradient of the calibration NLL at the module's output o, from the profiler's streamed
   backward pass (tasks/profiling/fisher.py; BRECQ's Fisher-weighted output reconstruction error, used
@@ -20,7 +24,7 @@ different modules taken as independent). `objective` chooses the estimate:
   weight get the median weight.
 - "output": C = out_err, plain total output MSE.
 
-A table without the column an objective needs falls back along fisher -> sensitivity -> output, and
+A table without the column an objective needs falls back along per_token -> fisher -> sensitivity -> output, and
 without out_err (the authors' tables) to fnorm**2 = trace(dW dW^T) (output error with H = I); each
 fallback is logged and recorded in the bit map's options.
 
@@ -45,7 +49,7 @@ from tasks.ladder import split_key
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("fisher", "sensitivity", "output")
+OBJECTIVES = ("per_token", "fisher", "sensitivity", "output")
 # whose rung errors -> the suffix of their score columns (gguf: the table's gguf rungs, whose columns are
 # ggml's own errors; tasks/profiling/driver.py)
 ERRORS = {"hqq": "", "gptq": "_gptq", "gguf": ""}
@@ -119,6 +123,11 @@ def objective_costs(scores: Scores, objective: str, rungs: tuple, errors: str = 
     if errors not in ERRORS:
         raise PipelineError(f"unknown errors {errors!r} for method 'optimal': one of {', '.join(ERRORS)}")
     suffix = ERRORS[errors]
+    if objective == "per_token":
+        if scores.has("taylor_dloss" + suffix):
+            return scores.rung_matrix("taylor_dloss" + suffix, rungs), {"objective_name": "per_token", "error": "taylor_dloss" + suffix}
+        log.warning("optimal: %s has no taylor_dloss%s column (profiled without rival scores?); using the fisher objective", scores.source, suffix)
+        objective = "fisher"
     if objective == "fisher":
         if scores.has("fisher_dloss" + suffix):
             return scores.rung_matrix("fisher_dloss" + suffix, rungs), {"objective_name": "fisher", "error": "fisher_dloss" + suffix}

@@ -184,7 +184,7 @@ class PipelineConfig:
     @property
     def rival_scores(self) -> bool:
         """Whether the profile must also measure the rival allocators' scores (an extra backward-pass cost)."""
-        return any(method_spec(m).rival_scores for m in self.scored_methods)
+        return any(method_spec(m).reads_rival_scores(self.method_options.get(m)) for m in self.scored_methods)
 
     @property
     def profiled_errors(self) -> tuple[str, ...]:

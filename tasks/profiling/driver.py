@@ -267,12 +267,13 @@ def _row_sums(form: QuadraticForm, errors: torch.Tensor, rungs: int, copies: dic
 
 def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
                   batch_size: int, rungs: tuple[Rung, ...], normalize: bool, seconds: dict,
-                  gptq: bool = False) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
+                  gptq: bool = False, keep: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
     """Score decoder layer `index` and advance `hidden` in place to its full-precision output.
 
     Returns the layer's rows of the scores table (one per module and rung) and, per module, the summed
     squared output error of every rung per output feature [rungs, out] (for `fisher_dloss`); with `gptq`,
-    also the rows' `out_err_gptq` and the same errors of GPTQ's rungs under `GPTQ_KEY + module`.
+    also the rows' `out_err_gptq` and the same errors of GPTQ's rungs under `GPTQ_KEY + module`. A `keep`
+    dict receives the layer's input Gram matrices and token counts ({"matrices": ..., "counts": ...}).
     """
     weights = factory.layout.weights(state)
     tokens = hidden.shape[0] * hidden.shape[1]
@@ -319,6 +320,8 @@ def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFact
         del errors
     if gptq:
         _gptq_errors(rows, row_errors, weights, matrices, counts, forms, layout, rungs, seconds)
+    if keep is not None:
+        keep.update(matrices=matrices, counts=counts)
     return rows, row_errors
 
 
@@ -400,12 +403,15 @@ def _loss_head(checkpoint: Checkpoint, factory: LayerFactory, device: torch.devi
 
 def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: InputStash, hidden: torch.Tensor,
                       ids: torch.Tensor, batch_size: int, seconds: dict, progress: ProfileProgress,
-                      rival_rungs: tuple[Rung, ...] = (), importance: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                      rival_rungs: tuple[Rung, ...] = (), importance: dict[str, torch.Tensor] | None = None,
+                      gptq_rungs: tuple[Rung, ...] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per module key, the sum over the gradient samples' tokens of its squared output gradients of the
     calibration NLL: the loss head, then one layer at a time from the last, each rebuilt from the
     checkpoint and fed its stashed input; `progress` is saved after each (and resumed from). With
     `rival_rungs`, also the rivals' sums over those rungs (tasks.profiling.rivals), under their own keys;
-    `importance` (module key -> mean squared input per column) prices their gguf rungs."""
+    `importance` (module key -> mean squared input per column) prices their gguf rungs. With `gptq_rungs`,
+    the same per-token sums of GPTQ's own errors at those rungs (under GPTQ_KEY + module key), rebuilt by
+    GPTQ's solver from the Gram matrices the forward pass stashed."""
     importance = importance or {}
     layers = factory.config.num_hidden_layers
     seq_len, device = hidden.shape[1], hidden.device
@@ -434,10 +440,13 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
             layer = factory.build(index, state).requires_grad_(False)
             position_embeddings = factory.position_embeddings(index, hidden[:1], position_ids)
             inputs = stash.get(index, device)
-        errors = {}
+        errors, gptq_errors = {}, {}
         if rival_rungs:
             with _phase(seconds, "rivals"):
                 errors = {m: _rung_errors(w, rival_rungs, {}, importance.get(f"{index}.{m}")) for m, w in factory.layout.weights(state).items()}
+        if gptq_rungs:
+            with _phase(seconds, "gptq"):
+                gptq_errors = _stashed_gptq_errors(stash, index, factory.layout, state, gptq_rungs, device)
         for start in range(0, inputs.shape[0], batch_size):
             part = slice(start, start + batch_size)
             capture = {} if rival_rungs else None
@@ -453,7 +462,9 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
                 with _phase(seconds, "rivals"):
                     for m, (x, g) in capture.items():
                         rivals.accumulate(squares, f"{index}.{m}", x, g, errors[m], len(rival_rungs))
-        del layer, inputs, state, errors
+                        if m in gptq_errors:
+                            rivals.accumulate(squares, f"{GPTQ_KEY}{index}.{m}", x, g, gptq_errors[m], len(gptq_rungs))
+        del layer, inputs, state, errors, gptq_errors
         if factory.layout.experts:
             _unrouted_gradients(squares, index, factory.layout)
         failpoint(f"profiling.backward.{index}")
@@ -461,6 +472,21 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
         if index % 10 == 0 or index == layers - 1:
             log.info("fisher: layer %d back-propagated", index)
     return squares
+
+
+def _stashed_gptq_errors(stash: InputStash, index: int, layout: Layout, state: dict, rungs: tuple[Rung, ...],
+                         device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """W - GPTQ_rung(W) of every module of layer `index` (the forward pass's solve, again: it keeps per-output
+    sums only), from the Gram matrices it stashed."""
+    matrices, counts = stash.get_grams(index, device)
+    weights = layout.weights(state)
+    by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for m in layout.modules:
+        by_input[layout.input_of(m)][m] = weights[m]
+    errors = {}
+    for key, members in by_input.items():
+        errors.update(gptq_rung_errors(members, matrices[key].double(), int(counts[key]), rungs))
+    return errors
 
 
 def _unrouted_gradients(squares: dict[str, torch.Tensor], index: int, layout: Layout) -> None:
@@ -503,12 +529,20 @@ def _add_fisher_column(rows: list[dict], rungs: tuple[Rung, ...], row_errors: di
             row[column] = value
 
 
-def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str, torch.Tensor], grad_tokens: int) -> None:
-    per_module = {key: rivals.columns(sums, key, grad_tokens) for key in dict.fromkeys(map(_row_key, rows))}
+def _add_rival_columns(rows: list[dict], rungs: tuple[Rung, ...], sums: dict[str, torch.Tensor], grad_tokens: int,
+                       gptq: bool = False) -> None:  # fmt: skip
+    """taylor_dloss and delta_loss per row; with `gptq`, also taylor_dloss_gptq (the per-token product with
+    GPTQ's own errors, on the HQQ ladder's rungs)."""
+    keys = list(dict.fromkeys(map(_row_key, rows)))
+    per_module = {key: rivals.columns(sums, key, grad_tokens) for key in keys}
     for column in rivals.COLUMNS:
         values = {key: columns[column] for key, columns in per_module.items()}
         for row, value in zip(rows, _rung_values(rows, rungs, _row_key, values)):
             row[column] = value
+    if gptq:
+        values = {key: rivals.columns(sums, GPTQ_KEY + key, grad_tokens)["taylor_dloss"] for key in keys}
+        for row, value in zip(rows, _rung_values(rows, hqq_rungs(rungs), _row_key, values)):
+            row["taylor_dloss_gptq"] = value
 
 
 def _error_key(index: int, module: str) -> str:
@@ -542,7 +576,8 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         `dkld_rungs` on that many calibration windows (column dkld; tasks.profiling.dkld; loads the
         whole model).
     gptq_errors: also price every rung by the error GPTQ leaves (columns out_err_gptq and
-        fisher_dloss_gptq; tasks.profiling.gptq_errors), for `optimal` on the gptq backend.
+        fisher_dloss_gptq, and with rival_scores taylor_dloss_gptq; tasks.profiling.gptq_errors), for
+        `optimal` on the gptq backend.
     gguf_errors: also score every rung of the gguf ladder (llama.cpp's types, by ggml's own quantizer with
         the calibration set's importance matrix, which is written beside the scores as imatrix.gguf).
     """
@@ -562,19 +597,21 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     signature = {"calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape), "layers": layers,
                  "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs],
-                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores, "gptq_errors": gptq_errors}  # fmt: skip
+                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores, "gptq_errors": gptq_errors,
+                 **({"token_gptq": True} if grad_samples and rival_scores and gptq_errors else {})}  # fmt: skip
     progress = ProfileProgress(out_dir, signature)
     resumed_at = progress.forward_done if progress.backward_next is None else layers
     stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
     with torch.no_grad():
-        rows, row_errors, hidden = _forward(checkpoint, factory, ids, device, progress, stash, grad_samples, seconds,
+        token_gptq = bool(stash) and rival_scores and gptq_errors  # GPTQ's errors priced per token too
+        rows, row_errors, hidden = _forward(checkpoint, factory, ids, device, progress, stash, grad_samples, seconds, keep_grams=token_gptq,
                                             batch_size=batch_size, rungs=rungs, normalize=normalize, gptq=gptq_errors)  # fmt: skip
         if stash:
-            squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples],
-                                        batch_size, seconds, progress, rungs if rival_scores else (), column_importance(row_errors))  # fmt: skip
+            squares = _output_gradients(checkpoint, factory, stash, hidden[:grad_samples], ids[:grad_samples], batch_size, seconds, progress,
+                                        rungs if rival_scores else (), column_importance(row_errors), hqq_rungs(rungs) if token_gptq else ())  # fmt: skip
             _add_fisher_column(rows, rungs, row_errors, squares, ids.numel(), ids[:grad_samples].numel())
             if rival_scores:
-                _add_rival_columns(rows, rungs, squares, ids[:grad_samples].numel())
+                _add_rival_columns(rows, rungs, squares, ids[:grad_samples].numel(), gptq=token_gptq)
     del hidden
     if stash:
         stash.close()
@@ -623,10 +660,10 @@ def _checked(model_path, batch_size: int, rungs, fisher_samples: int, rival_scor
 
 
 def _forward(checkpoint: Checkpoint, factory: LayerFactory, ids: torch.Tensor, device: torch.device, progress: ProfileProgress,
-             stash: InputStash | None, grad_samples: int, seconds: dict, **options) -> tuple[list[dict], dict, torch.Tensor]:  # fmt: skip
+             stash: InputStash | None, grad_samples: int, seconds: dict, keep_grams: bool = False, **options) -> tuple[list[dict], dict, torch.Tensor]:  # fmt: skip
     """The forward pass, one layer at a time (resumed after the layers a killed attempt finished): every
     layer's score rows and rung errors, and the last hidden states; the backward pass's layer inputs go
-    to `stash`."""
+    to `stash` (with `keep_grams`, also every layer's input Gram matrices)."""
     if progress.forward_done:
         rows, row_errors, hidden = progress.load_forward(device)
         log.info("profiling: resuming after %d finished layer(s) of an interrupted attempt", progress.forward_done)
@@ -642,7 +679,11 @@ def _forward(checkpoint: Checkpoint, factory: LayerFactory, ids: torch.Tensor, d
         if stash:
             with _phase(seconds, "backward"):
                 stash.put(index, hidden[:grad_samples])
-        layer_rows, errors = profile_layer(index, state, factory, hidden, seconds=seconds, **options)
+        grams: dict | None = {} if keep_grams else None
+        layer_rows, errors = profile_layer(index, state, factory, hidden, seconds=seconds, keep=grams, **options)
+        if grams:
+            with _phase(seconds, "backward"):
+                stash.put_grams(index, grams["matrices"], grams["counts"])
         rows += layer_rows
         errors = {_error_key(index, m): e for m, e in errors.items()}
         row_errors.update(errors)

@@ -48,6 +48,22 @@ class InputStash:
 
         return load_file(str(self._dir / f"{index}.safetensors"), device=str(device))["hidden"]
 
+    def put_grams(self, index: int, grams: dict[str, torch.Tensor], tokens: dict[str, float]) -> None:
+        """Layer `index`'s input Gram matrices over every calibration token (float32) and their token
+        counts: what GPTQ's solver needs to rebuild its errors in the backward pass."""
+        from safetensors.torch import save_file
+
+        tmp = self._dir / f"{index}.grams.safetensors.tmp"
+        save_file({**{f"h.{k}": h.float().contiguous().cpu() for k, h in grams.items()},
+                   **{f"n.{k}": torch.tensor([tokens[k]], dtype=torch.float64) for k in grams}}, str(tmp))  # fmt: skip
+        tmp.replace(self._dir / f"{index}.grams.safetensors")
+
+    def get_grams(self, index: int, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(self._dir / f"{index}.grams.safetensors"), device=str(device))
+        return ({k[2:]: v for k, v in saved.items() if k.startswith("h.")}, {k[2:]: float(v) for k, v in saved.items() if k.startswith("n.")})
+
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
 

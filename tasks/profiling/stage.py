@@ -34,7 +34,9 @@ class ProfileParams(Contract):
         """Each opt-in measurement's cache-key entry, and whether these params ask for it."""
         from tasks.profiling.dkld import DEFAULT_WINDOWS
 
-        return [({"rival_scores": True}, self.rival_scores), ({"dkld_windows": DEFAULT_WINDOWS}, self.dkld),
+        # with GPTQ's own errors profiled, the rival scores include their per-token product (taylor_dloss_gptq)
+        rivals = {"rival_scores": True, **({"taylor_dloss_gptq": True} if "gptq" in self.own_errors else {})}
+        return [(rivals, self.rival_scores), ({"dkld_windows": DEFAULT_WINDOWS}, self.dkld),
                 *(({f"{name}_errors": True}, name in self.own_errors) for name in own_error_names)]  # fmt: skip
 
     def cache_key(self, own_error_names: tuple[str, ...] = ()) -> dict:

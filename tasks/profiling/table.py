@@ -7,9 +7,9 @@ SensiBoost parts `sens_attn_in`, `sens_attn_out`, `sens_mlp_gate`, `sens_mlp_dow
 and `fisher_dloss` (per module and rung: the Fisher estimate of the calibration loss increase, in nats per
 token, when that module alone is quantized at that rung; empty when profiled without gradients), and the
 rival allocators' `taylor_dloss` and `delta_loss` (tasks.profiling.rivals) and `dkld` (per layer group
-and rung, repeated on the group's rows; tasks.profiling.dkld), and `out_err_gptq` and `fisher_dloss_gptq`
-(the same two scores for the error GPTQ leaves at each rung; tasks.profiling.gptq_errors), each empty
-unless asked for.
+and rung, repeated on the group's rows; tasks.profiling.dkld), and `out_err_gptq`, `fisher_dloss_gptq` and
+`taylor_dloss_gptq` (the same scores for the error GPTQ leaves at each rung; tasks.profiling.gptq_errors),
+each empty unless asked for.
 `tasks.allocation.scores.read_scores` reads this file.
 """
 
@@ -32,7 +32,7 @@ PARTS = ("attn_in", "attn_out", "mlp_gate", "mlp_down")
 COLUMNS = (
     "layer", "module", "nbit1", "gsize1", "nbit2", "gsize2", "fnorm", "memmb", "params", "kurtosis",
     "sensitivity", "lim", "zd", "out_err", *(f"sens_{p}" for p in PARTS), "fisher_dloss", "taylor_dloss", "delta_loss",
-    "dkld", "out_err_gptq", "fisher_dloss_gptq", "type", "written",
+    "dkld", "out_err_gptq", "fisher_dloss_gptq", "taylor_dloss_gptq", "type", "written",
 )  # fmt: skip
 
 
