@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.calibration import CalibrationParams, load_ids, read_c4, read_text, run_calibration, sample_windows
+from tasks.calibration import CalibrationParams, holdout_windows, load_ids, read_c4, read_text, run_calibration, sample_windows
 from tasks.errors import PipelineError
 
 
@@ -14,11 +14,24 @@ def test_sample_windows_are_seeded_and_in_range():
     assert not torch.equal(a, sample_windows(ids, 8, 128, seed=7))
 
 
+def test_holdout_windows_share_no_token_with_the_calibration_windows():
+    ids = torch.arange(10_000).reshape(1, -1)
+    calib, held = sample_windows(ids, 8, 128, seed=42), holdout_windows(ids, 8, 128, seed=42)
+    assert held.shape[1] == 128 and torch.all(held[:, 1:] - held[:, :-1] == 1)
+    assert not set(calib.flatten().tolist()) & set(held.flatten().tolist())
+    assert len(held) >= (10_000 - 8 * 128) // 128 - 8  # at most one window lost on each side of a calibration window
+    assert torch.equal(held, holdout_windows(ids, 8, 128, seed=42)) and len(holdout_windows(ids, 8, 128, seed=42, limit=3)) == 3
+    assert (holdout_windows(ids, 8, 128, seed=42, bos=7)[:, 0] == 7).all()
+    assert holdout_windows(torch.arange(300), 4, 128, seed=1).shape[1] == 128  # covered text: none, still 2-D
+
+
 def test_calibration_artifacts_and_cache(state, tiny_model_dir):
     params = CalibrationParams(samples=4, seq_len=64)
     uri = run_calibration(tiny_model_dir, params, state / "artifacts", "rev-a")
     calib = load_ids(f"{uri}/calibration.safetensors")
     assert calib.shape == (4, 64) and calib.dtype == torch.int64
+    held = load_ids(f"{uri}/holdout.safetensors")
+    assert held.shape == (256, 64) and not set(map(tuple, held.tolist())) & set(map(tuple, calib.tolist()))
     wiki = load_ids(f"{uri}/wikitext2.safetensors")
     assert wiki.shape[0] == 1 and wiki.shape[1] > 250_000  # the whole WikiText-2 test split
     assert run_calibration(tiny_model_dir, params, state / "artifacts", "rev-a") == uri  # cache hit

@@ -54,3 +54,17 @@ def test_all_methods_run_and_respect_their_budgets(state, tiny_model_dir):
                    "calibration_samples": 4, "calibration_seq_len": 128, "eval_tokens": 1024, "protocols": ["paper"],
                    "lm_eval_tasks": []})  # fmt: skip
     assert profiles_on_disk() == profiles and len(profiles) == 1
+
+    # optimal priced per token and refined by the held-out KLD: the same profile again; the search runs
+    # once (its own stage output) and a rerun takes its map from the cache.
+    refined = {"model": str(tiny_model_dir), "backends": ["hqq"], "uniform_budgets": [], "methods": ["optimal"], "budgets": ["3.6"],
+               "method_options": {"optimal": {"objective": "per_token", "refine": {"generations": 2, "offspring": 2, "stages": [127, 254]}}},
+               "calibration_samples": 4, "calibration_seq_len": 128, "eval_tokens": 1024, "protocols": ["paper"], "lm_eval_tasks": []}  # fmt: skip
+    run_inprocess(refined)
+    searches = sorted(p for p in (state / "artifacts" / "refine").iterdir() if not p.name.startswith("."))
+    assert profiles_on_disk() == profiles and len(searches) == 1
+    bitmap = json.loads((searches[0] / "bitmap.json").read_text())
+    assert bitmap["options"]["objective_name"] == "per_token" and bitmap["options"]["refine"]["generations_run"] == 2
+    assert bitmap["options"]["refine"]["holdout_kld"] <= bitmap["options"]["refine"]["holdout_kld_start"]
+    run_inprocess(refined)
+    assert sorted(p for p in (state / "artifacts" / "refine").iterdir() if not p.name.startswith(".")) == searches

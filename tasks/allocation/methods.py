@@ -24,6 +24,8 @@ class MethodSpec:
     summary: str = ""
     ties: bool = False  # takes tie_fused (q/k/v and gate/up of a layer on one rung, for fused serving kernels)
     options: dict = field(default_factory=dict)  # option -> JSON schema of its value with its "default" (the allocator's keyword arguments)
+    # options the allocation stage applies to the allocator's map with the model (optimal's refine): schemas, as above
+    measured: dict = field(default_factory=dict)
     # The options whose defaults every variant records, as they name it (SB30: boost_stop 3, top_m 0).
     named: tuple[str, ...] = ()
     rival_scores: bool = False  # needs a profile with the rival allocators' scores (an extra cost of the backward pass)
@@ -64,7 +66,7 @@ class MethodSpec:
 
     def option_schemas(self) -> dict:
         """option -> the JSON schema its values must meet (without the default: a schema annotation)."""
-        return {k: {key: v for key, v in s.items() if key != "default"} for k, s in self.options.items()}
+        return {k: {key: v for key, v in s.items() if key != "default"} for k, s in {**self.options, **self.measured}.items()}
 
     def label(self, options: dict | None = None) -> str:
         """The method's name in tables, MLflow and plots: SB30 / KB21 for the boost methods
@@ -85,6 +87,19 @@ def _boost(boost_stop: int, top_m: int) -> dict:
             "ablation": {"type": "boolean", "default": False}, "seed": {"type": "integer", "default": 0}, **_TIES}  # fmt: skip
 
 
+# optimal's refine (tasks.allocation.refine.RefineSettings): true for its defaults, or an object of settings
+REFINE_SCHEMA = {
+    "type": ["boolean", "object"],
+    "properties": {
+        "generations": {"type": "integer", "minimum": 1},
+        "seconds": {"type": "number", "exclusiveMinimum": 0},
+        "offspring": {"type": "integer", "minimum": 1},
+        "stages": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+        "survivors": {"type": "integer", "minimum": 1},
+        "seed": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
 # low/high None: the highest rung within the budget and the next bit width (tasks/allocation/layerwise.py)
 _LAYERWISE = {"low": {**RUNG_NAME, "default": None}, "high": {**RUNG_NAME, "default": None}}
 # rungs None: every rung of the ladder the variant's backend takes; "hqq" / "gguf": every rung of that ladder
@@ -108,7 +123,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("mxq", "exact", ties=True, options={"tolerance": {"type": "number", "minimum": 0, "default": 0.0}, **_MILP},
                    summary="MILP minimizing the sum of Frobenius errors"),
         MethodSpec("optimal", "exact", ties=True, errors_option="errors", gradients=("objective", ("per_token", "fisher")),
-                   token_scores=("objective", ("per_token",)),
+                   token_scores=("objective", ("per_token",)), measured={"refine": {**REFINE_SCHEMA, "default": False}},
                    options={"objective": {"enum": ["per_token", "fisher", "sensitivity", "output"], "default": "fisher"},
                             "errors": {"enum": ["hqq", "gptq", "gguf"], "default": "hqq"}, **_MILP},
                    summary="MILP minimizing the Fisher estimate of the loss increase"),

@@ -252,11 +252,12 @@ def memory_matches(specs: list[VariantSpec], match_boost_memory: bool = True) ->
 
 
 def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], match_boost_memory: bool = True,
-                      presets=None) -> list[PlannedVariant]:  # fmt: skip
+                      presets=None, refiner=None) -> list[PlannedVariant]:  # fmt: skip
     """Every spec's bit map. With match_boost_memory, a budget-exact method given a rung gets the memory
     the first boost method reached at that rung (equal-memory comparison; `memory_matches`). A llama.cpp
     preset's bit map comes from `presets(name)` (llama-quantize's own rules), and an exact method given that
-    preset as budget gets its linears' size and its embeddings' and output head's types (equal file size)."""
+    preset as budget gets its linears' size and its embeddings' and output head's types (equal file size).
+    A method's measured options (optimal's refine) are applied to its map by `refiner(bitmap, spec)`."""
     from tasks.allocation import allocate
     from tasks.bitmap import uniform_bitmap
 
@@ -283,7 +284,11 @@ def allocate_variants(specs: list[VariantSpec], scores, params: dict[str, int], 
             bitmap = uniform_bitmap(params, spec.budget)
             bitmap = scores.realize(bitmap) if scores is not None else bitmap
         else:
-            bitmap = allocate(scores, spec.method, target, spec.options, spec.ladder)
+            bitmap = allocate(scores, spec.method, target, {k: v for k, v in spec.options.items() if k not in method.measured}, spec.ladder)
+            if any(spec.options.get(k) for k in method.measured):
+                if refiner is None:
+                    raise PipelineError(f"{spec.name}: {', '.join(method.measured)} measures the model, which this allocation was not given")
+                bitmap = refiner(bitmap, spec)
             if isinstance(spec.budget, Preset):  # the preset's embeddings and output head: equal file size
                 bitmap.options.update({k: v for k, v in preset.options.items() if k in ("token_embd", "output")}, preset_size=spec.budget.name)
         if method.boost:

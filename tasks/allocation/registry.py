@@ -9,7 +9,7 @@ from typing import Callable
 
 from tasks.allocation.boost import allocate_kurtboost, allocate_sensiboost, allocate_uniform
 from tasks.allocation.layerwise import allocate_lim, allocate_zd
-from tasks.allocation.methods import check_options
+from tasks.allocation.methods import check_options, method_spec
 from tasks.allocation.mxq import allocate_mxq
 from tasks.allocation.optimal import allocate_optimal
 from tasks.allocation.rivals import allocate_delta_loss, allocate_dkld_greedy, allocate_taylor
@@ -64,6 +64,9 @@ def allocate(scores: Scores, method: str, budget, options: dict | None = None, l
     name = method_name(method)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     check_options(name, options)
+    measured = [k for k in method_spec(name).measured if options.pop(k, None)]
+    if measured:
+        raise PipelineError(f"{name} option {measured[0]} measures the model: the pipeline's allocation stage applies it, a scores table alone cannot")
     if ladder != "hqq":
         options = ladder_options(name, scores, budget, options, ladder)
     bitmap = scores.realize(ALLOCATORS[name](scores, budget, **options))

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from tasks.allocation.presets import preset_bitmap
+from tasks.calibration import Calibration
 from tasks.allocation.plan import BASELINE_METHOD, allocate_variants, plan_variants, rung_errors, variant_name
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
 from tasks.contracts import Contract
@@ -37,6 +38,7 @@ class AllocationParams(Contract):
     preset_methods: tuple[str, ...] = ()
     match_boost_memory: bool = True
     include_baseline: bool = True
+    calibration: Calibration | None = None  # its held-out windows: the measurement of optimal's refine
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ def run(ctx, params: AllocationParams) -> Allocation:
     counts = linear_param_counts(model_config)
     imatrix = params.profile and Path(params.profile.local()) / IMATRIX_FILE
     presets = partial(preset_bitmap, checkpoint=checkpoint, imatrix=imatrix if imatrix and imatrix.is_file() else None, params=counts)
+    refiner = partial(_refined, ctx, params, table, checkpoint, model_config)
     planned = allocate_variants(plan_variants(params, layout.model_type if layout.stacked else None, profiled_errors), table,
-                                counts, params.match_boost_memory, presets)  # fmt: skip
+                                counts, params.match_boost_memory, presets, refiner)  # fmt: skip
     scores = params.profile and params.profile.scores
     out = StageOutput(ctx.settings.artifact_root, "allocation",
                       {"model": params.model.revision, "scores": scores and file_sha256(ensure_local(scores)),
@@ -127,6 +130,34 @@ def run(ctx, params: AllocationParams) -> Allocation:
                                         p.spec.options, bitmap, p.bitmap.nominal_bpp, p.bitmap.extra_pct, predicted))  # fmt: skip
     log.info("allocate: %d variants", len(variants))
     return Allocation(str(out.path), tuple(variants))
+
+
+def _refined(ctx, params: AllocationParams, table, checkpoint: Path, model_config, bitmap, spec):
+    """`optimal`'s map refined by the measured held-out KLD (tasks.allocation.refine), once per (model,
+    scores, map, options): a stage output of its own, since the search takes minutes to hours."""
+    from tasks.allocation.heldout_kld import HeldoutKld, backend_quantizer
+    from tasks.allocation.refine import RefineSettings, refine_bitmap
+    from tasks.bitmap import BitMap
+    from tasks.calibration import load_ids
+
+    if params.calibration is None:
+        raise PipelineError(f"{spec.name}: refine measures on the calibration set's held-out windows, which this allocation was not given")
+    quantizer = spec.options.get("errors") or ("gguf" if spec.ladder == "gguf" else "hqq")
+    settings = RefineSettings.of(spec.options["refine"])
+    holdout = params.calibration.holdout()
+    out = StageOutput(ctx.settings.artifact_root, "refine",
+                      {"model": params.model.revision, "scores": file_sha256(ensure_local(params.profile.scores)), "start": stable_hash(bitmap.to_json()),
+                       "options": spec.options, "quantizer": quantizer, "holdout": file_sha256(holdout)})  # fmt: skip
+    with out.exclusive():
+        if not out.is_complete():
+            imatrix = params.profile.imatrix if quantizer == "gguf" else None
+            fitness = HeldoutKld(checkpoint, load_ids(holdout), backend_quantizer(quantizer, imatrix, model_config), max(settings.stages))
+            refined = refine_bitmap(bitmap, table, spec.options, fitness, spec.ladder)
+            with out.build() as tmp:
+                refined.save(tmp / "bitmap.json")
+        else:
+            log.info("refine %s: cache hit %s", spec.name, out.uri)
+    return BitMap.load(out.path / "bitmap.json")
 
 
 def _backends(names, model_type: str) -> dict:

@@ -2,6 +2,9 @@
 
 Outputs, in one artifact directory:
   calibration.safetensors  input_ids int64 [samples, seq_len]: random windows (seeded) of the calibration text
+  holdout.safetensors      input_ids int64 [n, seq_len]: consecutive windows of the calibration text that
+                           overlap no calibration window (at most HOLDOUT_WINDOWS), for measurements that
+                           must not see the tokens the scores came from (optimal's refine)
   wikitext2.safetensors    input_ids int64 [1, T]: the WikiText-2 test text, CRLF normalized
   c4.safetensors           input_ids int64 [1, T]: the first 1100 C4 validation documents joined by "\n\n"
   manifest.json            token counts, and `bos_token_id` when the tokenizer puts BOS before every text
@@ -29,6 +32,8 @@ DATA_DIR = REPO_ROOT / "data"
 C4_DOCUMENTS = 1100  # the papers' C4 evaluation set (docs/methods.md §7)
 EVAL_SETS = ("wikitext2", "c4")
 WINDOWS_FILE = "calibration.safetensors"  # the calibration windows in the stage output
+HOLDOUT_FILE = "holdout.safetensors"
+HOLDOUT_WINDOWS = 256  # 131,072 tokens at 512: EvoPress's largest selection stage
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class CalibrationParams(Contract):
 
     def cache_key(self) -> dict:
         """The settings and the sources' contents (run_calibration adds the tokenizer's identity)."""
-        return {"params": self.settings(), "source_sha256": {name: file_sha256(src) for name, src in source_files(self).items()}}
+        return {"params": self.settings(), "source_sha256": {name: file_sha256(src) for name, src in source_files(self).items()},
+                "holdout": HOLDOUT_WINDOWS}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,10 @@ class Calibration(Contract):
     def windows(self) -> Path:
         """The calibration windows' file, fetched to this machine."""
         return self.local() / WINDOWS_FILE
+
+    def holdout(self) -> Path:
+        """The held-out windows' file (none of the calibration windows' tokens), fetched to this machine."""
+        return self.local() / HOLDOUT_FILE
 
 
 def read_text(path: str | Path) -> str:
@@ -121,19 +131,46 @@ def window_bos(calibration_dir: str | Path) -> int | None:
     return read_json(manifest).get("bos_token_id") if manifest.is_file() else None
 
 
-def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
-    """`samples` random windows of `seq_len` tokens (GPTQ-style calibration), reproducible by seed; with
-    `bos`, each window's first token is BOS (the context the model always sees first)."""
-    total = ids.shape[-1]
+def window_starts(total: int, samples: int, seq_len: int, seed: int) -> list[int]:
+    """Where `sample_windows` cuts its windows in a text of `total` tokens."""
     if total <= seq_len:
         raise PipelineError(f"calibration text has {total} tokens, fewer than one window of {seq_len}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, total - seq_len, (samples,), generator=gen)
+    return torch.randint(0, total - seq_len, (samples,), generator=gen).tolist()
+
+
+def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens (GPTQ-style calibration), reproducible by seed; with
+    `bos`, each window's first token is BOS (the context the model always sees first)."""
     flat = ids.reshape(-1)
-    windows = torch.stack([flat[s : s + seq_len] for s in starts.tolist()])
+    windows = torch.stack([flat[s : s + seq_len] for s in window_starts(flat.numel(), samples, seq_len, seed)])
     if bos is not None:
         windows[:, 0] = bos
     return windows
+
+
+def holdout_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos: int | None = None,
+                    limit: int = HOLDOUT_WINDOWS) -> torch.Tensor:  # fmt: skip
+    """Consecutive `seq_len` windows of the calibration text, in text order, that overlap none of
+    `sample_windows`' (at most `limit`; [0, seq_len] when the calibration windows cover the text)."""
+    flat = ids.reshape(-1)
+    used = torch.zeros(flat.numel() + 1, dtype=torch.int32)
+    for s in window_starts(flat.numel(), samples, seq_len, seed):
+        used[s] += 1
+        used[s + seq_len] -= 1
+    covered = used.cumsum(0)[:-1] > 0
+    windows, start = [], 0
+    while start + seq_len <= flat.numel() and len(windows) < limit:
+        hit = covered[start : start + seq_len].nonzero()
+        if len(hit):
+            start += int(hit[-1]) + 1  # past the last covered token of this span
+            continue
+        windows.append(flat[start : start + seq_len])
+        start += seq_len
+    out = torch.stack(windows) if windows else flat.new_zeros((0, seq_len))
+    if bos is not None and len(out):
+        out[:, 0] = bos
+    return out
 
 
 def save_ids(path: Path, ids: torch.Tensor) -> None:
@@ -207,9 +244,12 @@ def _build_calibration(out, model_path, params) -> str:
     texts = read_sources(params)
     with out.build() as tmp:
         bos = tokenizer_bos(tokenizer)
-        calib = sample_windows(tokenize(tokenizer, texts["calibration"]), params.samples, params.seq_len, params.seed, bos)
+        text = tokenize(tokenizer, texts["calibration"])
+        calib = sample_windows(text, params.samples, params.seq_len, params.seed, bos)
         save_ids(tmp / WINDOWS_FILE, calib)
-        counts = {"calibration": list(calib.shape)}
+        holdout = holdout_windows(text, params.samples, params.seq_len, params.seed, bos)
+        save_ids(tmp / HOLDOUT_FILE, holdout)
+        counts = {"calibration": list(calib.shape), "holdout": list(holdout.shape)}
         for name in EVAL_SETS:
             ids = tokenize(tokenizer, texts[name])
             if ids.shape[-1] < 2:

@@ -111,7 +111,7 @@ def allocate(ctx: StageContext, prepared: dict, profiled: dict | None) -> list[d
 
     prep = Prepared.from_json(prepared)
     scores = profiled and Profile.from_json(profiled)
-    allocation = stage.run(ctx, stage.AllocationParams.settings_of(prep.params, model=prep.model, profile=scores))
+    allocation = stage.run(ctx, stage.AllocationParams.settings_of(prep.params, model=prep.model, profile=scores, calibration=prep.calibration))
     return [VariantRecord(prep, plan, scores).to_json() for plan in allocation.variants]
 
 

@@ -83,3 +83,21 @@ def read_imatrix(path: str | Path) -> ImportanceMatrix:
     sums = {n[: -len(SUM_SUFFIX)]: v for n, v in tensors.items() if n.endswith(SUM_SUFFIX)}
     counts = {n[: -len(COUNT_SUFFIX)]: v for n, v in tensors.items() if n.endswith(COUNT_SUFFIX)}
     return ImportanceMatrix(sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size"))
+
+
+def module_importance(path: str | Path, model_type: str, layers: int, keys) -> dict:
+    """Per module key (`3.self_attn.q_proj`), the importance llama-quantize reads for its weight from the
+    imatrix file at `path`, as a float32 tensor [columns]."""
+    import torch
+
+    from tasks.ladder import split_key
+    from tasks.quantize.llama_cpp import gguf_arch
+
+    matrix, arch = read_imatrix(path), gguf_arch(model_type)
+    out = {}
+    for key in keys:
+        layer, module = split_key(key)
+        name = gguf_weight_name(arch, f"model.layers.{layer}.{module}", layers)
+        if name in matrix.sums:
+            out[key] = torch.from_numpy(matrix.importance(name)[0].astype(np.float32))
+    return out

@@ -1,0 +1,95 @@
+"""The refinement's fitness (tasks.allocation.refine): the KL divergence to the unquantized model of the
+model quantized by a bit map, on held-out calibration windows (the calibration stage's holdout.safetensors:
+none of the tokens the profile's scores came from).
+
+The unquantized model is loaded once; a map is applied by swapping each changed linear's weight for its
+quantize-dequantize at the map's rung (by the backend's own quantizer: HQQ's, or ggml's with the
+importance matrix), cached per (module, rung), so consecutive maps that share most rungs cost only
+their differences. The base model's distribution is captured once (top 64 and 64 tail samples per token,
+as the evaluation's reference; tasks/evaluation/reference.py) and each map costs one forward pass over
+the tokens asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tasks.errors import PipelineError
+from tasks.evaluation.perplexity import Protocol, model_forward, score_stream
+from tasks.evaluation.reference import TAIL, TOP_K
+from tasks.ladder import Rung
+
+log = logging.getLogger(__name__)
+
+Quantizer = Callable[[str, torch.Tensor, Rung], torch.Tensor]  # (module key, weight, rung) -> dequantized weight
+
+
+def backend_quantizer(backend: str, imatrix: str | Path | None = None, config: dict | None = None) -> Quantizer:
+    """The quantize-dequantize a backend applies to one linear, where the refinement can reproduce it
+    (hqq: HQQ's own numbers; gguf: ggml's quantizer with the run's importance matrix, read for the
+    modules of `config`, the model's config.json)."""
+    if backend == "hqq":
+        from tasks.profiling.hqq_fast import quant_dequant
+
+        return lambda key, w, rung: quant_dequant(w, rung)
+    if backend == "gguf":
+        from tasks.ladder import MODULES, module_key
+        from tasks.quantize.ggml_quant import ggml_rung_error
+        from tasks.quantize.imatrix import module_importance
+
+        layers = int(config["num_hidden_layers"])
+        importance = module_importance(imatrix, config["model_type"], layers, [module_key(i, m) for i in range(layers) for m in MODULES]) if imatrix else {}
+        return lambda key, w, rung: w - ggml_rung_error(w, rung, importance.get(key))
+    raise PipelineError(f"optimal option refine: the {backend} backend's quantizer is not reproduced layer by layer here (hqq and gguf are); "
+                        "drop refine for it")  # fmt: skip
+
+
+class HeldoutKld:
+    """fitness(modules: {key: Rung}, tokens) -> the mean per-token KLD on the first `tokens` held-out tokens."""
+
+    def __init__(self, checkpoint: str | Path, holdout: torch.Tensor, quantize: Quantizer, max_tokens: int):
+        from tasks.model_io import load_model, quantizable_linears
+
+        if holdout.ndim != 2 or not len(holdout):
+            raise PipelineError("optimal option refine: the calibration set has no held-out windows (its text is all calibration windows)")
+        seq_len = holdout.shape[1]
+        self.protocol = Protocol("holdout", max_length=seq_len, stride=seq_len)  # independent windows, each scored whole
+        windows = min(len(holdout), math.ceil(max_tokens / (seq_len - 1)))
+        if windows * (seq_len - 1) < max_tokens:
+            log.warning("refine: %d held-out tokens asked for, the calibration set holds %d", max_tokens, windows * (seq_len - 1))
+        self.ids = holdout[:windows].reshape(-1)
+        self.model = load_model(checkpoint)
+        self.linears = quantizable_linears(self.model)
+        self.original = {k: m.weight.detach().clone() for k, m in self.linears.items()}
+        self.quantize, self.cache, self.applied = quantize, {}, {}
+        self.reference = score_stream(model_forward(self.model), self.ids, self.protocol, capture_top_k=TOP_K, capture_tail=TAIL).captured
+
+    @property
+    def tokens(self) -> int:
+        return self.reference.tokens
+
+    def __call__(self, modules: dict[str, Rung], tokens: int) -> float:
+        self._apply(modules)
+        windows = max(1, min(self.tokens, tokens) // (self.protocol.max_length - 1))
+        ids = self.ids[: windows * self.protocol.max_length]
+        scores = score_stream(model_forward(self.model), ids, self.protocol, reference=self.reference.rows(slice(0, windows * (self.protocol.max_length - 1))))
+        return float(np.mean(scores.kld))
+
+    @torch.no_grad()
+    def _apply(self, modules: dict[str, Rung]) -> None:
+        unknown = sorted(set(modules) - set(self.linears))
+        if unknown:
+            raise PipelineError(f"optimal option refine: the model has no linear {unknown[0]} (a family whose linears are stacked or experts?)")
+        for key, rung in modules.items():
+            if self.applied.get(key) == rung:
+                continue
+            if (key, rung) not in self.cache:
+                self.cache[key, rung] = self.quantize(key, self.original[key], rung).to(self.original[key].dtype)
+            self.linears[key].weight.copy_(self.cache[key, rung])
+            self.applied[key] = rung
