@@ -1,4 +1,4 @@
-"""The issue-18 target verdicts that benchmarks/rival_allocators.py prints, on synthetic measured rows."""
+"""The issue-32 target verdicts that benchmarks/rival_allocators.py prints, on synthetic measured rows."""
 
 from __future__ import annotations
 
@@ -30,29 +30,46 @@ def rows(optimal_kld: dict[str, float], rival_kld: float = 0.5, base_ppl: float 
 
 def test_all_targets_met_when_optimal_wins_everywhere():
     measured = rows({"3.13": 0.3, "3.25": 0.2, "3.51": 0.1, "4.13": 0.1, "4.25": 0.02})
-    measured["uniform 4.13"] = row(20.0 * 1.2, 0.2)
-    lines = target_verdicts(measured, RUNGS)
-    assert [line[:4] for line in lines] == ["MET ", "MET ", "MET ", "MET "], lines
+    lines = target_verdicts(measured, RUNGS, ["optimal"], [])
+    assert [line[:4] for line in lines] == ["MET ", "MET "], lines
     assert "at 5 of 5 budget(s)" in lines[1]
 
 
-def test_a_rival_ahead_at_one_budget_and_the_quality_targets_missed():
+def test_a_rival_ahead_at_one_budget():
     measured = rows({"3.13": 0.3, "3.25": 0.6, "3.51": 0.45, "4.13": 0.2, "4.25": 0.08}, rival_kld=0.5)
     measured["taylor 3.25"] = row(25.0, 0.3)  # a rival better than optimal outside the noise
-    measured["uniform 4.13"] = row(22.0, 0.1)
-    lines = target_verdicts(measured, RUNGS)
+    lines = target_verdicts(measured, RUNGS, ["optimal"], [])
     assert lines[0].startswith("MISS") and "taylor 3.25" in lines[0], lines
-    assert "uniform 4.13" in lines[0], lines  # 0.2 against uniform's 0.1 at 4.13
-    assert lines[1].startswith("MET ") and "at 3 of 5" in lines[1], lines  # 3.13, 3.51 (0.45 vs 0.5, noise 0.014), 4.25
-    assert lines[2].startswith("MISS") and lines[3].startswith("MISS") and "+8.0%" in lines[3], lines
+    assert lines[1].startswith("MET ") and "at 4 of 5" in lines[1], lines  # all but 3.25 (0.45 vs 0.5 at 3.51: noise 0.014)
+
+
+def test_each_flavor_is_judged_and_the_embedded_row_against_the_fisher_objective():
+    measured = rows({"3.13": 0.3, "3.25": 0.2, "3.51": 0.1, "4.13": 0.1, "4.25": 0.02})
+    for rung in RUNGS:
+        measured[f"optimal[per_token] {rung.label}"] = measured[f"optimal {rung.label}"]
+    measured["optimal[per_token] 3.25"] = row(30, 0.6)
+    measured["SB30 3.25"], measured["optimal @SB30 3.25"] = row(28, 0.35), row(27, 0.30)
+    measured["optimal[per_token] @SB30 3.25"] = row(29, 0.40)
+    lines = target_verdicts(measured, RUNGS, ["optimal", "optimal[per_token]"], [])
+    assert [line[:4] for line in lines[:2]] == ["MET ", "MET "], lines
+    assert lines[2].startswith("MISS") and "taylor 3.25" in lines[2] and "SB30 3.25" in lines[2], lines  # 0.40 against SB30's 0.35
+    assert lines[4].startswith("MISS") and "0.4000 vs 0.3000" in lines[4], lines  # worse than the fisher objective's embedded row
 
 
 def test_sb30_is_a_rival_at_its_own_memory_and_missing_rows_say_so():
     measured = {"optimal 3.25": row(30, 0.4), "uniform 3.25": row(40, 0.6), "SB30 3.25": row(28, 0.35), "optimal @SB30 3.25": row(29, 0.45)}
-    lines = target_verdicts(measured, [parse_rung("b3g64")])
+    lines = target_verdicts(measured, [parse_rung("b3g64")], ["optimal", "optimal[fisher]"], [])
     assert lines[0].startswith("MISS") and "SB30 3.25" in lines[0], lines
     assert lines[1].startswith("n/a"), lines  # 1 of 5 budgets measured: the other four could still make 3
-    assert lines[2].startswith("n/a") and lines[3].startswith("n/a"), lines
+    assert lines[2] == "n/a  optimal[fisher]: not measured", lines
+
+
+def test_the_estimates_ranking_against_the_measured_dnll():
+    rows_ = [("unquantized", None, None, None, {}),
+             *((f"v{i}", 3.0 + i / 10, {"fisher": i ** 2, "per_token": (i * 7) % 5}, 0.1, {"dnll_wikitext2": 0.1 * i}) for i in range(6))]  # fmt: skip
+    lines = target_verdicts({}, RUNGS, [], rows_)
+    assert lines[0].startswith("MET  predicted (fisher estimate)") and "Spearman 1.000 over 6" in lines[0], lines
+    assert lines[1].startswith("MISS predicted (per_token estimate)"), lines
 
 
 def test_verdicts_pair_the_tokens_when_both_rows_have_them():

@@ -179,12 +179,12 @@ def frontier(scores: Scores, budgets, objective: str, rungs, time_limit: float, 
     return program.allocate_many([as_bpp(b) for b in budgets], options=facts)
 
 
-def predicted_loss_increase(scores: Scores, bitmap: BitMap, errors: str | None = "hqq") -> float | None:
-    """The Fisher estimate of the calibration loss increase (nats per token) of any bit map: the sum of
-    `fisher_dloss` (with errors="gptq": `fisher_dloss_gptq`; None: the profile's own HQQ rungs) at each
-    module's rung, what `optimal` minimizes. None when the table has no such column or a module's rung
-    was not profiled."""
-    column = "fisher_dloss" + (ERRORS[errors] if errors else "")
+def predicted_loss_increase(scores: Scores, bitmap: BitMap, errors: str | None = "hqq", objective: str = "fisher") -> float | None:
+    """The estimate of the calibration loss increase (nats per token) of any bit map: the sum of
+    `fisher_dloss` (objective "per_token": `taylor_dloss`; with errors="gptq" their `_gptq` columns; None:
+    the profile's own HQQ rungs) at each module's rung, what `optimal` minimizes. None when the table has
+    no such column or a module's rung was not profiled."""
+    column = ("taylor_dloss" if objective == "per_token" else "fisher_dloss") + (ERRORS[errors] if errors else "")
     if not scores.has(column):
         return None
     rungs = tuple(sorted(set(bitmap.modules.values()), key=lambda r: r.bpp))

@@ -103,9 +103,8 @@ def run(ctx, params: AllocationParams) -> Allocation:
     counts = linear_param_counts(model_config)
     imatrix = params.profile and Path(params.profile.local()) / IMATRIX_FILE
     presets = partial(preset_bitmap, checkpoint=checkpoint, imatrix=imatrix if imatrix and imatrix.is_file() else None, params=counts)
-    refiner = partial(_refined, ctx, params, table, checkpoint, model_config)
     planned = allocate_variants(plan_variants(params, layout.model_type if layout.stacked else None, profiled_errors), table,
-                                counts, params.match_boost_memory, presets, refiner)  # fmt: skip
+                                counts, params.match_boost_memory, presets, refiner(ctx, params, table))  # fmt: skip
     scores = params.profile and params.profile.scores
     out = StageOutput(ctx.settings.artifact_root, "allocation",
                       {"model": params.model.revision, "scores": scores and file_sha256(ensure_local(scores)),
@@ -130,6 +129,14 @@ def run(ctx, params: AllocationParams) -> Allocation:
                                         p.spec.options, bitmap, p.bitmap.nominal_bpp, p.bitmap.extra_pct, predicted))  # fmt: skip
     log.info("allocate: %d variants", len(variants))
     return Allocation(str(out.path), tuple(variants))
+
+
+def refiner(ctx, params: AllocationParams, table):
+    """What applies `optimal`'s refine to a planned map (allocate_variants' `refiner`)."""
+    from tasks.model_io import read_config
+
+    checkpoint = params.model.local(ctx.settings.cache_dir)
+    return partial(_refined, ctx, params, table, checkpoint, read_config(checkpoint))
 
 
 def _refined(ctx, params: AllocationParams, table, checkpoint: Path, model_config, bitmap, spec):
