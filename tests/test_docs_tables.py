@@ -122,3 +122,19 @@ def test_render_replaces_only_the_block():
     assert docs_tables.render(text, "t", "new\nrows") == "intro\n<!-- BEGIN t: generated -->\nnew\nrows\n<!-- END t -->\noutro"
     with pytest.raises(SystemExit, match="no block 'u'"):
         docs_tables.render(text, "u", "x")
+
+
+def test_the_rival_table_gives_each_optimal_flavor_a_column():
+    from tasks.reports.benchmark_tables import rival_allocators
+
+    def row(name, ppl, kld, se=0.01):
+        return {"name": name, "bpp": 3.25, "ppl_wikitext2": ppl, "kld_wikitext2": kld, "kld_wikitext2_se": se}
+
+    result = {"command": "python benchmarks/rival_allocators.py", "commit": "abc1234", "machine": "2 cores", "rows": [
+        row("uniform 3.25", 159.3, 2.072), row("optimal 3.25", 45.4, 0.859), row("optimal[per_token] 3.25", 44.4, 0.846),
+        row("optimal[per_token+refine] 3.25", 40.0, 0.700), row("taylor 3.25", 44.4, 0.846), row("SB30 3.25", 84.1, 1.423),
+        row("optimal @SB30 3.25", 37.4, 0.676), row("optimal[per_token+refine] @SB30 3.25", 36.0, 0.650)]}  # fmt: skip
+    head, _, line = rival_allocators(result).splitlines()[:3]
+    assert "| `optimal` | `optimal[per_token+refine]` | `optimal[per_token]` | `taylor` (ModelOpt) |" in head
+    assert "**40.0 / 0.700** ±.010" in line  # the lowest, by more than the combined standard error
+    assert line.rstrip(" |").endswith("84.1 / 1.423 ; 37.4 / 0.676 ; **36.0 / 0.650** ; -")

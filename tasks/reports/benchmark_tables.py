@@ -105,15 +105,29 @@ def allocator_frontier(result: dict) -> str:
 
 RIVAL_COLUMNS = [("uniform", "uniform"), ("optimal", "`optimal`"), ("taylor", "`taylor` (ModelOpt)"),
                  ("delta_loss", "`delta_loss` (AutoScheme)"), ("dkld_greedy", "`dkld_greedy` (ExLlamaV3)"), ("mxq", "`mxq`")]  # fmt: skip
-RIVAL_SE = ("optimal", "taylor")  # the two leaders: their KLD's standard error is shown
+RIVAL_SE = ("optimal", "taylor")  # the leaders (and every flavor of `optimal`): their KLD's standard error is shown
+
+
+def _rival_columns(rows: dict[str, dict]) -> list[tuple[str, str]]:
+    """RIVAL_COLUMNS with every flavor of `optimal` the rows hold ('optimal[per_token+refine] 3.25') after it."""
+    flavors = sorted({m.group(1) for name in rows if (m := re.fullmatch(r"(optimal\[[^\]]+\]) \d+\.\d\d", name))})
+    columns = []
+    for method, title in RIVAL_COLUMNS:
+        columns.append((method, title))
+        if method == "optimal":
+            columns += [(f, f"`{f}`") for f in flavors]
+    return columns
 
 
 def rival_allocators(result: dict) -> str:
     """benchmarks/rival_allocators.py (HQQ): WikiText-2 perplexity / KLD of every allocator at each rung's
-    memory, and SB30 beside `optimal` at SB30's. In bold: the lowest KLD at the rung's memory where it is
-    below the next by more than their combined standard error, and the better of SB30 and `optimal` at its."""
+    memory (each flavor of `optimal` measured a column of its own), and SB30 beside `optimal` at SB30's. In
+    bold: the lowest KLD at the rung's memory where it is below the next by more than their combined
+    standard error, and the best of SB30 and the `optimal` flavors at its memory."""
     rows = _row_map(result)
-    head = ["bpp", *(title for _, title in RIVAL_COLUMNS), "SB30 / `optimal` at its memory"]
+    columns = _rival_columns(rows)
+    ours = [m for m, _ in columns if m.startswith("optimal")]
+    head = ["bpp", *(title for _, title in columns), f"SB30 / {' / '.join(f'`{m}`' for m in ours)} at its memory"]
     lines = [_line(head), "|---|" + "---:|" * (len(head) - 1)]
 
     def cell(r: dict, rung: str) -> str:
@@ -121,7 +135,7 @@ def rival_allocators(result: dict) -> str:
         return f"{r['ppl_wikitext2']:.{digits}f} / {r['kld_wikitext2']:.3f}"
 
     for rung in _rungs(rows):
-        present = [(m, rows[f"{m} {rung}"]) for m, _ in RIVAL_COLUMNS if f"{m} {rung}" in rows]
+        present = [(m, rows[f"{m} {rung}"]) for m, _ in columns if f"{m} {rung}" in rows]
         exact = sorted(((m, r) for m, r in present if m != "uniform"), key=lambda mr: mr[1]["kld_wikitext2"])
         best = None
         if len(exact) >= 2:
@@ -129,19 +143,20 @@ def rival_allocators(result: dict) -> str:
             combined = math.hypot(r1.get("kld_wikitext2_se") or 0.0, r2.get("kld_wikitext2_se") or 0.0)
             best = m1 if r2["kld_wikitext2"] - r1["kld_wikitext2"] > combined else None
         cells = [rung]
-        for method, _ in RIVAL_COLUMNS:
+        for method, _ in columns:
             r = rows.get(f"{method} {rung}")
             if r is None:
                 cells.append("")
                 continue
             text = f"**{cell(r, rung)}**" if method == best else cell(r, rung)
             se = r.get("kld_wikitext2_se")
-            cells.append(text + (f" ±{_short(se)}" if method in RIVAL_SE and se is not None else ""))
-        sb, ours = rows.get(f"SB30 {rung}"), rows.get(f"optimal @SB30 {rung}")
-        if sb and ours:
-            texts = [cell(sb, rung), cell(ours, rung)]
-            lower = 0 if sb["kld_wikitext2"] < ours["kld_wikitext2"] else 1
-            texts[lower] = f"**{texts[lower]}**"
+            shown = method in RIVAL_SE or method.startswith("optimal")
+            cells.append(text + (f" ±{_short(se)}" if shown and se is not None else ""))
+        at_sb = [rows.get(f"SB30 {rung}"), *(rows.get(f"{m} @SB30 {rung}") for m in ours)]
+        if at_sb[0] and any(at_sb[1:]):
+            texts = [cell(r, rung) if r else "-" for r in at_sb]
+            lowest = min((i for i, r in enumerate(at_sb) if r), key=lambda i: at_sb[i]["kld_wikitext2"])
+            texts[lowest] = f"**{texts[lowest]}**"
             cells.append(" ; ".join(texts))
         else:
             cells.append("")
