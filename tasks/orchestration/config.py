@@ -73,7 +73,8 @@ class PipelineConfig:
                                       "tensor-data size, with its embeddings and output head",
                                       **_strings(enum=[m for m, s in METHODS.items() if s.budget == "exact" and s.scored]))
     method_options: dict = param({}, "Method options", 'e.g. {"sensiboost": {"boost_stop": 3, "top_m": 0}, "mxq": {"tolerance": 0}, '
-                                 '"optimal": {"tie_fused": true, "errors": "hqq"}}',
+                                 '"optimal": {"objective": "per_token", "refine": {"generations": 8}, "tie_fused": true}} (refine: measured by '
+                                 'the held-out KLD, docs/methods.md §13)',
                                  type="object", additionalProperties=False,
                                  properties={m: {"type": "object", "properties": s.option_schemas(), "additionalProperties": False} for m, s in METHODS.items()})
     backend_options: dict = param({}, "Backend options", 'the quantizers\' own settings, e.g. {"gptq": {"damp_percent": 0.01, "sym": true}, '
