@@ -4,8 +4,8 @@ none of the tokens the profile's scores came from).
 
 The unquantized model is loaded once; a map is applied by swapping each changed linear's weight for its
 quantize-dequantize at the map's rung (by the backend's own quantizer: HQQ's, or ggml's with the
-importance matrix), cached per (module, rung), so consecutive maps that share most rungs cost only
-their differences. The base model's distribution is captured once (top 64 and 64 tail samples per token,
+importance matrix), cached per (module, rung) up to twice the linears' size (least recently used out
+first), so consecutive maps that share most rungs cost only their differences. The base model's distribution is captured once (top 64 and 64 tail samples per token,
 as the evaluation's reference; tasks/evaluation/reference.py) and each map costs one forward pass over
 the tokens asked for.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +54,7 @@ def backend_quantizer(backend: str, imatrix: str | Path | None = None, config: d
 class HeldoutKld:
     """fitness(modules: {key: Rung}, tokens) -> the mean per-token KLD on the first `tokens` held-out tokens."""
 
-    def __init__(self, checkpoint: str | Path, holdout: torch.Tensor, quantize: Quantizer, max_tokens: int):
+    def __init__(self, checkpoint: str | Path, holdout: torch.Tensor, quantize: Quantizer, max_tokens: int, device: str = "cpu"):
         from tasks.model_io import load_model, quantizable_linears
 
         if holdout.ndim != 2 or not len(holdout):
@@ -63,11 +64,13 @@ class HeldoutKld:
         windows = min(len(holdout), math.ceil(max_tokens / (seq_len - 1)))
         if windows * (seq_len - 1) < max_tokens:
             log.warning("refine: %d held-out tokens asked for, the calibration set holds %d", max_tokens, windows * (seq_len - 1))
-        self.ids = holdout[:windows].reshape(-1)
-        self.model = load_model(checkpoint)
+        self.ids = holdout[:windows].reshape(-1).to(device)
+        self.model = load_model(checkpoint).to(device)
         self.linears = quantizable_linears(self.model)
         self.original = {k: m.weight.detach().clone() for k, m in self.linears.items()}
-        self.quantize, self.cache, self.applied = quantize, {}, {}
+        self.quantize, self.applied = quantize, {}
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_bytes, self.cache_limit = 0, 2 * sum(w.numel() * w.element_size() for w in self.original.values())
         self.reference = score_stream(model_forward(self.model), self.ids, self.protocol, capture_top_k=TOP_K, capture_tail=TAIL).captured
 
     @property
@@ -89,7 +92,17 @@ class HeldoutKld:
         for key, rung in modules.items():
             if self.applied.get(key) == rung:
                 continue
-            if (key, rung) not in self.cache:
-                self.cache[key, rung] = self.quantize(key, self.original[key], rung).to(self.original[key].dtype)
-            self.linears[key].weight.copy_(self.cache[key, rung])
+            self.linears[key].weight.copy_(self._weight(key, rung))
             self.applied[key] = rung
+
+    def _weight(self, key: str, rung: Rung) -> torch.Tensor:
+        if (key, rung) in self.cache:
+            self.cache.move_to_end((key, rung))
+            return self.cache[key, rung]
+        weight = self.quantize(key, self.original[key], rung).to(self.original[key].dtype)
+        self.cache[key, rung] = weight
+        self.cache_bytes += weight.numel() * weight.element_size()
+        while self.cache_bytes > self.cache_limit and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.numel() * old.element_size()
+        return weight
