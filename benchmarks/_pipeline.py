@@ -24,7 +24,7 @@ def prepare(ctx, config: dict) -> tuple[Prepared, str | None]:
 
 def baseline(ctx, prep: Prepared) -> VariantRecord:
     """The unquantized model's record, as the pipeline's allocate step makes it."""
-    config = {**prep.config, "methods": [], "budgets": [], "uniform_budgets": [], "include_baseline": True}
+    config = {**prep.config, "methods": [], "budgets": [], "uniform_budgets": [], "method_options": {}, "include_baseline": True}
     return VariantRecord.from_json(steps.allocate(ctx, replace(prep, config=config).to_json(), None)[0])
 
 

@@ -99,7 +99,8 @@ def main() -> int:
                                                        calibration=prep.calibration), table)  # fmt: skip
 
     def spec(method: str, budget, options: dict | None = None) -> VariantSpec:  # what the pipeline builds for this backend (ties, pricing)
-        return VariantSpec.of(method, budget, backend_options(method, options or {}, args.backend, None, profiled_errors))
+        options = options or {}
+        return VariantSpec.of(method, budget, {**options, **backend_options(method, options, args.backend, None, profiled_errors)})
 
     plan: list[tuple[str, object, float]] = []  # (row name, planned variant, allocation seconds)
     for rung in rungs:
