@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _pipeline  # noqa: E402
+from tasks.bitmap import BitMap  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.evaluation.stage import load_tokens  # noqa: E402
 from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
@@ -39,6 +40,7 @@ STRICT_UP_TO = "Q4_K_M"  # the 15% target holds at every preset up to this one
 TARGET = 0.15
 ENGINE = "llamacpp"
 SETS = ("wikitext2", "c4")
+log = logging.getLogger("gguf_presets")
 
 
 def main() -> int:
@@ -59,8 +61,14 @@ def main() -> int:
     prep, _ = _pipeline.prepare(ctx, config)
     profile = steps.profile(ctx, prep.to_json())
     items = [VariantRecord.from_json(i) for i in steps.allocate(ctx, prep.to_json(), profile)]
-    rows, out = {}, Path("docs/results") / f"gguf-presets-{prep.model.name}"
+    rows, out, files = {}, Path("docs/results") / f"gguf-presets-{prep.model.name}", {}
     for record in items:  # the baseline first, then presets, then the methods at their sizes
+        same = files.setdefault(_mix(record), record.plan.name)  # presets whose rules give one mix (rows too narrow for K-quants)
+        if same != record.plan.name:
+            rows[record.plan.name] = {**rows[same], "name": record.plan.name, "method": record.plan.method, "budget": record.plan.budget_label,
+                                      "same_file_as": same}  # fmt: skip
+            log.info("%s: the same file as %s", record.plan.name, same)
+            continue
         done = _pipeline.evaluate(ctx, record)
         rows[record.plan.name] = {"name": record.plan.name, "method": record.plan.method, "budget": record.plan.budget_label,
                                   "bpp": record.plan.nominal_bpp, **_facts(done), **done.evaluation.metrics,
@@ -75,6 +83,15 @@ def main() -> int:
     return 0
 
 
+def _mix(record: VariantRecord) -> str:
+    """What decides a gguf file: every tensor's type (the linears', the embeddings' and the output head's)."""
+    if not record.plan.bitmap:
+        return record.plan.name
+    bitmap = BitMap.load(record.plan.bitmap)
+    return json.dumps([record.plan.backend, sorted((k, r.name) for k, r in bitmap.modules.items()),
+                       bitmap.options.get("token_embd"), bitmap.options.get("output")])  # fmt: skip
+
+
 def _facts(record: VariantRecord) -> dict:
     """What the quantize step recorded of the file (sizes by part, the types of embeddings and output head)."""
     if not record.plan.quantized:
@@ -87,7 +104,7 @@ def table(rows: dict) -> str:
     cells = []
     for r in rows.values():
         kld = [f"{r[f'{ENGINE}_kld_{s}']:.4f} ±{r[f'{ENGINE}_kld_{s}_se']:.4f}" if f"{ENGINE}_kld_{s}" in r else "-" for s in SETS]
-        cells.append([r["name"], f"{r.get('file_bytes', r.get('saved_bytes', 0)) / 2**20:.1f}", f"{r['bpp']:.3f}" if r.get("bpp") else "-", *kld,
+        cells.append([r["name"] + (f" (= {r['same_file_as']})" if r.get("same_file_as") else ""), f"{r.get('file_bytes', r.get('saved_bytes', 0)) / 2**20:.1f}", f"{r['bpp']:.3f}" if r.get("bpp") else "-", *kld,
                       _num(r, f"{ENGINE}_kld99_wikitext2", "{:.3f}"), _num(r, f"{ENGINE}_top1_wikitext2", "{:.3f}"),
                       _num(r, f"{ENGINE}_ppl_wikitext2", "{:.2f}"), _num(r, f"{ENGINE}_ppl_c4", "{:.2f}"), _num(r, "kld_wikitext2", "{:.4f}")])  # fmt: skip
     return markdown(head, cells, [False] + [True] * (len(head) - 1), pad=True)
