@@ -103,5 +103,35 @@ def test_refine_on_a_real_model_measures_held_out_kld_within_the_budget(tiny_mod
     assert facts["holdout_kld"] <= facts["holdout_kld_start"] and facts["generations_run"] == 3
     assert facts["holdout_kld_start"] == pytest.approx(fitness(start.modules, 504))  # the fitness is the model's, re-measurable
     assert fitness(refined.modules, 504) == pytest.approx(facts["holdout_kld"])
-    with pytest.raises(PipelineError, match="gptq backend's quantizer is not reproduced"):
-        backend_quantizer("gptq")
+    with pytest.raises(PipelineError, match="bnb backend's quantizer is not reproduced"):
+        backend_quantizer("bnb")
+
+
+def test_the_gptq_refinement_quantizes_as_the_profile_prices(tiny_model_dir, one_thread):
+    """refine on gptq: each module quantized by GPTQModel's solver on its input's Gram matrix over the
+    calibration windows: W - Q is exactly the profile's GPTQ error for that module and rung."""
+    pytest.importorskip("gptqmodel")
+    from tasks.allocation.heldout_kld import backend_quantizer, input_grams
+    from tasks.model_io import load_model, quantizable_linears
+    from tasks.profiling.gptq_errors import gptq_rung_errors
+
+    ids = torch.randint(0, 49152, (3, 32), generator=torch.Generator().manual_seed(2))
+    quantize = backend_quantizer("gptq", checkpoint=tiny_model_dir, calibration=ids)
+    grams, tokens = input_grams(tiny_model_dir, ids)
+    assert tokens == 96 and set(grams) == {f"{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    w, rung = quantizable_linears(load_model(tiny_model_dir))["1.self_attn.v_proj"].weight.detach(), Rung(3, 64)
+    # the Gram matrix is v's own input's (q, k and v share it)
+    x = _forward_inputs(tiny_model_dir, ids, "1.self_attn.q_proj")
+    torch.testing.assert_close(grams["1.self_attn.q_proj"].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    expected = w - gptq_rung_errors({"v": w}, x.T @ x, tokens, (rung,))["v"]
+    torch.testing.assert_close(quantize("1.self_attn.v_proj", w, rung), expected, rtol=0, atol=1e-5)
+
+
+def _forward_inputs(path, ids, key):
+    from tasks.model_io import load_model, quantizable_linears
+
+    model, seen = load_model(path), []
+    quantizable_linears(model)[key].register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return torch.cat(seen)

@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 Quantizer = Callable[[str, torch.Tensor, Rung], torch.Tensor]  # (module key, weight, rung) -> dequantized weight
 
 
-def backend_quantizer(backend: str, imatrix: str | Path | None = None, config: dict | None = None) -> Quantizer:
-    """The quantize-dequantize a backend applies to one linear, where the refinement can reproduce it
-    (hqq: HQQ's own numbers; gguf: ggml's quantizer with the run's importance matrix, read for the
-    modules of `config`, the model's config.json)."""
+def backend_quantizer(backend: str, imatrix: str | Path | None = None, config: dict | None = None, checkpoint: str | Path | None = None,
+                      calibration: torch.Tensor | None = None) -> Quantizer:  # fmt: skip
+    """The quantize-dequantize a backend applies to one linear, where the refinement can reproduce it:
+    hqq, HQQ's own numbers; gguf, ggml's quantizer with the run's importance matrix (read for the modules of
+    `config`, the model's config.json); gptq, GPTQModel's solver on each input's Gram matrix over the
+    `calibration` windows through the unquantized model at `checkpoint` (full-precision inputs, as the
+    profile's GPTQ errors; every Gram matrix is kept, float32: 0.4 GB for SmolLM2)."""
     if backend == "hqq":
         from tasks.profiling.hqq_fast import quant_dequant
 
@@ -47,8 +50,48 @@ def backend_quantizer(backend: str, imatrix: str | Path | None = None, config: d
         layers = int(config["num_hidden_layers"])
         importance = module_importance(imatrix, config["model_type"], layers, [module_key(i, m) for i in range(layers) for m in MODULES]) if imatrix else {}
         return lambda key, w, rung: w - ggml_rung_error(w, rung, importance.get(key))
-    raise PipelineError(f"optimal option refine: the {backend} backend's quantizer is not reproduced layer by layer here (hqq and gguf are); "
+    if backend == "gptq" and checkpoint is not None and calibration is not None:
+        from tasks.profiling.gptq_errors import gptq_rung_errors
+
+        grams, tokens = input_grams(checkpoint, calibration)
+        return lambda key, w, rung: w - gptq_rung_errors({key: w}, grams[_input_of(key)].double(), tokens, (rung,))[key]
+    raise PipelineError(f"optimal option refine: the {backend} backend's quantizer is not reproduced layer by layer here (hqq, gguf and gptq are); "
                         "drop refine for it")  # fmt: skip
+
+
+# The linear whose input each module shares (q/k/v one Gram matrix, gate/up another).
+_SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+
+
+def _input_of(key: str) -> str:
+    layer, module = key.split(".", 1)
+    return f"{layer}.{_SHARED_INPUT.get(module, module)}"
+
+
+@torch.no_grad()
+def input_grams(checkpoint: str | Path, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """Per module input (`_input_of`), X^T X over every token of `windows` through the unquantized model
+    (float64 sums, kept float32), and the token count."""
+    from tasks.model_io import load_model, quantizable_linears
+
+    model = load_model(checkpoint)
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(key):
+        def keep(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[key] = grams[key] + x.T @ x if key in grams else x.T @ x
+
+        return keep
+
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in quantizable_linears(model).items() if _input_of(k) == k]
+    try:
+        for start in range(0, len(windows), 4):
+            model(input_ids=windows[start : start + 4], use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: g.float() for k, g in grams.items()}, int(windows.numel())
 
 
 class HeldoutKld:

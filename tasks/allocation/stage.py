@@ -158,7 +158,8 @@ def _refined(ctx, params: AllocationParams, table, checkpoint: Path, model_confi
     with out.exclusive():
         if not out.is_complete():
             imatrix = params.profile.imatrix if quantizer == "gguf" else None
-            fitness = HeldoutKld(checkpoint, load_ids(holdout), backend_quantizer(quantizer, imatrix, model_config), max(settings.stages), ctx.device)
+            quantize = backend_quantizer(quantizer, imatrix, model_config, checkpoint, load_ids(params.calibration.windows()))
+            fitness = HeldoutKld(checkpoint, load_ids(holdout), quantize, max(settings.stages), ctx.device)
             refined = refine_bitmap(bitmap, table, spec.options, fitness, spec.ladder)
             with out.build() as tmp:
                 refined.save(tmp / "bitmap.json")
