@@ -286,11 +286,12 @@ def test_bad_gguf_params_are_one_line_each():
 def test_a_checkpoint_whose_vocabulary_llama_cpp_misreads_gets_no_gguf_variant(gguf_llama, tmp_path):
     """Without llama.cpp's own copy of the vocabulary (tokenizer.gguf), the converter reads SmolLM2's
     byte-fallback BPE tokenizer.json as SentencePiece: one error line, and no base GGUF is cached."""
+    from tasks.quantize.gguf import check_vocabulary
     from tasks.quantize.gguf_files import cached_base_gguf
 
     plain = tmp_path / "byte-fallback-bpe"
     shutil.copytree(gguf_llama, plain, ignore=shutil.ignore_patterns("tokenizer.gguf"))
     with pytest.raises(PipelineError, match=r"byte-fallback-bpe: llama.cpp cannot read the vocabulary its converter writes for it \(exit -?\d+\), so no gguf") as err:
-        cached_base_gguf(plain, tmp_path / "cache")
+        cached_base_gguf(plain, tmp_path / "cache", check_vocabulary)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "cache" / "gguf").iterdir())

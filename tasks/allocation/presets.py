@@ -20,17 +20,16 @@ log = logging.getLogger(__name__)
 
 def preset_bitmap(name: str, checkpoint: Path, imatrix: Path | None, params: dict[str, int]) -> BitMap:
     """The bit map of llama.cpp's preset `name` on the checkpoint's linears (module key -> its parameters)."""
-    from tasks.model_io import default_cache_dir
     from tasks.quantize.base import true_config
-    from tasks.quantize.gguf import gguf_names, quantize_gguf
-    from tasks.quantize.gguf_files import cached_base_gguf, tensors
+    from tasks.quantize.gguf import checked_base_gguf, gguf_names, quantize_gguf
+    from tasks.quantize.gguf_files import tensors
 
     if name not in GGUF_PRESETS:
         raise PipelineError(f"unknown llama.cpp preset {name!r}: one of {', '.join(GGUF_PRESETS)}")
     names = gguf_names(true_config(checkpoint), params)
     with tempfile.TemporaryDirectory(prefix="quant-preset-") as tmp:
         out = Path(tmp) / "preset.gguf"
-        quantize_gguf(cached_base_gguf(checkpoint, default_cache_dir()), out, name, imatrix, {}, {})
+        quantize_gguf(checked_base_gguf(checkpoint), out, name, imatrix, {}, {})
         written = {t.name: t.type for t in tensors(out)}
     missing = [n for n in names.values() if n not in written]
     if missing:

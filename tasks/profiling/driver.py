@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from tasks.artifacts import write_json_atomic
 from tasks.errors import PipelineError
 from tasks.failpoints import failpoint
 from tasks.families import ATTN_IN, MLP_GATE, Layout, leaf
@@ -594,16 +595,15 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
     log.info("profiling %s: %d layers, %d x %d calibration tokens", model_path, layers, *ids.shape)
 
     grad_samples = min(fisher_samples, ids.shape[0])
+    token_gptq = bool(grad_samples) and rival_scores and gptq_errors  # GPTQ's errors priced per token too
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     signature = {"calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape), "layers": layers,
-                 "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs],
-                 "fisher_samples": grad_samples, "device": device.type, "rival_scores": rival_scores, "gptq_errors": gptq_errors,
-                 **({"token_gptq": True} if grad_samples and rival_scores and gptq_errors else {})}  # fmt: skip
+                 "batch_size": batch_size, "normalize": normalize, "rungs": [r.name for r in rungs], "fisher_samples": grad_samples,
+                 "device": device.type, "rival_scores": rival_scores, "gptq_errors": gptq_errors, **({"token_gptq": True} if token_gptq else {})}  # fmt: skip
     progress = ProfileProgress(out_dir, signature)
     resumed_at = progress.forward_done if progress.backward_next is None else layers
     stash = InputStash(progress.stash_dir) if grad_samples else None  # beside the output: the same disk
     with torch.no_grad():
-        token_gptq = bool(stash) and rival_scores and gptq_errors  # GPTQ's errors priced per token too
         rows, row_errors, hidden = _forward(checkpoint, factory, ids, device, progress, stash, grad_samples, seconds, keep_grams=token_gptq,
                                             batch_size=batch_size, rungs=rungs, normalize=normalize, gptq=gptq_errors)  # fmt: skip
         if stash:
@@ -632,8 +632,6 @@ def run_profiling(model_path, calibration, out_dir, *, batch_size: int = 8, norm
         "rival_scores": rival_scores, "dkld_windows": min(dkld_windows, int(ids.shape[0])), "gptq_errors": gptq_errors, "device": str(device),
         "resumed_at_layer": resumed_at, "seconds": round(total, 3), "phase_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }  # fmt: skip
-    from tasks.artifacts import write_json_atomic
-
     write_json_atomic(Path(out_dir) / SUMMARY_FILE, summary)
     log.info("profiling done in %.1fs: %s", total, csv)
     return csv

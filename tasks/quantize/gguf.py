@@ -140,9 +140,6 @@ class GGUFBackend(Backend):
     )
 
     def quantize(self, model_path: Path, bitmap: BitMap, calibration, out_dir: Path, options: dict, imatrix: Path | None = None) -> dict:
-        from tasks.model_io import default_cache_dir
-        from tasks.quantize.gguf_files import cached_base_gguf
-
         started = time.perf_counter()
         config = true_config(model_path)
         names = gguf_names(config, bitmap.modules)
@@ -156,7 +153,7 @@ class GGUFBackend(Backend):
         preset = bitmap.options.get("preset") or PRESET_OF.get(base_type.most_common(1)[0][0], base_type.most_common(1)[0][0])
         extras = {p: bitmap.options[p] for p in EXTRAS if bitmap.options.get(p)}
         out = Path(out_dir) / MODEL_FILE
-        quantize_gguf(cached_base_gguf(model_path, default_cache_dir()), out, preset, imatrix, types, extras)
+        quantize_gguf(checked_base_gguf(model_path), out, preset, imatrix, types, extras)
         check_loads(out)  # llama.cpp itself reads the file it is for (its vocabulary included)
         written = written_types(out)
         wrong = {n: (t, written.get(n)) for n, t in types.items() if written.get(n) != t}
@@ -218,3 +215,29 @@ def _copy_small_files(model_path: Path, out_dir: Path) -> None:
     for item in Path(model_path).iterdir():
         if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")) and item.is_file():
             shutil.copyfile(item, out_dir / item.name)
+
+
+def checked_base_gguf(checkpoint: Path) -> Path:
+    """The checkpoint's F32 GGUF, llama-quantize's input (cached), its vocabulary checked on first build."""
+    from tasks.model_io import default_cache_dir
+    from tasks.quantize.gguf_files import cached_base_gguf
+
+    return cached_base_gguf(checkpoint, default_cache_dir(), check_vocabulary)
+
+
+def check_vocabulary(checkpoint: Path, path: Path) -> None:
+    """Every gguf variant of a checkpoint is served with the vocabulary of its base GGUF, so llama.cpp must
+    split text as the checkpoint's own tokenizer does (the one the pipeline calibrated and evaluated with):
+    llama.cpp's converter can misread a tokenizer (a GPT-2 BPE vocabulary saved with byte fallback reads as
+    SentencePiece, which llama.cpp then cannot even load). One error line, nothing cached."""
+    from tasks.model_io import TOKENIZER_PROBE, load_tokenizer
+    from tasks.quantize.llama_cpp_runtime import tokenizer_mismatch
+
+    try:
+        mismatch = tokenizer_mismatch(load_tokenizer(checkpoint), path, TOKENIZER_PROBE)
+    except PipelineError as exc:
+        code = str(exc).rsplit("(", 1)[-1].rstrip(")")
+        raise PipelineError(f"{checkpoint.name}: llama.cpp cannot read the vocabulary its converter writes for it ({code}), so no gguf variant is built") from None
+    if mismatch:
+        raise PipelineError(f"{checkpoint.name}: the vocabulary llama.cpp's converter writes for it does not reproduce its tokenizer's {mismatch}; "
+                            "its gguf variants would be served splitting text wrongly, so none is built")  # fmt: skip

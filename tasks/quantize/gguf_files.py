@@ -94,9 +94,9 @@ def base_gguf(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def cached_base_gguf(checkpoint: str | Path, cache_dir: str | Path) -> Path:
+def cached_base_gguf(checkpoint: str | Path, cache_dir: str | Path, check=None) -> Path:
     """`base_gguf` of a checkpoint, built once per checkpoint content into `cache_dir` (several variants of
-    one run, and later runs, share it)."""
+    one run, and later runs, share it); `check(checkpoint, path)` may refuse a new one before it is cached."""
     import hashlib
     import json
 
@@ -112,29 +112,12 @@ def cached_base_gguf(checkpoint: str | Path, cache_dir: str | Path) -> Path:
         staged = out.with_name(f".{out.name}.{os.getpid()}.unchecked")
         try:
             base_gguf(checkpoint, staged)
-            check_vocabulary(checkpoint, staged)
+            if check is not None:
+                check(checkpoint, staged)
             os.replace(staged, out)
         finally:
             staged.unlink(missing_ok=True)
     return out
-
-
-def check_vocabulary(checkpoint: Path, path: Path) -> None:
-    """Every gguf variant of a checkpoint is served with the vocabulary of its base GGUF, so llama.cpp must
-    split text as the checkpoint's own tokenizer does (the one the pipeline calibrated and evaluated with):
-    llama.cpp's converter can misread a tokenizer (a GPT-2 BPE vocabulary saved with byte fallback reads as
-    SentencePiece, which llama.cpp then cannot even load). One error line, nothing cached."""
-    from tasks.model_io import TOKENIZER_PROBE, load_tokenizer
-    from tasks.quantize.llama_cpp_runtime import tokenizer_mismatch
-
-    try:
-        mismatch = tokenizer_mismatch(load_tokenizer(checkpoint), path, TOKENIZER_PROBE)
-    except PipelineError as exc:
-        code = str(exc).rsplit("(", 1)[-1].rstrip(")")
-        raise PipelineError(f"{checkpoint.name}: llama.cpp cannot read the vocabulary its converter writes for it ({code}), so no gguf variant is built") from None
-    if mismatch:
-        raise PipelineError(f"{checkpoint.name}: the vocabulary llama.cpp's converter writes for it does not reproduce its tokenizer's {mismatch}; "
-                            "its gguf variants would be served splitting text wrongly, so none is built")  # fmt: skip
 
 
 @dataclass(frozen=True)
