@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from tasks.allocation.presets import preset_bitmap
-from tasks.calibration import Calibration
 from tasks.allocation.plan import BASELINE_METHOD, allocate_variants, plan_variants, rung_errors, variant_name
+from tasks.allocation.presets import preset_bitmap
 from tasks.artifacts import StageOutput, ensure_local, file_sha256, stable_hash
+from tasks.calibration import Calibration
 from tasks.contracts import Contract
 from tasks.errors import PipelineError
 from tasks.model_io import ResolvedModel

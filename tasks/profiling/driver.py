@@ -330,11 +330,8 @@ def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: di
                  rungs: tuple[Rung, ...], seconds: dict) -> None:  # fmt: skip
     """`out_err_gptq` on the layer's HQQ rows and GPTQ's per-output errors into `row_errors` (gptq_errors.py)."""
     rungs = hqq_rungs(rungs)
-    by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for m in layout.modules:
-        by_input[layout.input_of(m)][m] = weights[m]
     out_err = {}
-    for key, members in by_input.items():
+    for key, members in _by_input(layout, weights).items():
         with _phase(seconds, "gptq"):
             errors = gptq_rung_errors(members, matrices[key], int(counts[key]), rungs)
         for m, e in errors.items():
@@ -342,6 +339,14 @@ def _gptq_errors(rows: list[dict], row_errors: dict, weights: dict, matrices: di
             out_err[m] = (row_errors[GPTQ_KEY + m].sum(dim=1) / (counts[key] * weights[m].shape[0])).tolist()
     for row, value in zip(rows, _rung_values(rows, rungs, lambda row: row["module"], out_err)):
         row["out_err_gptq"] = value
+
+
+def _by_input(layout: Layout, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The modules' weights grouped by the input they share (q/k/v; gate/up): one GPTQ solve per input."""
+    by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for m in layout.modules:
+        by_input[layout.input_of(m)][m] = weights[m]
+    return by_input
 
 
 def _rung_values(rows: list[dict], rungs: tuple[Rung, ...], key, values: dict) -> list:
@@ -480,12 +485,8 @@ def _stashed_gptq_errors(stash: InputStash, index: int, layout: Layout, state: d
     """W - GPTQ_rung(W) of every module of layer `index` (the forward pass's solve, again: it keeps per-output
     sums only), from the Gram matrices it stashed."""
     matrices, counts = stash.get_grams(index, device)
-    weights = layout.weights(state)
-    by_input: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for m in layout.modules:
-        by_input[layout.input_of(m)][m] = weights[m]
     errors = {}
-    for key, members in by_input.items():
+    for key, members in _by_input(layout, layout.weights(state)).items():
         errors.update(gptq_rung_errors(members, matrices[key].double(), int(counts[key]), rungs))
     return errors
 
