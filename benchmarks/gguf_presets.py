@@ -4,12 +4,13 @@ For each preset (Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M by default) llama-
 with the run's importance matrix; each method of --methods gets exactly the preset's linear-weight size and
 the preset's embedding and output types, so the two files weigh the same. Every file is evaluated by
 llama.cpp's own runtime on the same windows of WikiText-2 and C4 (--eval-tokens each, paper protocol)
-against the unquantized model: mean KLD, its 99th percentile, top-1 agreement, perplexity. A method MEETs a
+against the unquantized model: mean KLD, its 99th percentile, top-1 agreement, perplexity (--with-ours: also
+by this project's evaluator, beside). A method MEETs a
 preset when its mean KLD is lower on both sets, by at least 15% at every preset up to Q4_K_M, and never
 worse beyond the paired noise (2 standard errors of the per-token difference) anywhere.
 
     python benchmarks/gguf_presets.py [--model embedded|gemma3-270m|<file.gguf>|<checkpoint>] [--presets Q2_K,...]
-                                      [--methods optimal,taylor] [--eval-tokens 16384] [--write-docs]
+                                      [--methods optimal,taylor] [--eval-tokens 16384] [--with-ours] [--write-docs]
 
 Everything goes through the pipeline's own steps (cached under $QUANT_HOME/artifacts), so an interrupted run
 continues where it stopped; --write-docs stores the rows measured so far in
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--methods", default="optimal,taylor")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--with-ours", action="store_true", help="also score every file with this project's evaluator (its KLD column; doubles the cost)")
     ap.add_argument("--write-docs", action="store_true", help="store the rows measured (docs/results/gguf-presets-<model>.json/.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -69,7 +71,7 @@ def main() -> int:
                                       "same_file_as": same}  # fmt: skip
             log.info("%s: the same file as %s", record.plan.name, same)
             continue
-        done = _pipeline.evaluate(ctx, record)
+        done = _pipeline.evaluate(ctx, record, own_pass=args.with_ours)
         rows[record.plan.name] = {"name": record.plan.name, "method": record.plan.method, "budget": record.plan.budget_label,
                                   "bpp": record.plan.nominal_bpp, **_facts(done), **done.evaluation.metrics,
                                   "evaluation_dir": done.evaluation.uri}  # fmt: skip
@@ -143,13 +145,15 @@ def _tokens(row: dict, dataset: str):
 
 
 def write(out: Path, model: str, args, rows: dict, presets: list[str], methods: list[str]) -> None:
-    stored = {"model": model, "eval_tokens": args.eval_tokens, "presets": presets, "methods": methods,
+    command = " ".join(["python benchmarks/gguf_presets.py", *([f"--model {args.model}"] if args.model != "embedded" else []),
+                        *(["--with-ours"] if args.with_ours else []), "--write-docs"])  # fmt: skip
+    stored = {"model": model, "command": command, "eval_tokens": args.eval_tokens, "presets": presets, "methods": methods,
               "rows": [{k: v for k, v in r.items() if k != "evaluation_dir"} for r in rows.values()]}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(stored, indent=1, default=str) + "\n")
     text = [f"# llama.cpp's presets vs `{'`, `'.join(methods)}` at their sizes: {model}", "",
             f"Every file judged by llama.cpp's own runtime on {args.eval_tokens} tokens of WikiText-2 and of C4 (paper protocol), "
-            "KLD against the unquantized model. Written by `python benchmarks/gguf_presets.py --write-docs`.", "",
+            f"KLD against the unquantized model. Written by `{command}`.", "",
             table(rows), "", *(f"    {line}" for line in verdicts(rows, presets, methods)), ""]  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(text))
 

@@ -135,23 +135,31 @@ def test_the_gguf_ladder_through_the_allocators_records_the_types_written(gguf_p
         allocate(scores, "dkld_greedy", 4.6, {}, ladder="gguf")
 
 
-@needs_llama_cpp
-def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_served(gguf_llama, gguf_profile, tmp_path, monkeypatch):
-    import mlflow
-
+@pytest.fixture(scope="session")
+def gguf_quantized(gguf_llama, gguf_profile, tmp_path_factory):
+    """(bit map, output dir, facts): `optimal` at 4.8 bpw on the gguf ladder, written by ggml's quantizer."""
     from tasks.allocation import allocate
     from tasks.allocation.scores import read_scores
+    from tasks.quantize.gguf import GGUFBackend
+
+    profile, _ = gguf_profile
+    bitmap = allocate(read_scores(profile / "scores.csv"), "optimal", 4.8, {"errors": "gguf"}, ladder="gguf")
+    out = tmp_path_factory.mktemp("gguf-quantized")
+    return bitmap, out, GGUFBackend().quantize(gguf_llama, bitmap, None, out, {}, imatrix=profile / "imatrix.gguf")
+
+
+@needs_llama_cpp
+def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_served(gguf_llama, gguf_quantized, tmp_path, monkeypatch):
+    import mlflow
+
     from tasks.evaluation.perplexity import PROTOCOLS, model_forward, score_stream
     from tasks.quantize.gguf import GGUFBackend, MODEL_FILE, written_types
     from tasks.quantize.llama_cpp_runtime import LlamaCppModel
     from tasks.registry.mlflow_model import build_mlflow_model
 
     monkeypatch.setenv("QUANT_CACHE_DIR", str(tmp_path / "cache"))
-    profile, ids = gguf_profile
-    bitmap = allocate(read_scores(profile / "scores.csv"), "optimal", 4.8, {"errors": "gguf"}, ladder="gguf")
-    backend, out = GGUFBackend(), tmp_path / "quantized"
-    out.mkdir()
-    facts = backend.quantize(gguf_llama, bitmap, None, out, {}, imatrix=profile / "imatrix.gguf")
+    bitmap, out, facts = gguf_quantized
+    backend = GGUFBackend()
     names = {f"blk.{k.split('.')[0]}.{n}.weight": r.name for k, r in bitmap.modules.items()
              for m, n in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"),
                           ("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")) if k.endswith(m)}  # fmt: skip
@@ -212,6 +220,32 @@ def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_ser
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     assert server.poll() is not None
+
+
+@needs_llama_cpp
+def test_an_evaluation_judged_by_llama_cpp_alone_skips_our_pass_and_keeps_the_usual_key(gguf_llama, gguf_quantized, tmp_path):
+    """own_pass=False (the preset benchmark's default): the same windows, scored by llama.cpp only, in an
+    output of its own; the usual evaluation's cache key does not change."""
+    from safetensors.torch import save_file
+
+    from tasks.evaluation.stage import EvalParams, load_tokens, run_evaluation
+
+    _, quantized, _ = gguf_quantized
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for k, dataset in enumerate(("wikitext2", "c4")):
+        save_file({"input_ids": torch.randint(0, 49152, (1, 1024), generator=torch.Generator().manual_seed(k))}, str(calibration / f"{dataset}.safetensors"))
+    common = dict(backend="gguf", calibration_dir=calibration, artifact_root=tmp_path / "artifacts", model_key="tiny-q",
+                  base_dir=gguf_llama, base_key="tiny")  # fmt: skip
+    alone, alone_dir = run_evaluation(quantized, params=EvalParams(eval_tokens=1024, own_pass=False), **common)
+    assert "ppl_wikitext2" not in alone and "kld_wikitext2" not in alone, "our own pass did not run"
+    assert alone["llamacpp_kld_wikitext2"] > 0 and alone["llamacpp_ppl_c4"] > 0
+    assert set(load_tokens(alone_dir)) == {f"llamacpp:{v}/{d}" for v in ("nll", "kld", "top1") for d in ("wikitext2", "c4")}
+    both, both_dir = run_evaluation(quantized, params=EvalParams(eval_tokens=1024), **common)
+    assert both_dir != alone_dir and both["llamacpp_kld_wikitext2"] == pytest.approx(alone["llamacpp_kld_wikitext2"])
+    assert "own_pass" not in (Path(both_dir) / "manifest.json").read_text(), "the usual key holds no new field"
+    with pytest.raises(PipelineError, match="has none"):
+        run_evaluation(quantized, params=EvalParams(eval_tokens=1024, own_pass=False), **{**common, "backend": "hqq"})
 
 
 @needs_llama_cpp

@@ -43,6 +43,7 @@ class EvalParams(Contract):
     datasets: tuple[str, ...] = EVAL_SETS
     lm_eval_tasks: tuple[str, ...] = ()  # downstream tasks through lm-eval (data/lm_eval/ or lm-eval's registry)
     lm_eval_limit: int | None = None  # documents per task, for quick runs
+    own_pass: bool = True  # False: only the backend's serving runtime scores the windows (benchmarks judged by it)
 
     @property
     def reload_protocol(self) -> str:
@@ -174,6 +175,12 @@ def run_evaluation(
     if params.eval_tokens < 0:
         raise PipelineError(f"eval_tokens must be >= 0 (0 = full set), got {params.eval_tokens}")
     check_window_fits(params)
+    if not params.own_pass and backend != UNQUANTIZED:
+        from tasks.quantize.registry import capabilities
+
+        if capabilities(backend).runtime is None or params.lm_eval_tasks:
+            raise PipelineError(f"own_pass=False scores only in a serving runtime: backend {backend!r} has none"
+                                if not params.lm_eval_tasks else "own_pass=False cannot run lm-eval tasks (they need this project's own model)")
     calibration_dir = ensure_local(calibration_dir)
     model_dir = ensure_local(model_dir)
     if backend == UNQUANTIZED:
@@ -184,7 +191,7 @@ def run_evaluation(
     inputs = {
         "model": model_key,
         "backend": backend,
-        "params": asdict(params),
+        "params": {k: v for k, v in asdict(params).items() if k != "own_pass" or not v},  # keys of both passes stay as they were
         "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
         "reference": reference_out and reference_out.key,
         "format": FORMAT,
@@ -212,10 +219,12 @@ def _measure(out: StageOutput, model_dir: Path, backend: str, calibration_dir: P
             else:
                 reference = build_reference(base_dir, reference_out, streams, params, device, bos)
     with PeakRSS() as memory:
-        started = time.perf_counter()
-        model = load_for_eval(model_dir, backend, device)
-        load_seconds = time.perf_counter() - started
-        metrics, tokens = evaluate_model(model, streams, params, device, reference, capture, bos)
+        model, load_seconds, metrics, tokens = None, math.nan, {}, {}
+        if params.own_pass or backend == UNQUANTIZED:  # the base model's own pass is the reference
+            started = time.perf_counter()
+            model = load_for_eval(model_dir, backend, device)
+            load_seconds = time.perf_counter() - started
+            metrics, tokens = evaluate_model(model, streams, params, device, reference, capture, bos)
     if capture is not None:
         with reference_out.build() as tmp:
             capture.save(tmp)
