@@ -76,6 +76,12 @@ def run(ctx, params: EvaluationParams) -> Evaluation:
     return Evaluation(uri, metrics, params.settings.reload_protocol)
 
 
+def key_params(params: EvalParams) -> dict:
+    """The settings as the evaluation's cache key holds them: own_pass only when off, so the keys of
+    evaluations with both passes stay as they were before it existed."""
+    return {k: v for k, v in asdict(params).items() if k != "own_pass" or not v}
+
+
 def suffix(dataset: str, protocol: str) -> str:
     """wikitext2 / c4 for the paper protocol, <set>_gptq for the GPTQ protocol."""
     return dataset if protocol == "paper" else f"{dataset}_{protocol}"
@@ -191,7 +197,7 @@ def run_evaluation(
     inputs = {
         "model": model_key,
         "backend": backend,
-        "params": {k: v for k, v in asdict(params).items() if k != "own_pass" or not v},  # keys of both passes stay as they were
+        "params": key_params(params),
         "tokens": {d: file_sha256(calibration_dir / f"{d}.safetensors") for d in params.datasets},
         "reference": reference_out and reference_out.key,
         "format": FORMAT,
