@@ -22,8 +22,10 @@ def check_gguf(path: str | Path, full: bool = True) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+    if head[:4] != GGUF_MAGIC:
         raise PipelineError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+    if len(head) < 24:
+        raise PipelineError(f"{path} is a truncated GGUF file ({size} bytes, shorter than the GGUF header)")
     version, tensors, kvs = struct.unpack("<IQQ", head[4:24])
     if version not in GGUF_VERSIONS:
         raise PipelineError(f"{path}: GGUF version {version} is not supported (versions {', '.join(map(str, GGUF_VERSIONS))})")

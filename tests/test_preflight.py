@@ -236,6 +236,10 @@ def test_damaged_gguf_files_are_refused(tmp_path, embedded_model, state):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(PipelineError, match="truncated|damaged"):
         preflight({"model": str(truncated)}, state / "cache")
+    cut_in_header = tmp_path / "cut-in-header.gguf"
+    cut_in_header.write_bytes(good[:12])
+    with pytest.raises(PipelineError, match="truncated GGUF file \\(12 bytes, shorter than the GGUF header\\)"):
+        check_gguf(cut_in_header, full=False)
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(good[:2000])
     with pytest.raises(PipelineError, match="damaged or truncated GGUF"):
