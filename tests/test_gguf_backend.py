@@ -114,6 +114,29 @@ def test_the_profile_imatrix_is_the_mean_squared_input_of_every_linear(gguf_llam
 
 
 @needs_llama_cpp
+def test_the_rival_pass_prices_a_fallback_type_once_and_gives_it_its_written_types_scores(gguf_llama, tmp_path, monkeypatch):
+    """down_proj's 576-wide rows take no K-quant: Q4_K is written as its fallback, so its error is the
+    fallback's, and the backward pass's per-token products are taken once per written type. The columns
+    equal those of a pass that multiplies every rung's (copied) errors."""
+    import pandas as pd
+
+    from tasks.profiling import driver, run_profiling
+    from tasks.quantize.ggml_types import written_rung
+
+    rungs = tuple(ggml_rung(t) for t in ("Q4_K", "Q5_0", "Q6_K", "Q8_0"))
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(3))
+    deduped = pd.read_csv(run_profiling(gguf_llama, ids, tmp_path / "deduped", rungs=rungs, fisher_samples=2, rival_scores=True))
+    every = driver._rung_errors
+    monkeypatch.setattr(driver, "_distinct_errors", lambda w, rungs, imp: (every(w, rungs, {}, imp), len(rungs), None))
+    plain = pd.read_csv(run_profiling(gguf_llama, ids, tmp_path / "plain", rungs=rungs, fisher_samples=2, rival_scores=True))
+    down = deduped[deduped.module.str.endswith("down_proj") & (deduped.layer == 0)].set_index("type")
+    assert written_rung(rungs[0], 576).name in down.index and down.loc["Q4_K", "written"] != "Q4_K"
+    assert down.loc["Q4_K", "taylor_dloss"] == down.loc[down.loc["Q4_K", "written"], "taylor_dloss"] > 0
+    pd.testing.assert_series_equal(deduped["taylor_dloss"], plain["taylor_dloss"], check_exact=True)
+    pd.testing.assert_series_equal(deduped["delta_loss"], plain["delta_loss"], check_exact=True)
+
+
+@needs_llama_cpp
 def test_the_gguf_ladder_through_the_allocators_records_the_types_written(gguf_profile):
     from tasks.allocation import allocate
     from tasks.allocation.scores import read_scores

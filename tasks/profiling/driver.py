@@ -256,6 +256,18 @@ def _rung_errors(w: torch.Tensor, rungs: tuple[Rung, ...], known: dict[Rung, tor
     return stack
 
 
+def _distinct_errors(w: torch.Tensor, rungs: tuple[Rung, ...], importance: torch.Tensor | None) -> tuple[torch.Tensor, int, list[int] | None]:
+    """(errors of the distinct rungs only [d * out, in], d, every rung's index among them): the arguments
+    of rivals.accumulate after `errors`' (module, key, x, g)."""
+    copies: dict[int, int] = {}
+    errors = _rung_errors(w, rungs, {}, importance, copies)
+    if not copies:
+        return errors, len(rungs), None
+    distinct = [k for k in range(len(rungs)) if k not in copies]
+    kept = errors.view(len(rungs), w.shape[0], -1)[distinct].reshape(-1, w.shape[1])
+    return kept, len(distinct), [distinct.index(copies.get(k, k)) for k in range(len(rungs))]
+
+
 def _row_sums(form: QuadraticForm, errors: torch.Tensor, rungs: int, copies: dict[int, int]) -> torch.Tensor:
     """form.row_sums of every rung's errors [rungs, out], each distinct rung's computed once."""
     if not copies:
@@ -449,7 +461,7 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
         errors, gptq_errors = {}, {}
         if rival_rungs:
             with _phase(seconds, "rivals"):
-                errors = {m: _rung_errors(w, rival_rungs, {}, importance.get(f"{index}.{m}")) for m, w in factory.layout.weights(state).items()}
+                errors = {m: _distinct_errors(w, rival_rungs, importance.get(f"{index}.{m}")) for m, w in factory.layout.weights(state).items()}
         if gptq_rungs:
             with _phase(seconds, "gptq"):
                 gptq_errors = _stashed_gptq_errors(stash, index, factory.layout, state, gptq_rungs, device)
@@ -467,7 +479,7 @@ def _output_gradients(checkpoint: Checkpoint, factory: LayerFactory, stash: Inpu
             if rival_rungs:
                 with _phase(seconds, "rivals"):
                     for m, (x, g) in capture.items():
-                        rivals.accumulate(squares, f"{index}.{m}", x, g, errors[m], len(rival_rungs))
+                        rivals.accumulate(squares, f"{index}.{m}", x, g, *errors[m])
                         if m in gptq_errors:
                             rivals.accumulate(squares, f"{GPTQ_KEY}{index}.{m}", x, g, gptq_errors[m], len(gptq_rungs))
         del layer, inputs, state, errors, gptq_errors

@@ -15,9 +15,9 @@ samples, with the rest of the model in full precision:
   and scheme the sum over calibration batches of sum |dL/dW * (W - Q(W))|, a first-order, absolute
   estimate; our batches are single windows, and we report it per gradient token.
 
-Cost: every rung's HQQ error again per layer (the forward pass does not keep them) plus, for taylor, one
-product of the layer inputs with every rung's error (tokens x in x rungs x out); printed as the phase
-`rivals`.
+Cost: every rung's error again per layer (the forward pass does not keep them) plus, for taylor, one
+product of the layer inputs with every distinct rung's error (tokens x in x rungs x out); printed as the
+phase `rivals`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import torch
 COLUMNS = ("taylor_dloss", "delta_loss")
 
 
-def accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor, g: torch.Tensor, errors: torch.Tensor, rungs: int) -> None:
+def accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor, g: torch.Tensor, errors: torch.Tensor, rungs: int,
+               expand: list[int] | None = None) -> None:  # fmt: skip
     """Add one backward step of module `key` to `sums` ({f"{column}:{key}": float64 [rungs]}).
+    `expand`: the ladder's rungs as indices into `errors`' rungs, where `errors` holds distinct ones only
+    (gguf types that fall back to one written type on these rows share one error, so one product).
 
     x [windows, seq, in]: the module's inputs; g [windows, seq, out]: d(summed NLL)/d(output);
     errors [rungs * out, in]: W - dequant(HQQ_rung(W)) of every rung, stacked along the rows. An MoE
@@ -49,6 +52,7 @@ def accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor, g: torc
         grad_w = g[w].reshape(-1, out).float().t() @ x[w].reshape(-1, x.shape[-1]).float()  # dL/dW of this window
         delta += (stacked * grad_w).abs_().sum(dim=(1, 2), dtype=torch.float64).cpu()
     for column, value in (("taylor_dloss", 0.5 * taylor.cpu()), ("delta_loss", delta)):
+        value = value[expand] if expand is not None else value
         name = f"{column}:{key}"
         sums[name] = sums[name] + value if name in sums else value
 
