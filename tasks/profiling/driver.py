@@ -263,19 +263,24 @@ def _distinct_errors(w: torch.Tensor, rungs: tuple[Rung, ...], importance: torch
     errors = _rung_errors(w, rungs, {}, importance, copies)
     if not copies:
         return errors, len(rungs), None
-    distinct = [k for k in range(len(rungs)) if k not in copies]
-    kept = errors.view(len(rungs), w.shape[0], -1)[distinct].reshape(-1, w.shape[1])
-    return kept, len(distinct), [distinct.index(copies.get(k, k)) for k in range(len(rungs))]
+    distinct, index = _distinct(len(rungs), copies)
+    return errors.view(len(rungs), w.shape[0], -1)[distinct].reshape(-1, w.shape[1]), len(distinct), index
+
+
+def _distinct(rungs: int, copies: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(the rungs whose errors are their own, every rung's index among those): `copies` as _rung_errors fills it."""
+    distinct = [k for k in range(rungs) if k not in copies]
+    return distinct, [distinct.index(copies.get(k, k)) for k in range(rungs)]
 
 
 def _row_sums(form: QuadraticForm, errors: torch.Tensor, rungs: int, copies: dict[int, int]) -> torch.Tensor:
     """form.row_sums of every rung's errors [rungs, out], each distinct rung's computed once."""
     if not copies:
         return form.row_sums(errors).view(rungs, -1)
-    distinct = [k for k in range(rungs) if k not in copies]
+    distinct, index = _distinct(rungs, copies)
     blocks = errors.view(rungs, -1, errors.shape[1])
     sums = form.row_sums(blocks[distinct].reshape(-1, errors.shape[1])).view(len(distinct), -1)
-    return sums[[distinct.index(copies.get(k, k)) for k in range(rungs)]]
+    return sums[index]
 
 
 def profile_layer(index: int, state: dict[str, torch.Tensor], factory: LayerFactory, hidden: torch.Tensor, *,
