@@ -184,9 +184,10 @@ def run_evaluation(
     if not params.own_pass and backend != UNQUANTIZED:
         from tasks.quantize.registry import capabilities
 
-        if capabilities(backend).runtime is None or params.lm_eval_tasks:
-            raise PipelineError(f"own_pass=False scores only in a serving runtime: backend {backend!r} has none"
-                                if not params.lm_eval_tasks else "own_pass=False cannot run lm-eval tasks (they need this project's own model)")
+        if capabilities(backend).runtime is None:
+            raise PipelineError(f"own_pass=False scores only in a serving runtime: backend {backend!r} has none")
+        if params.lm_eval_tasks:
+            raise PipelineError("own_pass=False cannot run lm-eval tasks (they need this project's own model)")
     calibration_dir = ensure_local(calibration_dir)
     model_dir = ensure_local(model_dir)
     if backend == UNQUANTIZED:
