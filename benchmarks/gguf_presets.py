@@ -12,8 +12,9 @@ worse beyond the paired noise (2 standard errors of the per-token difference) an
     python benchmarks/gguf_presets.py [--model embedded|gemma3-270m|<file.gguf>|<checkpoint>] [--presets Q2_K,...]
                                       [--methods optimal,taylor] [--eval-tokens 16384] [--with-ours] [--write-docs]
 
-Everything goes through the pipeline's own steps (cached under $QUANT_HOME/artifacts), so an interrupted run
-continues where it stopped; --write-docs stores the rows measured so far in
+Everything goes through the pipeline's own steps (cached under $QUANT_HOME/artifacts), and every measured
+file's row is stored in the repository (benchmarks/rows/gguf-presets/, see benchmarks/_rows.py; commit
+them), so an interrupted run continues where it stopped, on this machine or another; --write-docs stores the rows measured so far in
 docs/results/gguf-presets-<model>.json (and the table in docs/results/gguf-presets-<model>.md).
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _pipeline  # noqa: E402
+import _rows  # noqa: E402
 from tasks.bitmap import BitMap  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.evaluation.stage import load_tokens  # noqa: E402
@@ -52,6 +54,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--with-ours", action="store_true", help="also score every file with this project's evaluator (its KLD column; doubles the cost)")
+    ap.add_argument("--fresh-rows", action="store_true", help="measure every file again, ignoring the rows stored in benchmarks/rows/")
     ap.add_argument("--write-docs", action="store_true", help="store the rows measured (docs/results/gguf-presets-<model>.json/.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -71,10 +74,8 @@ def main() -> int:
                                       "same_file_as": same}  # fmt: skip
             log.info("%s: the same file as %s", record.plan.name, same)
             continue
-        done = _pipeline.evaluate(ctx, record, own_pass=args.with_ours)
         rows[record.plan.name] = {"name": record.plan.name, "method": record.plan.method, "budget": record.plan.budget_label,
-                                  "bpp": record.plan.nominal_bpp, **_facts(done), **done.evaluation.metrics,
-                                  "evaluation_dir": done.evaluation.uri}  # fmt: skip
+                                  "bpp": record.plan.nominal_bpp, **_measured(ctx, prep, record, args)}  # fmt: skip
         if args.write_docs:  # after every row: an interrupted benchmark keeps what it measured
             write(out, prep.model.name, args, rows, presets, methods)
     print(table(rows))
@@ -92,6 +93,20 @@ def _mix(record: VariantRecord) -> str:
     bitmap = BitMap.load(record.plan.bitmap)
     return json.dumps([record.plan.backend, sorted((k, r.name) for k, r in bitmap.modules.items()),
                        bitmap.options.get("token_embd"), bitmap.options.get("output")])  # fmt: skip
+
+
+def _measured(ctx, prep, record: VariantRecord, args) -> dict:
+    """The file's facts and llama.cpp's metrics with the per-token KLD (`tokens`): stored in the repository
+    once measured (benchmarks/_rows.py), so that the table continues on another machine."""
+    who = _rows.identity(prep.model, record.plan.backend, _mix(record), eval_tokens=args.eval_tokens, samples=args.samples, with_ours=args.with_ours)
+    row = None if args.fresh_rows else _rows.load("gguf-presets", who)
+    if row is None:
+        done = _pipeline.evaluate(ctx, record, own_pass=args.with_ours)
+        measured = load_tokens(done.evaluation.uri)
+        tokens = {k: measured[k] for k in (f"{ENGINE}:kld/{s}" for s in SETS) if k in measured}
+        _rows.save("gguf-presets", who, {**_facts(done), **done.evaluation.metrics}, tokens)
+        row = _rows.load("gguf-presets", who)
+    return row
 
 
 def _facts(record: VariantRecord) -> dict:
@@ -141,14 +156,14 @@ def verdicts(rows: dict, presets: list[str], methods: list[str]) -> list[str]:
 
 
 def _tokens(row: dict, dataset: str):
-    return load_tokens(row["evaluation_dir"])[f"{ENGINE}:kld/{dataset}"]
+    return row["tokens"][f"{ENGINE}:kld/{dataset}"]
 
 
 def write(out: Path, model: str, args, rows: dict, presets: list[str], methods: list[str]) -> None:
     command = " ".join(["python benchmarks/gguf_presets.py", *([f"--model {args.model}"] if args.model != "embedded" else []),
                         *(["--with-ours"] if args.with_ours else []), "--write-docs"])  # fmt: skip
     stored = {"model": model, "command": command, "eval_tokens": args.eval_tokens, "presets": presets, "methods": methods,
-              "rows": [{k: v for k, v in r.items() if k != "evaluation_dir"} for r in rows.values()]}  # fmt: skip
+              "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows.values()]}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(stored, indent=1, default=str) + "\n")
     text = [f"# llama.cpp's presets vs `{'`, `'.join(methods)}` at their sizes: {model}", "",

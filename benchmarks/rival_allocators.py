@@ -19,7 +19,9 @@ embedded row no worse than the fisher objective's) and the estimates' Spearman a
 
 The profile is one pass with rival_scores (the per-token products cost an extra share of the backward
 pass, printed as the phase `rivals`); stage outputs, refinements included, are cached under
-$QUANT_HOME/artifacts, so a rerun continues where it stopped. With --backend gptq every row is what the
+$QUANT_HOME/artifacts, and every measured row is also stored in the repository (benchmarks/rows/
+rival-allocators/, see benchmarks/_rows.py; commit them), so a rerun continues where it stopped, on this
+machine or another (the profile is measured again there: a few minutes). With --backend gptq every row is what the
 pipeline would build for gptq: q/k/v and gate/up tied, `optimal` priced by GPTQ's own rung errors (profile
 phase `gptq`), the rivals by plain rounding as their tools price them. Maps that coincide (on HQQ, optimal
 per_token's is taylor's) are measured once. --write-docs stores the rows as
@@ -46,6 +48,7 @@ from tasks.evaluation.stage import load_tokens  # noqa: E402
 from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 import _pipeline  # noqa: E402
+import _rows  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.allocation.methods import METHODS  # noqa: E402
 from tasks.allocation.plan import VariantSpec, allocate_variants, backend_options, rung_errors  # noqa: E402
@@ -54,6 +57,7 @@ from tasks.quantize.registry import own_error_names  # noqa: E402
 
 EXACT = ("optimal", "taylor", "delta_loss", "dkld_greedy", "mxq")
 RUNGS = "b3g128,b3g64,b3g32,b4g128,b4g64"
+PAIRED = ("kld/wikitext2", "nll/wikitext2")  # the per-token values the verdicts pair (kept with each stored row)
 
 
 def main() -> int:
@@ -68,6 +72,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--full-wikitext2", action="store_true", help="also the whole WikiText-2 test (GPTQ protocol; slow on CPU)")
+    ap.add_argument("--fresh-rows", action="store_true", help="measure every row again, ignoring the rows stored in benchmarks/rows/")
     ap.add_argument("--write-docs", action="store_true", help="store the rows (docs/results/) and rewrite the docs tables that read them")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -118,15 +123,28 @@ def main() -> int:
     out = Path(prep.calibration.uri).parent.parent / "benchmark-bitmaps"
     out.mkdir(exist_ok=True)
     base = _pipeline.baseline(ctx, prep)
-    rows = [("unquantized", None, None, None, measure(ctx, base, args.full_wikitext2))]
+    def kept(bitmap, name: str) -> dict:  # a row measured here or stored by an earlier run (benchmarks/_rows.py)
+        who = _rows.identity(prep.model, args.backend, bitmap, eval_tokens=args.eval_tokens, samples=args.samples, full_wikitext2=args.full_wikitext2)
+        row = None if args.fresh_rows else _rows.load("rival-allocators", who)
+        if row is None:
+            variant = base
+            if bitmap is not None:
+                path = out / f"rival-{args.backend}-{name.replace(' ', '_').replace('@', 'at-').replace('[', '-').replace(']', '').replace('+', '-')}.json"
+                bitmap.save(path)
+                variant = _pipeline.variant(base, args.backend, path, bitmap)
+            metrics = measure(ctx, variant, args.full_wikitext2)
+            tokens = load_tokens(metrics["evaluation_dir"])
+            _rows.save("rival-allocators", who, metrics, {k: tokens[k] for k in PAIRED if k in tokens})
+            row = _rows.load("rival-allocators", who)
+        return row
+
+    rows = [("unquantized", None, None, None, kept(None, "unquantized"))]
     measured: dict[tuple, dict] = {}  # one measurement per distinct map (on HQQ, optimal per_token's map is taylor's)
     errors = rung_errors(args.backend, profiled_errors)
     for name, p, seconds in plan:
         same = (tuple(sorted((k, r.name) for k, r in p.bitmap.modules.items())),)
         if same not in measured:
-            path = out / f"rival-{args.backend}-{name.replace(' ', '_').replace('@', 'at-').replace('[', '-').replace(']', '').replace('+', '-')}.json"
-            p.bitmap.save(path)
-            measured[same] = measure(ctx, _pipeline.variant(base, args.backend, path, p.bitmap), args.full_wikitext2)
+            measured[same] = kept(p.bitmap, name)
         metrics = {**measured[same], **_costs(p.bitmap, seconds)}
         predicted = {o: predicted_loss_increase(table, p.bitmap, errors, o) for o in ("fisher", "per_token")}
         rows.append((name, p.bitmap.nominal_bpp, predicted, seconds, metrics))
@@ -150,7 +168,7 @@ def main() -> int:
         if full:
             cells.append(f"{m['full_ppl_wikitext2_gptq']:.3f}")
         print("| " + " | ".join(cells) + " |")
-    by_name = {name: {**m, "tokens": load_tokens(m["evaluation_dir"])} for name, *_, m in rows}
+    by_name = {name: m for name, *_, m in rows}
     for flavor in flavors:
         print(f"\nverdicts of {flavor.name} (KLD on WikiText-2; 'better' = lower by more than {NOISE_Z:g} standard errors of the paired per-token difference):")
         for rung in rungs:

@@ -62,9 +62,10 @@ def test_a_registered_backend_is_planned_by_its_capabilities(dummy):
     assert priced.profiled_errors == ("gptq",), "a backend with own rung errors has them profiled"
     plan = {s.name: s for s in plan_variants(priced)}
     assert plan["optimal-3.25-gptq-errors"].backends == ("gptqlike",) and plan["optimal-3.25"].backends == ("hqq",)
-    # the rival scores (a backward-pass cost) are profiled when a method reads them, the per-token objective too
-    assert not priced.rival_scores
-    assert PipelineConfig.from_dict({"methods": ["optimal"], "method_options": {"optimal": {"objective": "per_token"}}}).rival_scores
+    # the rival scores (a backward-pass cost) are profiled when a method reads them: the per-token objective
+    # (optimal's default) too, the fisher one not
+    assert priced.rival_scores
+    assert not PipelineConfig.from_dict({"methods": ["optimal"], "method_options": {"optimal": {"objective": "fisher"}}}).rival_scores
     assert PipelineConfig.from_dict({"methods": ["taylor"]}).rival_scores
 
 
@@ -123,9 +124,9 @@ def test_the_backends_declare_what_the_name_tables_said(tmp_path):
 @pytest.mark.parametrize(
     "family,config,extra",
     [
-        ("llama", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {"gptq_errors": True}),
-        ("phi3", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {}),  # gptq refuses phi3: nothing to price
-        ("llama", {"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq"}}}, {}),
+        ("llama", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {"gptq_errors": True, "rival_scores": True, "taylor_dloss_gptq": True}),
+        ("phi3", {"backends": ["hqq", "gptq"], "methods": ["optimal"]}, {"rival_scores": True}),  # gptq refuses phi3: nothing to price
+        ("llama", {"backends": ["gptq"], "methods": ["optimal"], "method_options": {"optimal": {"errors": "hqq", "objective": "fisher"}}}, {}),
         ("llama", {"backends": ["hqq"], "methods": ["sensiboost", "taylor"]}, {"rival_scores": True}),
     ],
 )

@@ -7,8 +7,8 @@
     python -m tasks frontier --scores scores.csv --budgets 3.0:4.5:0.25 --out-dir frontier/
 
 Writes one bit map per budget (`optimal-<bpp>.json`) and `frontier.csv`, and prints the curve: budget,
-nominal bpp, the objective (with the default fisher objective: the estimated increase of the
-calibration loss in nats per token) and, for that objective, the estimated perplexity ratio
+nominal bpp, the objective (with the loss objectives, the default per_token and fisher: the estimated
+increase of the calibration loss in nats per token) and, for that objective, the estimated perplexity ratio
 exp(c * objective) against the unquantized model. c = 1 unless `--calibrate BPP:RATIO` gives one measured
 point (the perplexity ratio a quantized model at BPP showed): then c = ln(RATIO) / objective(BPP), which
 absorbs the estimate's scale error (calibration text vs evaluation text, second-order truncation;
@@ -45,7 +45,7 @@ def configure_allocate(parser: argparse.ArgumentParser) -> None:
     solver = parser.add_argument_group("mxq / optimal")
     solver.add_argument("--tolerance", type=float, help="mxq: allowed memory overshoot as a fraction (0.01 = 1%%)")
     solver.add_argument("--rungs", help="candidate rungs, comma-separated (default: all in the table)")
-    solver.add_argument("--objective", help="optimal: fisher (default), sensitivity or output")
+    solver.add_argument("--objective", help="optimal: per_token (default), fisher, sensitivity or output")
     solver.add_argument("--time-limit", type=float, help="solver time limit in seconds (default 60)")
     solver.add_argument("--mip-gap", type=float, help="relative optimality gap (default 0: proven optimal)")
     parser.add_argument("--tie-fused", action="store_true", default=None,
@@ -110,7 +110,7 @@ def configure_frontier(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="scores table (the profiler's, or the authors' CSV)")
     parser.add_argument("--budgets", required=True, help="comma-separated bpp or rungs, or a range start:stop:step")
     parser.add_argument("--out-dir", required=True, help="where the bit maps and frontier.csv go")
-    parser.add_argument("--objective", default="fisher", help="fisher (default), sensitivity or output")
+    parser.add_argument("--objective", default=None, help="per_token (default), fisher, sensitivity or output")
     parser.add_argument("--rungs", default=None, help="candidate rungs, comma-separated (default: all in the table)")
     parser.add_argument("--model", default=None, help="which model of a table that holds several")
     parser.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up of a layer on one rung (vLLM's fused kernels)")
@@ -120,18 +120,19 @@ def configure_frontier(parser: argparse.ArgumentParser) -> None:
 def run_frontier(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tasks.allocation.optimal import frontier
+    from tasks.allocation.optimal import LOSS_OBJECTIVES, frontier
     from tasks.allocation.scores import read_scores
 
     budgets = parse_budgets(args.budgets)
     point = parse_calibration(args.calibrate) if args.calibrate else None
-    maps = frontier(read_scores(args.scores, model=args.model), budgets + ([point[0]] if point else []), objective=args.objective,
-                    rungs=args.rungs, tie_fused=args.tie_fused)  # fmt: skip
+    options = {"objective": args.objective} if args.objective else {}
+    maps = frontier(read_scores(args.scores, model=args.model), budgets + ([point[0]] if point else []), rungs=args.rungs,
+                    tie_fused=args.tie_fused, **options)  # fmt: skip
     scale = 1.0
     if point:
         anchor = maps.pop()
-        if anchor.options.get("objective_name") != "fisher" or anchor.options["objective"] <= 0:
-            raise PipelineError("--calibrate needs the fisher objective and a budget whose estimate is above zero")
+        if anchor.options.get("objective_name") not in LOSS_OBJECTIVES or anchor.options["objective"] <= 0:
+            raise PipelineError(f"--calibrate needs a loss objective ({', '.join(LOSS_OBJECTIVES)}) and a budget whose estimate is above zero")
         scale = math.log(point[1]) / anchor.options["objective"]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,12 +140,12 @@ def run_frontier(args: argparse.Namespace) -> int:
     for budget, bitmap in zip(budgets, maps):
         path = out / f"optimal-{budget:.4f}.json"
         bitmap.save(path)
-        fisher = bitmap.options.get("objective_name") == "fisher"
+        in_nats = bitmap.options.get("objective_name") in LOSS_OBJECTIVES
         rows.append({
             "budget": budget,
             "nominal_bpp": round(bitmap.nominal_bpp, 6),
             "objective": bitmap.options["objective"],
-            "est_ppl_ratio": math.exp(scale * bitmap.options["objective"]) if fisher else None,
+            "est_ppl_ratio": math.exp(scale * bitmap.options["objective"]) if in_nats else None,
             "rungs": " ".join(f"{name}={n}" for name, n in bitmap.rung_counts().items()),
             "bitmap": str(path),
         })

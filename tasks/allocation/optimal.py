@@ -50,6 +50,7 @@ from tasks.ladder import split_key
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("per_token", "fisher", "sensitivity", "output")
+LOSS_OBJECTIVES = ("per_token", "fisher")  # in nats per calibration token: exp(objective) estimates the perplexity ratio
 # whose rung errors -> the suffix of their score columns (gguf: the table's gguf rungs, whose columns are
 # ggml's own errors; tasks/profiling/driver.py)
 ERRORS = {"hqq": "", "gptq": "_gptq", "gguf": ""}
