@@ -61,6 +61,7 @@ def test_a_failing_tool_is_one_line():
         llama_cpp.run_tool("llama-quantize", ["/nonexistent/model.gguf", "/tmp/out.gguf", "Q4_K"], timeout_s=60)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 @needs_llama_cpp
 def test_llama_quantize_writes_the_types_the_ladder_predicts_with_our_imatrix(tmp_path, tiny_model_dir):
     """The tiny llama through llama.cpp's converter and llama-quantize, every weight given its own type and

@@ -171,6 +171,7 @@ def gguf_quantized(gguf_llama, gguf_profile, tmp_path_factory):
     return bitmap, out, GGUFBackend().quantize(gguf_llama, bitmap, None, out, {}, imatrix=profile / "imatrix.gguf")
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 @needs_llama_cpp
 def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_served(gguf_llama, gguf_quantized, tmp_path, monkeypatch):
     import mlflow
@@ -245,6 +246,7 @@ def test_a_tiny_model_quantized_loaded_by_llama_cpp_evaluated_registered_and_ser
     assert server.poll() is not None
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 @needs_llama_cpp
 def test_an_evaluation_judged_by_llama_cpp_alone_skips_our_pass_and_keeps_the_usual_key(gguf_llama, gguf_quantized, tmp_path):
     """own_pass=False (the preset benchmark's default): the same windows, scored by llama.cpp only, in an
@@ -338,6 +340,7 @@ def test_bad_gguf_params_are_one_line_each():
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 @needs_llama_cpp
 def test_a_checkpoint_whose_vocabulary_llama_cpp_misreads_gets_no_gguf_variant(gguf_llama, tmp_path):
     """Without llama.cpp's own copy of the vocabulary (tokenizer.gguf), the converter reads SmolLM2's

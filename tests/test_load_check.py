@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tasks.registry import load_check
 
 
@@ -12,6 +14,7 @@ def _request(tmp_path) -> dict:
     return {"model_uri": "models:/no-such-model/1", "calibration": str(tmp_path), "eval_tokens": 16, "expected": 10.0, "protocol": "paper"}
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 def test_one_clean_process_serves_every_check_and_reports_a_bad_version(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("QUANT_FAILPOINT", None)
@@ -28,6 +31,7 @@ def test_one_clean_process_serves_every_check_and_reports_a_bad_version(tmp_path
     assert not checker.alive()
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 def test_a_checking_process_that_dies_fails_that_check_and_the_next_one_starts_afresh(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "QUANT_FAILPOINT": "verify.check"}
     try:

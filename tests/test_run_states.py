@@ -188,6 +188,7 @@ with StageOutput({str(tmp_path)!r}, "evaluation", {{"model": "m"}}).exclusive():
 # ---- registration under races --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 def test_concurrent_registrations_of_one_model_create_one_version(state, tmp_path):
     import json
 

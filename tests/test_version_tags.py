@@ -46,6 +46,7 @@ def _failures(tmp_path) -> int:
     return failures.value
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: make test-all
 def test_concurrent_writers_of_one_version_tag_all_succeed(tmp_path):
     # Plain MLflow loses some of these writes when the cores are busy (not on every run); the retry none.
     assert _failures(tmp_path) == 0
