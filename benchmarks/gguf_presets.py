@@ -11,6 +11,7 @@ worse beyond the paired noise (2 standard errors of the per-token difference) an
 
     python benchmarks/gguf_presets.py [--model embedded|gemma3-270m|<file.gguf>|<checkpoint>] [--presets Q2_K,...]
                                       [--methods optimal,taylor] [--eval-tokens 16384] [--with-ours] [--write-docs]
+                                      [--maps-only]
 
 Everything goes through the pipeline's own steps (cached under $QUANT_HOME/artifacts), and every measured
 file's row is stored in the repository (benchmarks/rows/gguf-presets/, see benchmarks/_rows.py; commit
@@ -54,6 +55,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--with-ours", action="store_true", help="also score every file with this project's evaluator (its KLD column; doubles the cost)")
+    ap.add_argument("--maps-only", action="store_true", help="allocate only: print which variants' files would be the same, per preset")
     ap.add_argument("--fresh-rows", action="store_true", help="measure every file again, ignoring the rows stored in benchmarks/rows/")
     ap.add_argument("--write-docs", action="store_true", help="store the rows measured (docs/results/gguf-presets-<model>.json/.md)")
     args = ap.parse_args()
@@ -66,6 +68,10 @@ def main() -> int:
     prep, _ = _pipeline.prepare(ctx, config)
     profile = steps.profile(ctx, prep.to_json())
     items = [VariantRecord.from_json(i) for i in steps.allocate(ctx, prep.to_json(), profile)]
+    if args.maps_only:
+        for line in coinciding_mixes(items, presets):
+            print(line)
+        return 0
     rows, out, files = {}, Path("docs/results") / f"gguf-presets-{prep.model.name}", {}
     for record in items:  # the baseline first, then presets, then the methods at their sizes
         same = files.setdefault(_mix(record), record.plan.name)  # presets whose rules give one mix (rows too narrow for K-quants)
@@ -84,6 +90,16 @@ def main() -> int:
     if args.write_docs:
         write(out, prep.model.name, args, rows, presets, methods)
     return 0
+
+
+def coinciding_mixes(items: list[VariantRecord], presets: list[str]) -> list[str]:
+    """Per preset, the variants whose files would be the same (every tensor type equal), with their bpw."""
+    by_preset: dict[str, dict[str, list[str]]] = {}
+    for record in items:
+        if record.plan.quantized:
+            mixes = by_preset.setdefault(record.plan.budget_label, {})
+            mixes.setdefault(_mix(record), []).append(f"{record.plan.method} ({record.plan.nominal_bpp!r} bpw)")
+    return [f"{preset}: " + " | ".join(" = ".join(names) for names in by_preset.get(preset, {}).values()) for preset in presets]
 
 
 def _mix(record: VariantRecord) -> str:
