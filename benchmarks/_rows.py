@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,6 +41,20 @@ def load(benchmark: str, who: dict) -> dict | None:
     row = json.loads(path.read_text())
     tokens = {k: np.frombuffer(base64.b64decode(v), dtype="<f4").copy() for k, v in row.pop("tokens").items()}
     return {**row["metrics"], "tokens": tokens}
+
+
+def kept(benchmark: str, who: dict, measure: Callable[[], tuple[dict, str]], keep, fresh: bool = False) -> dict:
+    """The row of `who`: the stored one, or (none stored, or `fresh`) `measure()` -> (metrics, its evaluation
+    output) stored with the per-token values named in `keep` and read back, so both paths give the same row."""
+    row = None if fresh else load(benchmark, who)
+    if row is None:
+        from tasks.evaluation.stage import load_tokens
+
+        metrics, evaluation = measure()
+        tokens = load_tokens(evaluation)
+        save(benchmark, who, metrics, {k: tokens[k] for k in keep if k in tokens})
+        row = load(benchmark, who)
+    return row
 
 
 def save(benchmark: str, who: dict, metrics: dict, tokens: dict[str, np.ndarray]) -> None:

@@ -33,7 +33,6 @@ import _pipeline  # noqa: E402
 import _rows  # noqa: E402
 from tasks.bitmap import BitMap  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
-from tasks.evaluation.stage import load_tokens  # noqa: E402
 from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
 from tasks.orchestration import steps  # noqa: E402
 from tasks.orchestration.steps import VariantRecord  # noqa: E402
@@ -114,15 +113,12 @@ def _mix(record: VariantRecord) -> str:
 def _measured(ctx, prep, record: VariantRecord, args) -> dict:
     """The file's facts and llama.cpp's metrics with the per-token KLD (`tokens`): stored in the repository
     once measured (benchmarks/_rows.py), so that the table continues on another machine."""
-    who = _rows.identity(prep.model, record.plan.backend, _mix(record), eval_tokens=args.eval_tokens, samples=args.samples, with_ours=args.with_ours)
-    row = None if args.fresh_rows else _rows.load("gguf-presets", who)
-    if row is None:
+    def measure() -> tuple[dict, str]:
         done = _pipeline.evaluate(ctx, record, own_pass=args.with_ours)
-        measured = load_tokens(done.evaluation.uri)
-        tokens = {k: measured[k] for k in (f"{ENGINE}:kld/{s}" for s in SETS) if k in measured}
-        _rows.save("gguf-presets", who, {**_facts(done), **done.evaluation.metrics}, tokens)
-        row = _rows.load("gguf-presets", who)
-    return row
+        return {**_facts(done), **done.evaluation.metrics}, done.evaluation.uri
+
+    who = _rows.identity(prep.model, record.plan.backend, _mix(record), eval_tokens=args.eval_tokens, samples=args.samples, with_ours=args.with_ours)
+    return _rows.kept("gguf-presets", who, measure, [f"{ENGINE}:kld/{s}" for s in SETS], args.fresh_rows)
 
 
 def _facts(record: VariantRecord) -> dict:

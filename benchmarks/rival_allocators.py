@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allocator_frontier import measure  # noqa: E402
 
 from tasks.allocation.optimal import predicted_loss_increase  # noqa: E402
-from tasks.evaluation.stage import load_tokens  # noqa: E402
 from tasks.evaluation.stats import NOISE_Z, paired_difference  # noqa: E402
 from tasks.ladder import parse_rung  # noqa: E402
 import _pipeline  # noqa: E402
@@ -124,19 +123,17 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     base = _pipeline.baseline(ctx, prep)
     def kept(bitmap, name: str) -> dict:  # a row measured here or stored by an earlier run (benchmarks/_rows.py)
-        who = _rows.identity(prep.model, args.backend, bitmap, eval_tokens=args.eval_tokens, samples=args.samples, full_wikitext2=args.full_wikitext2)
-        row = None if args.fresh_rows else _rows.load("rival-allocators", who)
-        if row is None:
+        def measured() -> tuple[dict, str]:
             variant = base
             if bitmap is not None:
                 path = out / f"rival-{args.backend}-{name.replace(' ', '_').replace('@', 'at-').replace('[', '-').replace(']', '').replace('+', '-')}.json"
                 bitmap.save(path)
                 variant = _pipeline.variant(base, args.backend, path, bitmap)
             metrics = measure(ctx, variant, args.full_wikitext2)
-            tokens = load_tokens(metrics["evaluation_dir"])
-            _rows.save("rival-allocators", who, metrics, {k: tokens[k] for k in PAIRED if k in tokens})
-            row = _rows.load("rival-allocators", who)
-        return row
+            return metrics, metrics["evaluation_dir"]
+
+        who = _rows.identity(prep.model, args.backend, bitmap, eval_tokens=args.eval_tokens, samples=args.samples, full_wikitext2=args.full_wikitext2)
+        return _rows.kept("rival-allocators", who, measured, PAIRED, args.fresh_rows)
 
     rows = [("unquantized", None, None, None, kept(None, "unquantized"))]
     measured: dict[tuple, dict] = {}  # one measurement per distinct map (on HQQ, optimal per_token's map is taylor's)

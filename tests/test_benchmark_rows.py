@@ -40,3 +40,28 @@ def test_a_row_comes_back_exactly_and_only_for_what_decided_it(tmp_path, monkeyp
         assert _rows.load("bench", other) is None
     monkeypatch.setattr(_rows, "ROWS_VERSION", _rows.ROWS_VERSION + 1)
     assert _rows.load("bench", _rows.identity(MODEL, "hqq", bitmap("b3g64"), eval_tokens=16384, samples=32)) is None
+
+
+def test_a_row_is_measured_once_then_read_from_the_store_unless_fresh(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+
+    from tasks.evaluation.stage import TOKENS_FILE
+
+    monkeypatch.setattr(_rows, "ROOT", tmp_path / "rows")
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    kld = np.linspace(0, 1, 64, dtype=np.float32)
+    save_file({"kld/wikitext2": kld, "top1/wikitext2": np.ones(64, dtype=np.float32)}, str(evaluation / TOKENS_FILE))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"kld_wikitext2": float(kld.mean()), "evaluation_dir": str(evaluation)}, str(evaluation)
+
+    who = _rows.identity(MODEL, "hqq", bitmap("b3g64"), eval_tokens=64)
+    first = _rows.kept("bench", who, measure, ["kld/wikitext2", "nll/wikitext2"])
+    again = _rows.kept("bench", who, measure, ["kld/wikitext2", "nll/wikitext2"])
+    assert len(calls) == 1 and first["kld_wikitext2"] == again["kld_wikitext2"] == float(kld.mean())
+    assert list(again["tokens"]) == ["kld/wikitext2"] and np.array_equal(again["tokens"]["kld/wikitext2"], kld)  # only what was asked, if there
+    _rows.kept("bench", who, measure, ["kld/wikitext2"], fresh=True)
+    assert len(calls) == 2
