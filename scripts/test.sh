@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The test suite, in the repository's environment. Extra arguments go to pytest.
+# Two pytest-xdist workers by default (QUANT_TEST_WORKERS: another count; 0 runs in this process): most
+# slow tests wait on subprocesses, servers and imports, so two keep both cores busy.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 export QUANT_CACHE_DIR=${QUANT_CACHE_DIR:-$QUANT_HOME/cache}  # converted checkpoints are content-keyed: share them
 export QUANT_HOME=$(mktemp -d -t quant-test-XXXX)  # tests never touch the embedded run's state
 export AIRFLOW_HOME=$QUANT_HOME/airflow MLFLOW_TRACKING_URI=sqlite:///$QUANT_HOME/mlflow.db
 trap 'rm -rf "$QUANT_HOME"' EXIT
-python -m pytest -q "$@"
+workers=${QUANT_TEST_WORKERS:-2}
+# the converted embedded model, once, before the workers would each convert it
+python -c "from tasks.model_io import resolve_model; resolve_model('embedded', cache_dir='$QUANT_CACHE_DIR')" >/dev/null 2>&1 || true
+python -m pytest -q -n "$workers" "$@"

@@ -98,6 +98,29 @@ def _try_flock(fh) -> bool:
         return False
 
 
+@contextmanager
+def exclusive_lock(lock: Path, what: str) -> Iterator[None]:
+    """Hold `lock` (an flock, released by the kernel when its holder dies), logging whom a wait is for, or
+    a wait looks like a hang."""
+    with open(lock, "a") as fh:
+        if not _try_flock(fh):
+            holder = lock.read_text().strip() or "another process"
+            log.info("%s: waiting for %s, which holds its lock", what, holder)
+            started = last = time.monotonic()
+            while not _try_flock(fh):
+                time.sleep(LOCK_POLL_SECONDS)
+                if time.monotonic() - last >= WAIT_LOG_SECONDS:
+                    last = time.monotonic()
+                    log.info("%s: still waiting for %s (%.0f s)", what, holder, last - started)
+        os.ftruncate(fh.fileno(), 0)
+        fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 OWNER = ".owner.json"  # in a partial directory: the host and pid of the attempt writing it
 LEGACY_PARTIAL_AGE_S = 24 * 3600  # a partial without an owner file (older versions) is dead after this
 
@@ -197,24 +220,8 @@ class StageOutput:
         wait and then find it complete. Pods that share only an S3 root each build; their uploads carry
         the same content."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.parent / f".{self.key}.lock"
-        with open(lock, "a") as fh:
-            if not _try_flock(fh):  # say whom this run waits for, or a wait looks like a hang
-                holder = lock.read_text().strip() or "another process"
-                log.info("%s %s: waiting for %s, which holds this output's lock", self.stage, self.key, holder)
-                started = last = time.monotonic()
-                while not _try_flock(fh):
-                    time.sleep(LOCK_POLL_SECONDS)
-                    if time.monotonic() - last >= WAIT_LOG_SECONDS:
-                        last = time.monotonic()
-                        log.info("%s %s: still waiting for %s (%.0f s)", self.stage, self.key, holder, last - started)
-            os.ftruncate(fh.fileno(), 0)
-            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            fh.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with exclusive_lock(self.path.parent / f".{self.key}.lock", f"{self.stage} {self.key}"):
+            yield
 
     @contextmanager
     def build(self, resume: bool = False) -> Iterator[Path]:

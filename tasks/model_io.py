@@ -119,18 +119,24 @@ def _resolve_gguf(gguf: Path, cache: Path, name: str, source: str) -> ResolvedMo
     check_gguf(gguf, full=False)
     digest = _file_digest(gguf)
     target = cache / "models" / f"{name}-{digest[:12]}"
-    if not (target / "config.json").exists():
-        check_gguf(gguf)  # the whole index, before the converter reads it (a converted file was whole)
-        log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
-        _convert_gguf(gguf, target)
-    if not (target / VOCAB_FILE).is_file():  # llama.cpp's own tokenizer of the file (tasks/quantize/gguf_files.py)
-        write_vocab_gguf(gguf, target / VOCAB_FILE)
-    if not (target / TOKENIZER_CHECKED).is_file():
-        from tasks.gguf_tokenizer import is_spm, spm_tokenizer
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from tasks.artifacts import exclusive_lock
 
-        if is_spm(gguf):  # written here, not at conversion, so that a checkpoint converted by an older version gets it too
-            spm_tokenizer(gguf).save_pretrained(target)
-    check_tokenizer(gguf, target)
+    # Runs that start together on a fresh cache convert once: the others wait, then read the finished one
+    # (unlocked, a late converter would replace the directory under an early one's readers).
+    with exclusive_lock(target.parent / f".{target.name}.lock", f"converting {gguf.name}"):
+        if not (target / "config.json").exists():
+            check_gguf(gguf)  # the whole index, before the converter reads it (a converted file was whole)
+            log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
+            _convert_gguf(gguf, target)
+        if not (target / VOCAB_FILE).is_file():  # llama.cpp's own tokenizer of the file (tasks/quantize/gguf_files.py)
+            write_vocab_gguf(gguf, target / VOCAB_FILE)
+        if not (target / TOKENIZER_CHECKED).is_file():
+            from tasks.gguf_tokenizer import is_spm, spm_tokenizer
+
+            if is_spm(gguf):  # written here, not at conversion, so that a checkpoint converted by an older version gets it too
+                spm_tokenizer(gguf).save_pretrained(target)
+        check_tokenizer(gguf, target)
     return ResolvedModel(name=name, path=target, revision=_gguf_revision(gguf), source=source)
 
 
@@ -164,13 +170,15 @@ def _file_digest(path: Path) -> str:
     # The hash of a large file is itself cached by (size, mtime) so reruns do not re-read it.
     stamp = path.stat()
     marker = default_cache_dir() / "digests" / hashlib.sha256(f"{path.resolve()}:{stamp.st_size}:{stamp.st_mtime_ns}".encode()).hexdigest()
-    if marker.exists():
-        return marker.read_text().strip()
+    if marker.exists() and len(known := marker.read_text().strip()) == 64:
+        return known
     from tasks.artifacts import file_sha256
 
     digest = file_sha256(path)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(digest)
+    partial = marker.with_name(f".{marker.name}.{os.getpid()}")
+    partial.write_text(digest)
+    os.replace(partial, marker)  # whole or absent: a concurrent run never reads half a digest
     return digest
 
 

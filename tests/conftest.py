@@ -12,10 +12,20 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker gets state of its own beside the shared
+# model cache: its own QUANT_HOME, Airflow home and MLflow store, as two users on one machine would have.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER and os.environ.get("QUANT_HOME"):
+    _home = Path(os.environ["QUANT_HOME"]) / WORKER
+    _home.mkdir(parents=True, exist_ok=True)
+    os.environ.update(QUANT_HOME=str(_home), AIRFLOW_HOME=str(_home / "airflow"), MLFLOW_TRACKING_URI=f"sqlite:///{_home / 'mlflow.db'}")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # the cores shared between the workers: oversubscribed OpenMP threads wait on each other
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture
