@@ -71,3 +71,39 @@ def test_cli_bad_input_gives_one_line_and_no_traceback(config, message, state, t
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_runs_that_start_together_on_a_fresh_cache_convert_a_gguf_once(tmp_path, monkeypatch, state):
+    """Two resolutions of one GGUF at once: one converts (slowly), the other waits for its lock and reads
+    the finished directory; neither sees a half-written or replaced one."""
+    import threading
+    import time
+
+    from tasks import model_io
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    conversions, seen = [], []
+
+    def convert(source, target):
+        conversions.append(target)
+        time.sleep(0.5)  # long enough for the other run to arrive while this one converts
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    def resolve():
+        seen.append(model_io._resolve_gguf(gguf, tmp_path / "cache", "m", str(gguf)).path)
+        assert (seen[-1] / "config.json").read_text() == "{}"
+
+    monkeypatch.setattr(model_io, "check_gguf", lambda path, full=True: None)
+    monkeypatch.setattr(model_io, "_convert_gguf", convert)
+    monkeypatch.setattr(model_io, "write_vocab_gguf", lambda source, out: out.write_text("vocab"))
+    monkeypatch.setattr(model_io, "check_tokenizer", lambda source, target: None)
+    monkeypatch.setattr(model_io, "_gguf_revision", lambda path: "sha256:0")
+    monkeypatch.setattr("tasks.gguf_tokenizer.is_spm", lambda path: False)
+    runs = [threading.Thread(target=resolve) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(conversions) == 1 and len(seen) == 2 and seen[0] == seen[1]
