@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,9 +177,9 @@ def _file_digest(path: Path) -> str:
 
     digest = file_sha256(path)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    partial = marker.with_name(f".{marker.name}.{os.getpid()}")
-    partial.write_text(digest)
-    os.replace(partial, marker)  # whole or absent: a concurrent run never reads half a digest
+    with tempfile.NamedTemporaryFile("w", dir=marker.parent, prefix=f".{marker.name}.", delete=False) as partial:
+        partial.write(digest)
+    os.replace(partial.name, marker)  # whole or absent: a concurrent run never reads half a digest
     return digest
 
 
