@@ -130,12 +130,16 @@ def _facts(record: VariantRecord) -> dict:
 
 def table(rows: dict) -> str:
     head = ["variant", "file MiB", "linears bpw", "KLD wiki2", "KLD c4", "KLD99 wiki2", "top-1 wiki2", "ppl wiki2", "ppl c4", "ours: KLD wiki2"]
+    # our evaluator's column only where it scored the files (--with-ours), not just the reference row
+    with_ours = any(r.get("kld_wikitext2") is not None for r in rows.values() if r.get("bpp"))
     cells = []
     for r in rows.values():
         kld = [f"{r[f'{ENGINE}_kld_{s}']:.4f} ±{r[f'{ENGINE}_kld_{s}_se']:.4f}" if f"{ENGINE}_kld_{s}" in r else "-" for s in SETS]
         cells.append([r["name"] + (f" (= {r['same_file_as']})" if r.get("same_file_as") else ""), f"{r.get('file_bytes', r.get('saved_bytes', 0)) / 2**20:.1f}", f"{r['bpp']:.3f}" if r.get("bpp") else "-", *kld,
                       _num(r, f"{ENGINE}_kld99_wikitext2", "{:.3f}"), _num(r, f"{ENGINE}_top1_wikitext2", "{:.3f}"),
                       _num(r, f"{ENGINE}_ppl_wikitext2", "{:.2f}"), _num(r, f"{ENGINE}_ppl_c4", "{:.2f}"), _num(r, "kld_wikitext2", "{:.4f}")])  # fmt: skip
+    if not with_ours:
+        head, cells = head[:-1], [row[:-1] for row in cells]
     return markdown(head, cells, [False] + [True] * (len(head) - 1), pad=True)
 
 
