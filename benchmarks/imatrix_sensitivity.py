@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tasks.evaluation.perplexity import PROTOCOLS  # noqa: E402
 from tasks.quantize.gguf import quantize_gguf  # noqa: E402
 from tasks.quantize.imatrix import ImportanceMatrix, read_imatrix, write_imatrix  # noqa: E402
 from tasks.quantize.llama_cpp_runtime import LlamaCppModel  # noqa: E402
@@ -46,9 +47,13 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=1e-6)
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imatrix-sensitivity-") as tmp:  # two whole GGUF files: removed after
+        return measure(args, Path(tmp))
+
+
+def measure(args, work: Path) -> int:
     from safetensors.torch import load_file
 
-    work = Path(tempfile.mkdtemp(prefix="imatrix-sensitivity-"))
     matrix = read_imatrix(args.imatrix)
     rng = np.random.default_rng(0)
     moved = {k: (v * (1 + args.noise * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in matrix.sums.items()}
@@ -62,13 +67,15 @@ def main() -> int:
     print(f"{args.preset}, imatrix x (1 + {args.noise:g} N(0,1)): {len(differ)}/{len(a)} tensors differ, "
           f"{changed} of {quantized} quantized bytes ({100 * changed / quantized:.3f}%)")
 
-    ids = load_file(str(args.eval_set))["input_ids"].flatten()[: args.tokens + 512].long()
-    models = [LlamaCppModel(work / f"{name}.gguf", 1024) for name in ("as_is", "moved")]
+    paper = PROTOCOLS["paper"]  # windows of max_length tokens every stride, the last stride scored
+    width, stride = paper.max_length, paper.stride
+    ids = load_file(str(args.eval_set))["input_ids"].flatten()[: args.tokens + width - stride].long()
+    models = [LlamaCppModel(work / f"{name}.gguf", width) for name in ("as_is", "moved")]
     kld, dnll = [], []
-    for start in range(0, len(ids) - 1024 + 1, 512):  # paper windows: 1024 tokens, the last 512 scored
-        window = ids[start : start + 1024][None]
-        la, lb = (torch.log_softmax(m(window, logits_to_keep=513).logits[0, :-1].double(), -1) for m in models)
-        target = window[0, 512:, None]
+    for start in range(0, len(ids) - width + 1, stride):
+        window = ids[start : start + width][None]
+        la, lb = (torch.log_softmax(m(window, logits_to_keep=stride + 1).logits[0, :-1].double(), -1) for m in models)
+        target = window[0, width - stride :, None]
         kld.append((la.exp() * (la - lb)).sum(-1))
         dnll.append(la.gather(1, target)[:, 0] - lb.gather(1, target)[:, 0])
     for m in models:

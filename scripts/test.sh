@@ -8,7 +8,5 @@ export QUANT_CACHE_DIR=${QUANT_CACHE_DIR:-$QUANT_HOME/cache}  # converted checkp
 export QUANT_HOME=$(mktemp -d -t quant-test-XXXX)  # tests never touch the embedded run's state
 export AIRFLOW_HOME=$QUANT_HOME/airflow MLFLOW_TRACKING_URI=sqlite:///$QUANT_HOME/mlflow.db
 trap 'rm -rf "$QUANT_HOME"' EXIT
-workers=${QUANT_TEST_WORKERS:-2}
-# the converted embedded model, once, before the workers would each convert it
-python -c "from tasks.model_io import resolve_model; resolve_model('embedded', cache_dir='$QUANT_CACHE_DIR')" >/dev/null 2>&1 || true
-python -m pytest -q -n "$workers" "$@"
+# (the workers share the converted models: the first converts under a per-model lock, the other waits)
+python -m pytest -q -n "${QUANT_TEST_WORKERS:-2}" "$@"
